@@ -1,0 +1,77 @@
+"""Backends: one framework per module, imported only when asked for."""
+
+from __future__ import annotations
+
+import importlib
+import platform
+
+from .base import Backend
+
+BACKENDS = ("numpy", "torch", "mlx")
+
+_INSTALL = {
+    "torch": 'pip install "pnmf[torch]"   (or: pip install torch)',
+    "mlx": 'pip install "pnmf[mlx]"   (Apple silicon; elsewhere: pip install "mlx[cpu]" or "mlx[cuda13]")',
+}
+
+_CLASSES = {
+    "numpy": ("numpy", "NumpyBackend"),
+    "torch": ("torch", "TorchBackend"),
+    "mlx": ("mlx", "MLXBackend"),
+}
+
+
+def _module(name: str):
+    """Import the backend module ``name``; ImportError with the fix when its framework is missing."""
+    try:
+        return importlib.import_module(f"{__name__}.{_CLASSES[name][0]}")
+    except ImportError as err:
+        raise ImportError(f"backend={name!r} needs {name}, which is not installed: {_INSTALL[name]}") from err
+
+
+def available() -> list[str]:
+    """The backends whose framework imports here, in the order ``backend='auto'`` prefers on a CPU."""
+    found = []
+    for name in ("torch", "mlx", "numpy"):
+        try:
+            _module(name)
+        except ImportError:
+            continue
+        found.append(name)
+    return found
+
+
+def _auto() -> tuple[str, str | None]:
+    """MLX on an Apple-silicon GPU, torch on CUDA, torch on MPS, then the fastest CPU choice."""
+    names = available()
+    if "mlx" in names and platform.system() == "Darwin":
+        import mlx.core as mx
+
+        if mx.metal.is_available():
+            return "mlx", "gpu"
+    if "torch" in names:
+        import torch
+
+        if torch.cuda.is_available():
+            return "torch", "cuda"
+        if torch.backends.mps.is_available():
+            return "torch", "mps"
+        return "torch", "cpu"
+    if "mlx" in names:
+        return "mlx", None
+    return "numpy", "cpu"
+
+
+def get_backend(name: str = "auto", device: str | None = None, dtype: str = "float32") -> Backend:
+    """The backend ``name`` ('auto', 'numpy', 'torch', 'mlx') on ``device`` with ``dtype``."""
+    if name == "auto":
+        name, auto_device = _auto()
+        device = auto_device if device is None else device
+    if name not in _CLASSES:
+        raise ValueError(f"backend={name!r} is not one of 'auto', " + ", ".join(repr(b) for b in BACKENDS))
+    if dtype not in ("float32", "float64"):
+        raise ValueError(f"dtype={dtype!r} is not one of 'float32', 'float64'")
+    return getattr(_module(name), _CLASSES[name][1])(device=device, dtype=dtype)
+
+
+__all__ = ["BACKENDS", "Backend", "available", "get_backend"]

@@ -1,0 +1,138 @@
+"""The array interface the core is written against.
+
+Every backend implements these methods; the core never imports a framework.
+Arithmetic operators (``+ - * / ** @``) and ``.shape`` are the framework's own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable
+
+import numpy as np
+import scipy.sparse as sp
+
+Array = Any
+Key = Any
+
+
+class Backend:
+    """One framework on one device, with one floating dtype."""
+
+    name: str = ""
+    device: str = ""
+    dtype: str = "float32"
+
+    # -- creation and conversion -------------------------------------------
+    def asarray(self, x: np.ndarray) -> Array:
+        """Copy a NumPy array onto the device, in the backend's float dtype."""
+        raise NotImplementedError
+
+    def asindex(self, x: np.ndarray) -> Array:
+        """Copy an integer index array onto the device."""
+        raise NotImplementedError
+
+    def to_numpy(self, a: Array) -> np.ndarray:
+        """Copy an array back into NumPy (synchronises the device)."""
+        raise NotImplementedError
+
+    def zeros_like(self, a: Array) -> Array:
+        """Zeros with the shape and dtype of ``a``."""
+        raise NotImplementedError
+
+    def scalar(self, value: float) -> Array:
+        """A 0-d array holding ``value`` in the backend's float dtype."""
+        return self.asarray(np.asarray(value, dtype=self.dtype))
+
+    # -- elementwise ---------------------------------------------------------
+    def exp(self, a: Array) -> Array:
+        """exp(a)"""
+        raise NotImplementedError
+
+    def log(self, a: Array) -> Array:
+        """Natural logarithm of a."""
+        raise NotImplementedError
+
+    def sqrt(self, a: Array) -> Array:
+        """Square root of a."""
+        raise NotImplementedError
+
+    def clip(self, a: Array, low: float | None, high: float | None) -> Array:
+        """a bounded to [low, high]; None leaves that side open."""
+        raise NotImplementedError
+
+    def where(self, cond: Array, a: Array, b: Array) -> Array:
+        """a where cond holds, else b."""
+        raise NotImplementedError
+
+    # -- reductions and shapes ------------------------------------------------
+    def sum(self, a: Array, axis: int | None = None, keepdims: bool = False) -> Array:
+        """Sum over ``axis`` (all axes when None)."""
+        raise NotImplementedError
+
+    def mean(self, a: Array, axis: int | None = None) -> Array:
+        """Mean over ``axis`` (all axes when None)."""
+        raise NotImplementedError
+
+    def swap(self, a: Array) -> Array:
+        """Transpose the last two axes."""
+        raise NotImplementedError
+
+    def all_finite(self, a: Array) -> Array:
+        """A 0-d boolean array: every entry of a is finite."""
+        raise NotImplementedError
+
+    # -- randomness -------------------------------------------------------------
+    def key(self, seed: int) -> Key:
+        """A random state seeded with ``seed``."""
+        raise NotImplementedError
+
+    def normal(self, key: Key, shape: tuple[int, ...]) -> tuple[Array, Key]:
+        """Standard normal draws of ``shape`` and the advanced random state."""
+        raise NotImplementedError
+
+    # -- sparse counts -----------------------------------------------------------
+    def sparse(self, x: sp.csr_matrix) -> Any:
+        """The backend's handle on the sparsity pattern of a CSR matrix (N, D)."""
+        raise NotImplementedError
+
+    def sampled_matmul(self, pattern: Any, a: Array, b: Array) -> Array:
+        """(a @ b.T) at the non-zeros of ``pattern``: a (N, L), b (D, L) -> (nnz,)."""
+        raise NotImplementedError
+
+    def sparse_matmul(self, pattern: Any, values: Array, b: Array) -> Array:
+        """S @ b with S the pattern holding ``values``: (nnz,), (D, L) -> (N, L)."""
+        raise NotImplementedError
+
+    def sparse_matmul_t(self, pattern: Any, values: Array, a: Array) -> Array:
+        """S.T @ a with S the pattern holding ``values``: (nnz,), (N, L) -> (D, L)."""
+        raise NotImplementedError
+
+    # -- execution ----------------------------------------------------------------
+    def compile(self, fn: Callable) -> Callable:
+        """A faster equivalent of a pure function of arrays (identity by default)."""
+        return fn
+
+    def launch(self, *trees: Any) -> None:
+        """Start computing the arrays in ``trees`` without waiting (lazy frameworks)."""
+
+    def scope(self) -> contextlib.AbstractContextManager:
+        """A context in which the backend's work runs on its device."""
+        return contextlib.nullcontext()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(device={self.device!r}, dtype={self.dtype!r})"
+
+
+def csr_transpose_order(x: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CSR structure of x.T and the permutation taking x's values to x.T's order.
+
+    Returns ``(indptr_t, indices_t, order)`` with ``x.T.data == x.data[order]``.
+    """
+    n_rows, n_cols = x.shape
+    rows = np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(x.indptr))
+    order = np.lexsort((rows, x.indices))
+    indices_t = rows[order]
+    indptr_t = np.zeros(n_cols + 1, dtype=np.int64)
+    np.cumsum(np.bincount(x.indices, minlength=n_cols), out=indptr_t[1:])
+    return indptr_t, indices_t, order

@@ -1,0 +1,128 @@
+"""PyTorch backend: CUDA, MPS or CPU."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .base import Backend, csr_transpose_order
+
+
+@dataclass
+class _Pattern:
+    crow: torch.Tensor
+    col: torch.Tensor
+    rows: torch.Tensor
+    crow_t: torch.Tensor
+    col_t: torch.Tensor
+    order_t: torch.Tensor
+    shape: tuple[int, int]
+    ones: torch.Tensor  # the pattern as a CSR tensor, for sampled_addmm
+
+
+def default_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self, device: str | None = None, dtype: str = "float32"):
+        device = default_device() if device is None else str(device)
+        try:
+            self._device = torch.device(device)
+            torch.empty(0, device=self._device)
+        except (RuntimeError, AssertionError) as err:
+            raise ValueError(f"device={device!r} is not available to torch: {err}") from err
+        if self._device.type == "mps" and dtype == "float64":
+            raise ValueError("dtype='float64' is not supported by torch on 'mps'; use 'float32'")
+        self.device = str(self._device)
+        self.dtype = dtype
+        self._dtype = getattr(torch, dtype)
+
+    def asarray(self, x):
+        return torch.tensor(np.asarray(x), dtype=self._dtype, device=self._device)
+
+    def asindex(self, x):
+        return torch.as_tensor(np.asarray(x, dtype=np.int64), device=self._device)
+
+    def to_numpy(self, a):
+        return a.detach().cpu().numpy()
+
+    def zeros_like(self, a):
+        return torch.zeros_like(a)
+
+    def exp(self, a):
+        return torch.exp(a)
+
+    def log(self, a):
+        return torch.log(a)
+
+    def sqrt(self, a):
+        return torch.sqrt(a)
+
+    def clip(self, a, low, high):
+        return torch.clamp(a, low, high)
+
+    def where(self, cond, a, b):
+        return torch.where(cond, a, b)
+
+    def sum(self, a, axis=None, keepdims=False):
+        return torch.sum(a) if axis is None else torch.sum(a, dim=axis, keepdim=keepdims)
+
+    def mean(self, a, axis=None):
+        return torch.mean(a) if axis is None else torch.mean(a, dim=axis)
+
+    def swap(self, a):
+        return a.transpose(-1, -2)
+
+    def all_finite(self, a):
+        return torch.isfinite(a).all()
+
+    def key(self, seed):
+        generator = torch.Generator(device=self._device)
+        generator.manual_seed(int(seed))
+        return generator
+
+    def normal(self, key, shape):
+        return torch.randn(shape, generator=key, device=self._device, dtype=self._dtype), key
+
+    def sparse(self, x):
+        indptr_t, indices_t, order = csr_transpose_order(x)
+        rows = np.repeat(np.arange(x.shape[0], dtype=np.int64), np.diff(x.indptr))
+        crow, col = self.asindex(x.indptr), self.asindex(x.indices)
+        return _Pattern(
+            crow=crow,
+            col=col,
+            rows=self.asindex(rows),
+            crow_t=self.asindex(indptr_t),
+            col_t=self.asindex(indices_t),
+            order_t=self.asindex(order),
+            shape=x.shape,
+            ones=self._csr(crow, col, torch.ones(len(x.indices), dtype=self._dtype, device=self._device), x.shape),
+        )
+
+    @staticmethod
+    def _csr(crow, col, values, shape):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            return torch.sparse_csr_tensor(crow, col, values, size=shape, check_invariants=False)
+
+    def sampled_matmul(self, pattern, a, b):
+        if self._device.type in ("cpu", "cuda"):
+            return torch.sparse.sampled_addmm(pattern.ones, a, b.T, beta=0.0).values()
+        return (a[pattern.rows] * b[pattern.col]).sum(-1)
+
+    def sparse_matmul(self, pattern, values, b):
+        return self._csr(pattern.crow, pattern.col, values, pattern.shape) @ b
+
+    def sparse_matmul_t(self, pattern, values, a):
+        shape_t = (pattern.shape[1], pattern.shape[0])
+        return self._csr(pattern.crow_t, pattern.col_t, values[pattern.order_t], shape_t) @ a

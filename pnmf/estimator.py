@@ -1,0 +1,357 @@
+"""The PNMF estimator: validation, the fit loop and the fitted attributes."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+
+import numpy as np
+import scipy.sparse as sp
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils import check_random_state
+from sklearn.utils.validation import check_is_fitted, check_non_negative, validate_data
+
+from .backends import BACKENDS, get_backend
+from .elbo import MODES, Noise, as_counts, evaluate
+from .init import INITS, initialize
+from .natural import NaturalTrainer
+from .optim import LOADINGS_UPDATES, StandardTrainer
+
+TRAINING_MODES = ("standard", "natural")
+CHECK_EVERY = 10  # iterations between reads of the ELBO history (each read waits for the device)
+WINDOW = {"lower-bound": 10, "expanded": 50, "simple": 50}  # moving-average window of the stopping rule
+FINAL_SAMPLES = 64  # Monte Carlo samples for the reported ELBO
+
+
+def _one_of(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of " + ", ".join(repr(a) for a in allowed))
+
+
+def _number(name: str, value, *, integer=False, low=None, high=None, low_open=False, allow_none=False):
+    if value is None and allow_none:
+        return
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind) or (not integer and not math.isfinite(value)):
+        raise TypeError(f"{name}={value!r} must be {'an integer' if integer else 'a finite real number'}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ValueError(f"{name}={value!r} must be {'>' if low_open else '>='} {low}")
+    if high is not None and value > high:
+        raise ValueError(f"{name}={value!r} must be <= {high}")
+
+
+class PNMF(TransformerMixin, BaseEstimator):
+    """Probabilistic non-negative matrix factorisation of counts.
+
+    Counts X (n_samples, n_features) are Poisson with rate exp(F) @ W.T, where the
+    log-factors F (n_samples, n_components) have a Normal(0, prior_scale^2) prior and a
+    Gaussian variational posterior q(F) = Normal(mean_, var_), and the loadings
+    W = ``loadings_`` (n_features, n_components) are non-negative. ``fit`` maximises the
+    evidence lower bound (ELBO), a lower bound on log p(X | W) that includes
+    lgamma(X + 1), so it can be compared across modes, backends and other models.
+
+    Parameters
+    ----------
+    n_components : int
+        Number of components L.
+    mode : {'expanded', 'simple', 'lower-bound'}
+        How E_q[log rate] is estimated: 'expanded' (Monte Carlo log term, exact expected
+        rate), 'simple' (both by Monte Carlo) or 'lower-bound' (deterministic Jensen bound).
+    training_mode : {'standard', 'natural'}
+        'standard': Adam on the mean, log standard deviation and loadings.
+        'natural': natural-gradient steps on q(F) (see ``ngd_lr``); the Monte Carlo modes
+        start from a 'lower-bound' natural fit.
+    backend : {'auto', 'numpy', 'torch', 'mlx'}
+        Array framework. 'auto' takes MLX on an Apple-silicon GPU, torch on CUDA or MPS,
+        then torch, MLX or NumPy on the CPU.
+    device : str, optional
+        Device within the backend: torch 'cpu', 'cuda', 'cuda:1', 'mps'; MLX 'cpu', 'gpu'.
+    E : int
+        Monte Carlo samples per iteration in the 'simple' and 'expanded' modes.
+    max_iter : int
+        Most iterations (every phase of a fit together).
+    tol : float
+        Stop when the relative change of the mean ELBO over the last window of
+        iterations, against the window before, falls below ``tol`` (windows of 10
+        iterations in 'lower-bound' mode, 50 in the Monte Carlo modes, so that noise
+        neither stops nor prolongs a fit). 0 disables early stopping.
+    learning_rate : float
+        Adam's step size (standard training, and the loadings under ``loadings_update='adam'``).
+    ngd_lr : float in (0, 1], optional
+        Natural-gradient step rho on the total ELBO. Each row's q(F) sees only its own row
+        of X, so rho needs no 1/n_samples factor and means the same at any data size.
+        Default 1.0 in 'lower-bound' mode (with step rejection), and 0.2 in the Monte Carlo
+        modes, decayed as rho (1 + t/50)^-0.7.
+    loadings_update : {'adam', 'multiplicative'}, optional
+        How W is updated. Default 'adam' for standard training and 'multiplicative' (the
+        exact maximiser of the Jensen bound in W, no learning rate) for natural training.
+    init : {'nndsvda', 'nndsvd', 'random'}
+        Initial factors, computed in NumPy so every backend starts from the same point.
+    init_var : float
+        Initial variance of q(F), the same for both training modes.
+    prior_scale : float
+        Standard deviation s of the Normal prior on F.
+    random_state : int, RandomState or None
+        Seeds the initialisation and the Monte Carlo noise.
+    verbose : bool
+        Show a progress bar with the running ELBO.
+    dtype : {'float32', 'float64'}
+        Floating dtype of the computation (float64 is not available on MLX GPUs or MPS).
+
+    Attributes
+    ----------
+    components_ : ndarray (n_components, n_features)
+        W.T, the loadings as rows, as in scikit-learn's NMF.
+    loadings_ : ndarray (n_features, n_components)
+        W.
+    mean_, var_ : ndarray (n_samples, n_components)
+        Mean and variance of q(F) for the training rows.
+    elbo_ : float
+        ELBO at the returned parameters (exact in 'lower-bound' mode, a Monte Carlo
+        estimate with 64 samples otherwise).
+    elbo_history_ : ndarray (n_iter_,)
+        ELBO (estimate) at each iteration.
+    n_iter_ : int
+    converged_ : bool
+    backend_, device_ : str
+        The backend and device used.
+    n_features_in_ : int
+    """
+
+    def __init__(
+        self,
+        n_components: int = 10,
+        *,
+        mode: str = "expanded",
+        training_mode: str = "standard",
+        backend: str = "auto",
+        device: str | None = None,
+        E: int = 10,
+        max_iter: int = 2000,
+        tol: float = 1e-4,
+        learning_rate: float = 0.01,
+        ngd_lr: float | None = None,
+        loadings_update: str | None = None,
+        init: str = "nndsvda",
+        init_var: float = 0.01,
+        prior_scale: float = 1.0,
+        random_state=None,
+        verbose: bool = False,
+        dtype: str = "float32",
+    ):
+        self.n_components = n_components
+        self.mode = mode
+        self.training_mode = training_mode
+        self.backend = backend
+        self.device = device
+        self.E = E
+        self.max_iter = max_iter
+        self.tol = tol
+        self.learning_rate = learning_rate
+        self.ngd_lr = ngd_lr
+        self.loadings_update = loadings_update
+        self.init = init
+        self.init_var = init_var
+        self.prior_scale = prior_scale
+        self.random_state = random_state
+        self.verbose = verbose
+        self.dtype = dtype
+
+    # -- validation -------------------------------------------------------------------
+    def _validate_params(self) -> None:
+        _number("n_components", self.n_components, integer=True, low=1)
+        _one_of("mode", self.mode, MODES)
+        _one_of("training_mode", self.training_mode, TRAINING_MODES)
+        _one_of("backend", self.backend, ("auto", *BACKENDS))
+        _number("E", self.E, integer=True, low=1)
+        _number("max_iter", self.max_iter, integer=True, low=0)
+        _number("tol", self.tol, low=0)
+        _number("learning_rate", self.learning_rate, low=0, low_open=True)
+        _number("ngd_lr", self.ngd_lr, low=0, low_open=True, high=1, allow_none=True)
+        _one_of("loadings_update", self.loadings_update, (None, *LOADINGS_UPDATES))
+        _one_of("init", self.init, INITS)
+        _number("init_var", self.init_var, low=0, low_open=True)
+        _number("prior_scale", self.prior_scale, low=0, low_open=True)
+        _one_of("dtype", self.dtype, ("float32", "float64"))
+
+    def _validate_data(self, X, reset: bool):
+        X = validate_data(
+            self, X, reset=reset, accept_sparse=("csr", "csc", "coo"), dtype=(np.float64, np.float32),
+            ensure_min_features=1, ensure_min_samples=1,
+        )
+        check_non_negative(X, f"{type(self).__name__} (counts must be non-negative)")
+        return X
+
+    # -- fitting ------------------------------------------------------------------------
+    def _trainer(self, counts, training_mode: str, mode: str, fit_loadings: bool):
+        rule = self.loadings_update or ("adam" if training_mode == "standard" else "multiplicative")
+        common = dict(mode=mode, n_samples=self.E, prior_scale=self.prior_scale, learning_rate=self.learning_rate,
+                      loadings_update=rule, update_loadings=fit_loadings)
+        if training_mode == "standard":
+            return StandardTrainer(counts, **common)
+        return NaturalTrainer(counts, ngd_lr=self.ngd_lr if mode == self.mode else None, **common)
+
+    def _phases(self, training_mode: str) -> list[tuple[str, str]]:
+        """(training mode, ELBO mode) of each phase: natural Monte Carlo fits start from lower-bound."""
+        if training_mode == "natural" and self.mode != "lower-bound":
+            return [("natural", "lower-bound"), ("natural", self.mode)]
+        return [(training_mode, self.mode)]
+
+    def _optimize(self, counts, mu, var, w, *, training_mode: str, fit_loadings: bool, seed: int, desc: str):
+        """Run every phase from (mu, var, W); return them and the history, n_iter, converged."""
+        b = counts.backend
+        key = b.key(seed)
+        history: list[float] = []
+        converged = False
+        progress = _progress(self.verbose, self.max_iter, desc)
+        phases = self._phases(training_mode)
+        try:
+            for index, (phase_training, phase_mode) in enumerate(phases):
+                last = index == len(phases) - 1
+                trainer = self._trainer(counts, phase_training, phase_mode, fit_loadings)
+                state = trainer.init(mu, var, w)
+                step = b.compile(trainer.step)
+                window = WINDOW[phase_mode]
+                start, pending = len(history), []
+                converged = False
+                while len(history) + len(pending) < self.max_iter:
+                    state, key, value = step(state, key)
+                    b.launch(state, key)
+                    pending.append(value)
+                    if len(pending) == CHECK_EVERY:
+                        history.extend(float(b.to_numpy(v)) for v in pending)
+                        pending = []
+                        progress.update(CHECK_EVERY, history[-1])
+                        converged = _converged(history[start:], window, self.tol)
+                        if converged:
+                            break
+                history.extend(float(b.to_numpy(v)) for v in pending)
+                mu, var, w = trainer.params(state)
+                if not last and not converged:
+                    break  # max_iter reached during warm-up
+        except KeyboardInterrupt:
+            warnings.warn(
+                f"fit interrupted after {len(history)} iterations; returning the parameters reached so far",
+                RuntimeWarning, stacklevel=3,
+            )
+            converged = False
+            mu, var, w = trainer.params(state)
+        finally:
+            progress.close()
+        return mu, var, w, np.asarray(history), converged
+
+    def _final_elbo(self, counts, mu, var, w, seed: int) -> float:
+        b = counts.backend
+        terms = evaluate(
+            counts, mu, var, w, mode=self.mode, noise=Noise(b, b.key(seed)),
+            n_samples=max(self.E, FINAL_SAMPLES), prior_scale=self.prior_scale, gradients=False,
+        )
+        return float(b.to_numpy(terms.value))
+
+    def fit(self, X, y=None):
+        """Fit the model to counts X (n_samples, n_features), dense or scipy.sparse."""
+        self._fit(X)
+        return self
+
+    def fit_transform(self, X, y=None):
+        """Fit to X and return the factors H = E_q[exp F] = exp(mean_ + var_/2) of its rows."""
+        self._fit(X)
+        return np.exp(self.mean_ + 0.5 * self.var_)
+
+    def _fit(self, X) -> None:
+        self._validate_params()
+        X = self._validate_data(X, reset=True)
+        rng = check_random_state(self.random_state)
+        b = get_backend(self.backend, self.device, self.dtype)
+        h, w = initialize(X, self.n_components, self.init, rng)
+        seed = int(rng.randint(np.iinfo(np.int32).max))
+        with b.scope():
+            counts = as_counts(b, X)
+            mu = b.asarray(np.log(h) - 0.5 * self.init_var)
+            var = b.asarray(np.full(h.shape, self.init_var))
+            mu, var, w, history, converged = self._optimize(
+                counts, mu, var, b.asarray(w), training_mode=self.training_mode, fit_loadings=True, seed=seed,
+                desc="PNMF fit",
+            )
+            self.elbo_ = self._final_elbo(counts, mu, var, w, seed)
+            self.mean_, self.var_, self.loadings_ = (b.to_numpy(a).astype(np.float64) for a in (mu, var, w))
+        self.components_ = self.loadings_.T
+        self.elbo_history_ = history
+        self.n_iter_ = len(history)
+        self.converged_ = converged
+        self.backend_, self.device_ = b.name, b.device
+
+    # -- inference with the loadings fixed ------------------------------------------------
+    def _infer(self, X):
+        """q(F) of new rows with the loadings fixed (natural steps), and the ELBO there."""
+        check_is_fitted(self, "loadings_")
+        X = self._validate_data(X, reset=False)
+        b = get_backend(self.backend_, self.device_, self.dtype)
+        seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
+        row_sums = np.asarray(X.sum(axis=1)).ravel()
+        # Start every component at the level that matches the row's total count.
+        level = np.maximum(row_sums / max(self.loadings_.sum(), 1e-30), 1e-8)
+        mu0 = np.repeat(np.log(level)[:, None], self.n_components, axis=1) - 0.5 * self.init_var
+        with b.scope():
+            counts = as_counts(b, X)
+            mu, var, w, _, _ = self._optimize(
+                counts, b.asarray(mu0), b.asarray(np.full(mu0.shape, self.init_var)), b.asarray(self.loadings_),
+                training_mode="natural", fit_loadings=False, seed=seed, desc="PNMF transform",
+            )
+            elbo = self._final_elbo(counts, mu, var, w, seed)
+            return b.to_numpy(mu).astype(np.float64), b.to_numpy(var).astype(np.float64), elbo
+
+    def transform(self, X):
+        """Factors H = E_q[exp F] (n_samples, n_components) of new rows, loadings fixed."""
+        mean, var, _ = self._infer(X)
+        return np.exp(mean + 0.5 * var)
+
+    def inverse_transform(self, H):
+        """Rate H @ components_ (n_samples, n_features): with H from transform, the posterior-mean rate."""
+        check_is_fitted(self, "loadings_")
+        H = np.asarray(H, dtype=np.float64)
+        if H.ndim != 2 or H.shape[1] != self.n_components:
+            raise ValueError(f"H must have shape (n_samples, {self.n_components}); got {H.shape}")
+        return H @ self.components_
+
+    def score(self, X, y=None) -> float:
+        """ELBO of X under the fitted loadings (q(F) of its rows inferred by ``transform``)."""
+        return self._infer(X)[2]
+
+
+def _converged(history: list[float], window: int, tol: float) -> bool:
+    """Relative change of the mean ELBO over the last ``window`` iterations against the window before."""
+    if tol <= 0 or len(history) < 2 * window:
+        return False
+    recent = float(np.mean(history[-window:]))
+    previous = float(np.mean(history[-2 * window : -window]))
+    return abs(recent - previous) <= tol * abs(recent)
+
+
+class _Progress:
+    """A tqdm bar showing the running ELBO, or nothing."""
+
+    def __init__(self, total: int, desc: str):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, unit="it", leave=False)
+
+    def update(self, n: int, elbo: float) -> None:
+        self.bar.update(n)
+        self.bar.set_postfix(elbo=f"{elbo:.6g}", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class _Silent:
+    def update(self, n: int, elbo: float) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(verbose: bool, total: int, desc: str):
+    return _Progress(total, desc) if verbose else _Silent()

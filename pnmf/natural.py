@@ -1,0 +1,144 @@
+"""Natural-gradient ascent on q(F) (DESIGN §3, ``training_mode='natural'``).
+
+For a Gaussian, the natural gradient with respect to the natural parameters
+(mu / var, -1 / (2 var)) is the ordinary gradient with respect to the expectation
+parameters (mu, mu^2 + var). In (mu, precision) coordinates, with g_mu = dELBO/dmu,
+g_var = dELBO/dvar and step rho::
+
+    precision_new = precision - 2 rho g_var
+    mu_new        = mu + rho g_mu / precision_new
+
+``rho`` is a step on the gradient of the *total* ELBO, a sum over samples. Each row of
+q(F) sees only its own row of X, so rho in (0, 1] means the same for 10 rows or 10^6:
+no 1/N factor belongs here (that factor belongs to losses written as a per-sample mean).
+rho = 1 on the KL term alone lands exactly on the prior.
+
+In ``lower-bound`` mode the likelihood's g_var is negative, so for 0 < rho <= 1 the new
+precision is a convex combination of positive numbers. The Monte Carlo modes estimate
+g_var with Price's theorem and its likelihood part can be positive, so they use the
+improved Bayesian learning rule (Lin, Schmidt & Khan, 2020), positive for every rho::
+
+    G = -2 g_var,  precision_new = precision + rho G + (rho G)^2 / (2 precision)
+"""
+
+from __future__ import annotations
+
+import math
+
+from .backends.base import Array, Backend
+from .elbo import Noise, evaluate
+from .optim import loadings_state, update_loadings
+
+# Largest change of one mean per step: at most a factor e on the scale of exp(F).
+MAX_MEAN_STEP = 1.0
+# Robbins-Monro schedule of the Monte Carlo modes: rho_t = rho0 (1 + t / TAU) ** -KAPPA.
+SCHEDULE_TAU, SCHEDULE_KAPPA = 50.0, 0.7
+DEFAULT_NGD_LR = {"lower-bound": 1.0, "expanded": 0.2, "simple": 0.2}
+
+
+def natural_update(
+    b: Backend,
+    mu: Array,
+    precision: Array,
+    g_mu: Array,
+    g_var: Array,
+    rho,
+    *,
+    improved: bool,
+    max_mean_step: float | None = MAX_MEAN_STEP,
+) -> tuple[Array, Array]:
+    """One natural-gradient step on q(F) = Normal(mu, 1 / precision), elementwise.
+
+    ``improved`` adds the improved-BLR term (rho G)^2 / (2 precision), G = -2 g_var,
+    which keeps the precision positive whatever the sign of g_var. ``max_mean_step``
+    clips each mean step to [-max_mean_step, max_mean_step] (a trust region: far from the
+    optimum the step is a Newton step on a*mu - b*exp(mu), which overshoots).
+    """
+    step_g = -2.0 * rho * g_var
+    if improved:
+        precision_new = precision + step_g + step_g * step_g / (2.0 * precision)
+    else:
+        precision_new = precision + step_g
+    mean_step = rho * g_mu / precision_new
+    if max_mean_step is not None:
+        mean_step = b.clip(mean_step, -max_mean_step, max_mean_step)
+    return mu + mean_step, precision_new
+
+
+class NaturalTrainer:
+    """Natural steps on q(F); loadings by the multiplicative update or by Adam.
+
+    ``lower-bound`` is deterministic, so with the multiplicative loadings update (or fixed
+    loadings) each step is checked: a step that lowers the ELBO is rejected and rho halved
+    (and regrown up to ``ngd_lr`` after accepted steps). The reported ELBO is that of the
+    accepted parameters, which therefore never decreases. With Adam on the loadings rho
+    stays at ``ngd_lr``. The Monte Carlo modes follow the schedule
+    rho_t = ngd_lr (1 + t / 50) ** -0.7 and are best started from a lower-bound fit.
+    """
+
+    def __init__(self, counts, *, mode, n_samples, prior_scale, ngd_lr, learning_rate, loadings_update,
+                 update_loadings):
+        self.counts = counts
+        self.b = counts.backend
+        self.mode = mode
+        self.n_samples = n_samples
+        self.prior_scale = prior_scale
+        self.rho0 = DEFAULT_NGD_LR[mode] if ngd_lr is None else ngd_lr
+        self.lr = learning_rate
+        self.rule = loadings_update
+        self.fit_loadings = update_loadings
+        # Adam's loadings step does not shrink with rho, so only the multiplicative rule is checked.
+        self.checked = mode == "lower-bound" and (loadings_update == "multiplicative" or not update_loadings)
+
+    def init(self, mu: Array, var: Array, w: Array) -> dict:
+        b = self.b
+        state = {"mu": mu, "precision": 1.0 / var, "w": w, "t": b.scalar(0.0)}
+        if self.fit_loadings:
+            state.update(loadings_state(b, w, self.rule))
+        if self.checked:
+            state.update(
+                rho=b.scalar(self.rho0),
+                accepted_value=b.scalar(-math.inf),
+                **{"accepted_" + k: v for k, v in state.items() if k in ("mu", "precision", "w")},
+                **{k: b.zeros_like(mu) for k in ("g_mu", "g_var")},
+                w_numerator=b.zeros_like(w),
+            )
+        return state
+
+    def params(self, state: dict) -> tuple[Array, Array, Array]:
+        prefix = "accepted_" if self.checked else ""
+        return state[prefix + "mu"], 1.0 / state[prefix + "precision"], state[prefix + "w"]
+
+    def step(self, state: dict, key):
+        b = self.b
+        mu, precision, w = state["mu"], state["precision"], state["w"]
+        noise = Noise(b, key)
+        terms = evaluate(
+            self.counts, mu, 1.0 / precision, w, mode=self.mode, noise=noise, n_samples=self.n_samples,
+            prior_scale=self.prior_scale, var_gradient="price",
+        )
+        t = state["t"] + 1
+        new = dict(state, t=t)
+        if self.checked:
+            # Step from the last accepted point: the new one if the ELBO did not fall, else the old one.
+            accept = terms.value >= state["accepted_value"]
+            for name, fresh in (("mu", mu), ("precision", precision), ("w", w)):
+                new["accepted_" + name] = b.where(accept, fresh, state["accepted_" + name])
+            for name in ("g_mu", "g_var", "w_numerator"):
+                new[name] = b.where(accept, getattr(terms, name), state[name])
+                setattr(terms, name, new[name])
+            new["accepted_value"] = b.where(accept, terms.value, state["accepted_value"])
+            new["rho"] = b.where(accept, b.clip(2.0 * state["rho"], None, self.rho0), 0.5 * state["rho"])
+            rho, reported = new["rho"], new["accepted_value"]
+            mu, precision, w = new["accepted_mu"], new["accepted_precision"], new["accepted_w"]
+        elif self.mode == "lower-bound":
+            rho, reported = self.rho0, terms.value
+        else:
+            rho, reported = self.rho0 * (1.0 + t / SCHEDULE_TAU) ** -SCHEDULE_KAPPA, terms.value
+        new["mu"], new["precision"] = natural_update(
+            b, mu, precision, terms.g_mu, terms.g_var, rho, improved=not self.checked
+        )
+        if self.fit_loadings:
+            new["w"], moments = update_loadings(b, dict(state, w=w), terms, mu, 1.0 / precision, t, self.rule, self.lr)
+            new.update(moments)
+        return new, noise.key, reported
