@@ -7,7 +7,6 @@ import numbers
 import warnings
 
 import numpy as np
-import scipy.sparse as sp
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, check_non_negative, validate_data
@@ -130,7 +129,7 @@ class PNMF(TransformerMixin, BaseEstimator):
         E: int = 10,
         max_iter: int = 2000,
         tol: float = 1e-4,
-        learning_rate: float = 0.01,
+        learning_rate: float = 0.05,
         ngd_lr: float | None = None,
         loadings_update: str | None = None,
         init: str = "nndsvda",
@@ -177,8 +176,13 @@ class PNMF(TransformerMixin, BaseEstimator):
 
     def _validate_data(self, X, reset: bool):
         X = validate_data(
-            self, X, reset=reset, accept_sparse=("csr", "csc", "coo"), dtype=(np.float64, np.float32),
-            ensure_min_features=1, ensure_min_samples=1,
+            self,
+            X,
+            reset=reset,
+            accept_sparse=("csr", "csc", "coo"),
+            dtype=(np.float64, np.float32),
+            ensure_min_features=1,
+            ensure_min_samples=1,
         )
         check_non_negative(X, f"{type(self).__name__} (counts must be non-negative)")
         return X
@@ -186,8 +190,14 @@ class PNMF(TransformerMixin, BaseEstimator):
     # -- fitting ------------------------------------------------------------------------
     def _trainer(self, counts, training_mode: str, mode: str, fit_loadings: bool):
         rule = self.loadings_update or ("adam" if training_mode == "standard" else "multiplicative")
-        common = dict(mode=mode, n_samples=self.E, prior_scale=self.prior_scale, learning_rate=self.learning_rate,
-                      loadings_update=rule, update_loadings=fit_loadings)
+        common = dict(
+            mode=mode,
+            n_samples=self.E,
+            prior_scale=self.prior_scale,
+            learning_rate=self.learning_rate,
+            loadings_update=rule,
+            update_loadings=fit_loadings,
+        )
         if training_mode == "standard":
             return StandardTrainer(counts, **common)
         return NaturalTrainer(counts, ngd_lr=self.ngd_lr if mode == self.mode else None, **common)
@@ -233,7 +243,8 @@ class PNMF(TransformerMixin, BaseEstimator):
         except KeyboardInterrupt:
             warnings.warn(
                 f"fit interrupted after {len(history)} iterations; returning the parameters reached so far",
-                RuntimeWarning, stacklevel=3,
+                RuntimeWarning,
+                stacklevel=3,
             )
             converged = False
             mu, var, w = trainer.params(state)
@@ -244,8 +255,16 @@ class PNMF(TransformerMixin, BaseEstimator):
     def _final_elbo(self, counts, mu, var, w, seed: int) -> float:
         b = counts.backend
         terms = evaluate(
-            counts, mu, var, w, mode=self.mode, noise=Noise(b, b.key(seed)),
-            n_samples=max(self.E, FINAL_SAMPLES), prior_scale=self.prior_scale, gradients=False,
+            counts,
+            mu,
+            var,
+            w,
+            mode=self.mode,
+            noise=Noise(b, b.key(seed)),
+            n_samples=max(self.E, FINAL_SAMPLES),
+            prior_scale=self.prior_scale,
+            gradients=False,
+            control_variate=True,
         )
         return float(b.to_numpy(terms.value))
 
@@ -271,7 +290,13 @@ class PNMF(TransformerMixin, BaseEstimator):
             mu = b.asarray(np.log(h) - 0.5 * self.init_var)
             var = b.asarray(np.full(h.shape, self.init_var))
             mu, var, w, history, converged = self._optimize(
-                counts, mu, var, b.asarray(w), training_mode=self.training_mode, fit_loadings=True, seed=seed,
+                counts,
+                mu,
+                var,
+                b.asarray(w),
+                training_mode=self.training_mode,
+                fit_loadings=True,
+                seed=seed,
                 desc="PNMF fit",
             )
             self.elbo_ = self._final_elbo(counts, mu, var, w, seed)
@@ -296,8 +321,14 @@ class PNMF(TransformerMixin, BaseEstimator):
         with b.scope():
             counts = as_counts(b, X)
             mu, var, w, _, _ = self._optimize(
-                counts, b.asarray(mu0), b.asarray(np.full(mu0.shape, self.init_var)), b.asarray(self.loadings_),
-                training_mode="natural", fit_loadings=False, seed=seed, desc="PNMF transform",
+                counts,
+                b.asarray(mu0),
+                b.asarray(np.full(mu0.shape, self.init_var)),
+                b.asarray(self.loadings_),
+                training_mode="natural",
+                fit_loadings=False,
+                seed=seed,
+                desc="PNMF transform",
             )
             elbo = self._final_elbo(counts, mu, var, w, seed)
             return b.to_numpy(mu).astype(np.float64), b.to_numpy(var).astype(np.float64), elbo

@@ -76,8 +76,9 @@ class NaturalTrainer:
     rho_t = ngd_lr (1 + t / 50) ** -0.7 and are best started from a lower-bound fit.
     """
 
-    def __init__(self, counts, *, mode, n_samples, prior_scale, ngd_lr, learning_rate, loadings_update,
-                 update_loadings):
+    def __init__(
+        self, counts, *, mode, n_samples, prior_scale, ngd_lr, learning_rate, loadings_update, update_loadings
+    ):
         self.counts = counts
         self.b = counts.backend
         self.mode = mode
@@ -114,8 +115,16 @@ class NaturalTrainer:
         mu, precision, w = state["mu"], state["precision"], state["w"]
         noise = Noise(b, key)
         terms = evaluate(
-            self.counts, mu, 1.0 / precision, w, mode=self.mode, noise=noise, n_samples=self.n_samples,
-            prior_scale=self.prior_scale, var_gradient="price",
+            self.counts,
+            mu,
+            1.0 / precision,
+            w,
+            mode=self.mode,
+            noise=noise,
+            n_samples=self.n_samples,
+            prior_scale=self.prior_scale,
+            var_gradient="price",
+            control_variate=True,
         )
         t = state["t"] + 1
         new = dict(state, t=t)

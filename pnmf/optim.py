@@ -81,8 +81,15 @@ class StandardTrainer:
         mu, var, w = self.params(state)
         noise = Noise(b, key)
         terms = evaluate(
-            self.counts, mu, var, w, mode=self.mode, noise=noise, n_samples=self.n_samples,
+            self.counts,
+            mu,
+            var,
+            w,
+            mode=self.mode,
+            noise=noise,
+            n_samples=self.n_samples,
             prior_scale=self.prior_scale,
+            control_variate=True,
         )
         t = state["t"] + 1
         new = dict(state, t=t)

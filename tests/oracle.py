@@ -31,8 +31,15 @@ def torch_oracle(x, mu, var, w, mode, eps, prior_scale=1.0):
 
     t = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in dict(mu=mu, var=var, w=w).items()}
     value = elbo_formula(
-        torch, torch.tensor(x, dtype=torch.float64), t["mu"], t["var"], t["w"], mode,
-        torch.tensor(eps, dtype=torch.float64), prior_scale, torch.log,
+        torch,
+        torch.tensor(x, dtype=torch.float64),
+        t["mu"],
+        t["var"],
+        t["w"],
+        mode,
+        torch.tensor(eps, dtype=torch.float64),
+        prior_scale,
+        torch.log,
     )
     value.backward()
     return float(value.detach()), t["mu"].grad.numpy(), t["var"].grad.numpy(), t["w"].grad.numpy()

@@ -7,7 +7,8 @@ Arithmetic operators (``+ - * / ** @``) and ``.shape`` are the framework's own.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp

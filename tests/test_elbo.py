@@ -1,0 +1,133 @@
+"""Facts about the ELBO estimators: agreement across backends, sparse = dense, the bound, the means."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from pnmf.elbo import MODES, Noise, as_counts, evaluate
+
+from .conftest import BACKENDS, FixedNoise, cpu_backend, small_problem
+
+
+def _value(name, dtype, x, mu, var, w, mode, eps):
+    b = cpu_backend(name, dtype)
+    terms = evaluate(
+        as_counts(b, x),
+        b.asarray(mu),
+        b.asarray(var),
+        b.asarray(w),
+        mode=mode,
+        noise=FixedNoise(b, eps),
+        n_samples=eps.shape[0],
+        gradients=False,
+    )
+    return float(b.to_numpy(terms.value))
+
+
+@pytest.mark.parametrize("dtype, rtol", [("float64", 1e-5), ("float32", 1e-4)])
+@pytest.mark.parametrize("mode", MODES)
+def test_backends_agree(mode, dtype, rtol):
+    x, mu, var, w, eps = small_problem(seed=3, n=40, d=30, n_components=4)
+    reference = _value("numpy", "float64", x, mu, var, w, mode, eps)
+    for name in BACKENDS:
+        for data in (x, sp.csr_matrix(x)):
+            assert _value(name, dtype, data, mu, var, w, mode, eps) == pytest.approx(reference, rel=rtol)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sparse_equals_dense(backend_name, mode):
+    x, mu, var, w, eps = small_problem(seed=4)
+    b = cpu_backend(backend_name)
+    results = []
+    for data in (x, sp.csr_matrix(x), sp.coo_matrix(x)):
+        t = evaluate(
+            as_counts(b, data),
+            b.asarray(mu),
+            b.asarray(var),
+            b.asarray(w),
+            mode=mode,
+            noise=FixedNoise(b, eps),
+            n_samples=eps.shape[0],
+        )
+        results.append([b.to_numpy(a) for a in (t.value, t.g_mu, t.g_var, t.g_w)])
+    rtol = 1e-5 if backend_name == "mlx" else 1e-9  # MLX's float64 exp/log are about float32-accurate
+    for other in results[1:]:
+        for a, c in zip(results[0], other, strict=True):
+            np.testing.assert_allclose(a, c, rtol=rtol, atol=rtol)
+
+
+def test_sparse_explicit_zeros_and_duplicates_are_the_same_counts():
+    x, mu, var, w, eps = small_problem(seed=5)
+    coo = sp.coo_matrix(x)
+    # Split every count in two duplicate entries and add explicit zeros.
+    rows = np.concatenate([coo.row, coo.row, [0, 1]])
+    cols = np.concatenate([coo.col, coo.col, [0, 1]])
+    data = np.concatenate([coo.data / 2, coo.data / 2, [0.0, 0.0]])
+    messy = sp.coo_matrix((data, (rows, cols)), shape=x.shape)
+    for mode in MODES:
+        assert _value("numpy", "float64", messy, mu, var, w, mode, eps) == pytest.approx(
+            _value("numpy", "float64", x, mu, var, w, mode, eps), rel=1e-12
+        )
+
+
+def _mc_values(mode, x, mu, var, w, draws, n_samples=4, seed=0, control_variate=False):
+    b = cpu_backend("numpy")
+    counts = as_counts(b, x)
+    noise = Noise(b, b.key(seed))
+    return np.array(
+        [
+            evaluate(
+                counts,
+                mu,
+                var,
+                w,
+                mode=mode,
+                noise=noise,
+                n_samples=n_samples,
+                gradients=False,
+                control_variate=control_variate,
+            ).value
+            for _ in range(draws)
+        ]
+    )
+
+
+def test_lower_bound_is_below_expanded_mean():
+    x, mu, var, w, _ = small_problem(seed=6, n=20, d=15)
+    var = var * 4  # wide posteriors make the Jensen gap clear
+    b = cpu_backend("numpy")
+    lower = evaluate(as_counts(b, x), mu, var, w, mode="lower-bound", noise=None, n_samples=1, gradients=False).value
+    expanded = _mc_values("expanded", x, mu, var, w, draws=500)
+    se = expanded.std() / np.sqrt(len(expanded))
+    assert lower < expanded.mean() - 5 * se
+
+
+def test_simple_and_expanded_have_the_same_mean():
+    """Two-sample z-test at five standard errors: false only if one estimator is biased."""
+    x, mu, var, w, _ = small_problem(seed=7, n=20, d=15)
+    simple = _mc_values("simple", x, mu, var, w, draws=2000, seed=1)
+    expanded = _mc_values("expanded", x, mu, var, w, draws=2000, seed=2)
+    se = np.sqrt(simple.var() / len(simple) + expanded.var() / len(expanded))
+    assert abs(simple.mean() - expanded.mean()) < 5 * se
+
+
+@pytest.mark.parametrize("mode, noise_ratio", [("simple", 0.9), ("expanded", 0.5)])
+def test_control_variate_keeps_the_mean_and_cuts_the_noise(mode, noise_ratio):
+    x, mu, var, w, _ = small_problem(seed=8, n=20, d=15)
+    plain = _mc_values(mode, x, mu, var, w, draws=1500, seed=3)
+    controlled = _mc_values(mode, x, mu, var, w, draws=1500, seed=4, control_variate=True)
+    se = np.sqrt(plain.var() / len(plain) + controlled.var() / len(controlled))
+    assert abs(plain.mean() - controlled.mean()) < 5 * se
+    assert controlled.std() < noise_ratio * plain.std()
+
+
+def test_monte_carlo_chunks_do_not_change_the_estimate(monkeypatch):
+    """The Monte Carlo loop gives the same value whatever the chunk size."""
+    import pnmf.elbo
+
+    x, mu, var, w, eps = small_problem(seed=9, n_samples=7)
+    whole = _value("numpy", "float64", x, mu, var, w, "expanded", eps)
+    monkeypatch.setattr(pnmf.elbo, "DENSE_CHUNK", x.size * 2)  # two samples per chunk
+    assert _value("numpy", "float64", x, mu, var, w, "expanded", eps) == pytest.approx(whole, rel=1e-12)

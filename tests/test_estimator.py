@@ -1,0 +1,224 @@
+"""The estimator's contract: fitting, attributes, inference, backends and errors."""
+
+from __future__ import annotations
+
+import builtins
+import sys
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from scipy.optimize import linear_sum_assignment
+from sklearn.exceptions import NotFittedError
+
+from pnmf import PNMF, make_counts, poisson_deviance, thin
+from pnmf.backends import get_backend
+from pnmf.elbo import as_counts, evaluate
+
+from .conftest import BACKENDS
+
+
+def _matched_cosines(estimated: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each true column with its best-matched estimated column."""
+    a = estimated / np.linalg.norm(estimated, axis=0)
+    b = truth / np.linalg.norm(truth, axis=0)
+    similarity = a.T @ b
+    rows, cols = linear_sum_assignment(-similarity)
+    return similarity[rows, cols]
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return make_counts(200, 100, 5, random_state=42)
+
+
+@pytest.mark.parametrize(
+    "training_mode, mode", [("natural", "lower-bound"), ("natural", "expanded"), ("standard", "lower-bound")]
+)
+def test_fit_raises_the_elbo_and_recovers_planted_loadings(planted, backend_name, training_mode, mode):
+    x, _, w_true = planted
+    model = PNMF(
+        5,
+        mode=mode,
+        training_mode=training_mode,
+        backend=backend_name,
+        random_state=0,
+        max_iter=1500 if training_mode == "standard" else 600,
+    ).fit(x)
+    assert model.elbo_history_[-1] > model.elbo_history_[0]
+    assert model.elbo_ > model.elbo_history_[0] + 0.5 * abs(model.elbo_)
+    assert np.min(_matched_cosines(model.loadings_, w_true)) > 0.9
+
+
+def test_fitted_attributes(planted):
+    x, _, _ = planted
+    model = PNMF(4, mode="expanded", training_mode="natural", backend="numpy", random_state=0, max_iter=100)
+    h = model.fit_transform(x)
+    n, d = x.shape
+    assert h.shape == (n, 4) and model.components_.shape == (4, d) and model.loadings_.shape == (d, 4)
+    assert model.mean_.shape == model.var_.shape == (n, 4)
+    np.testing.assert_array_equal(model.components_, model.loadings_.T)
+    np.testing.assert_allclose(h, np.exp(model.mean_ + model.var_ / 2))
+    assert np.all(model.var_ > 0) and np.all(model.loadings_ >= 0)
+    assert model.n_iter_ == len(model.elbo_history_) <= 100
+    assert isinstance(model.converged_, bool) and model.n_features_in_ == d
+    assert model.backend_ == "numpy" and model.device_ == "cpu"
+    assert all(isinstance(a, np.ndarray) for a in (model.mean_, model.var_, model.loadings_, model.elbo_history_))
+    # The posterior-mean rate is H @ components_.
+    np.testing.assert_allclose(model.inverse_transform(h), h @ model.components_)
+
+
+def test_elbo_is_recomputable_from_the_attributes(planted):
+    x, _, _ = planted
+    model = PNMF(
+        5, mode="lower-bound", training_mode="natural", backend="numpy", dtype="float64", random_state=0, max_iter=50
+    ).fit(x)
+    b = get_backend("numpy", dtype="float64")
+    value = evaluate(
+        as_counts(b, x),
+        model.mean_,
+        model.var_,
+        model.loadings_,
+        mode="lower-bound",
+        noise=None,
+        n_samples=1,
+        prior_scale=model.prior_scale,
+        gradients=False,
+    ).value
+    assert model.elbo_ == pytest.approx(value, rel=1e-12)
+
+
+def test_max_iter_is_a_cap_and_tol_zero_runs_to_it(planted):
+    x, _, _ = planted
+    for training_mode in ("standard", "natural"):
+        model = PNMF(3, mode="expanded", training_mode=training_mode, backend="numpy", max_iter=37, tol=0).fit(x)
+        assert model.n_iter_ == 37 and not model.converged_
+    early = PNMF(3, mode="lower-bound", training_mode="natural", backend="numpy", max_iter=5000, tol=1e-3).fit(x)
+    assert early.converged_ and early.n_iter_ < 5000
+
+
+def test_every_backend_starts_from_the_same_point_and_agrees(planted):
+    x, _, _ = planted
+    fits = [
+        PNMF(5, mode="lower-bound", training_mode="natural", backend=name, random_state=0, max_iter=30, tol=0).fit(x)
+        for name in BACKENDS
+    ]
+    for other in fits[1:]:
+        np.testing.assert_allclose(other.elbo_history_[0], fits[0].elbo_history_[0], rtol=1e-5)
+        np.testing.assert_allclose(other.elbo_history_, fits[0].elbo_history_, rtol=1e-3)
+
+
+def test_sparse_fit_equals_dense_fit(planted, backend_name):
+    x, _, _ = planted
+    params = dict(
+        mode="expanded",
+        training_mode="natural",
+        backend=backend_name,
+        random_state=0,
+        max_iter=40,
+        tol=0,
+        dtype="float64" if backend_name != "mlx" else "float32",
+    )
+    dense = PNMF(4, **params).fit(x)
+    sparse = PNMF(4, **params).fit(sp.csr_matrix(x))
+    np.testing.assert_allclose(sparse.loadings_, dense.loadings_, rtol=1e-3, atol=1e-6)
+    assert sparse.elbo_ == pytest.approx(dense.elbo_, rel=1e-4)
+
+
+def test_transform_is_deterministic_and_agrees_with_fit(planted):
+    x, _, _ = planted
+    model = PNMF(
+        5, mode="lower-bound", training_mode="natural", backend="numpy", random_state=0, max_iter=2000, tol=1e-7
+    ).fit(x)
+    h_fit = np.exp(model.mean_ + model.var_ / 2)
+    h1, h2 = model.transform(x), model.transform(x)
+    np.testing.assert_array_equal(h1, h2)
+    # Inference with the loadings fixed finds (nearly) the training posterior again.
+    assert np.median(np.abs(h1 - h_fit) / h_fit) < 0.05
+    assert model.score(x) == pytest.approx(model.elbo_, rel=1e-3)
+
+
+def test_score_prefers_the_right_data(planted):
+    x, _, _ = planted
+    train, test = thin(x, 0.5, random_state=0)
+    model = PNMF(5, mode="lower-bound", training_mode="natural", backend="numpy", random_state=0).fit(train)
+    shuffled = np.random.default_rng(0).permutation(test.ravel()).reshape(test.shape)
+    assert model.score(test) > model.score(shuffled)
+
+
+def test_thinning_and_deviance(planted):
+    x, _, _ = planted
+    train, test = thin(x, 0.5, random_state=1)
+    np.testing.assert_array_equal(train + test, x)
+    assert np.all(train >= 0) and np.all(test >= 0)
+    assert abs(train.sum() / x.sum() - 0.5) < 0.01
+    strain, stest = thin(sp.csr_matrix(x), 0.5, random_state=1)
+    np.testing.assert_array_equal((strain + stest).toarray(), x)
+    rate = x + 0.5
+    assert poisson_deviance(x, x) == pytest.approx(0.0, abs=1e-9)
+    assert poisson_deviance(sp.csr_matrix(x), rate) == pytest.approx(poisson_deviance(x, rate))
+    assert poisson_deviance(x, rate) > 0
+
+
+def test_input_is_not_modified(planted):
+    x, _, _ = planted
+    dense, sparse = x.copy(), sp.csr_matrix(x)
+    sparse_copy = sparse.copy()
+    for data in (dense, sparse):
+        PNMF(3, backend="numpy", max_iter=5).fit(data).transform(data)
+    np.testing.assert_array_equal(dense, x)
+    assert (sparse != sparse_copy).nnz == 0
+
+
+@pytest.mark.parametrize(
+    "param, value",
+    [
+        ("mode", "exact"),
+        ("training_mode", "fast"),
+        ("backend", "jax"),
+        ("init", "svd"),
+        ("loadings_update", "sgd"),
+        ("dtype", "float16"),
+    ],
+)
+def test_unknown_names_raise_valueerror_naming_the_value(param, value):
+    with pytest.raises(ValueError, match=f"{param}='{value}'"):
+        PNMF(2, **{param: value}).fit(np.ones((3, 3)))
+
+
+def test_bad_counts_raise_before_backend_work():
+    with pytest.raises(ValueError, match="non-negative"):
+        PNMF(2).fit(-np.ones((3, 3)))
+    with pytest.raises(ValueError, match="NaN"):
+        PNMF(2).fit(np.full((3, 3), np.nan))
+    with pytest.raises(NotFittedError):
+        PNMF(2).transform(np.ones((3, 3)))
+    model = PNMF(2, backend="numpy", max_iter=5).fit(np.ones((3, 3)))
+    with pytest.raises(ValueError, match="features"):
+        model.transform(np.ones((3, 4)))
+
+
+def test_missing_framework_names_the_fix(monkeypatch):
+    real_import = builtins.__import__
+
+    def no_torch(name, *args, **kwargs):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("No module named 'torch'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torch)
+    monkeypatch.delitem(sys.modules, "pnmf.backends.torch", raising=False)
+    with pytest.raises(ImportError, match="pip install"):
+        PNMF(2, backend="torch").fit(np.ones((3, 3)))
+
+
+def test_auto_backend_picks_the_fastest_cpu_choice(planted):
+    x, _, _ = planted
+    model = PNMF(2, backend="auto", max_iter=3).fit(x)
+    expected = "torch" if "torch" in BACKENDS else ("mlx" if "mlx" in BACKENDS else "numpy")
+    assert model.backend_ == expected and model.device_ == "cpu"
+
+
+def test_device_choice_is_checked():
+    with pytest.raises(ValueError, match="device"):
+        PNMF(2, backend="numpy", device="cuda").fit(np.ones((3, 3)))

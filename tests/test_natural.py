@@ -1,0 +1,150 @@
+"""The natural-gradient step: its geometry, its positivity, its monotonicity."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pnmf import PNMF, make_counts
+from pnmf.elbo import MODES, as_counts, evaluate
+from pnmf.natural import natural_update
+from pnmf.optim import multiplicative_loadings
+
+from .conftest import BACKENDS, cpu_backend, small_problem
+
+
+def _gaussian_fisher(mu: float, var: float) -> np.ndarray:
+    """Fisher information of Normal(mu, var) in its natural parameters: Cov of (x, x^2)."""
+    return np.array([[var, 2 * mu * var], [2 * mu * var, 2 * var**2 + 4 * mu**2 * var]])
+
+
+def test_step_is_the_fisher_preconditioned_gradient():
+    x, mu, var, w, _ = small_problem(seed=10)
+    b = cpu_backend("numpy")
+    terms = evaluate(as_counts(b, x), mu, var, w, mode="lower-bound", noise=None, n_samples=1)
+    rho = 0.3
+    new_mu, new_precision = natural_update(
+        b, mu, 1 / var, terms.g_mu, terms.g_var, rho, improved=False, max_mean_step=None
+    )
+    for n, l in [(0, 0), (3, 1), (8, 2)]:
+        m, v = mu[n, l], var[n, l]
+        eta = np.array([m / v, -1 / (2 * v)])
+        # d(mu, var)/d(eta) and the chain rule give the gradient in natural parameters.
+        jacobian = np.array([[v, eta[0] / (2 * eta[1] ** 2)], [0.0, 1 / (2 * eta[1] ** 2)]])
+        grad_eta = jacobian.T @ np.array([terms.g_mu[n, l], terms.g_var[n, l]])
+        eta_new = eta + rho * np.linalg.solve(_gaussian_fisher(m, v), grad_eta)
+        precision = -2 * eta_new[1]
+        assert new_precision[n, l] == pytest.approx(precision, rel=1e-9)
+        assert new_mu[n, l] == pytest.approx(eta_new[0] / precision, rel=1e-9)
+
+
+@pytest.mark.parametrize("prior_scale", [0.5, 1.0, 3.0])
+def test_full_step_on_the_kl_term_lands_on_the_prior(prior_scale):
+    torch = pytest.importorskip("torch")
+    from pnmf.elbo import kl_divergence
+
+    rng = np.random.default_rng(11)
+    mu = torch.tensor(rng.normal(0, 2.0, (5, 3)), requires_grad=True)
+    var = torch.tensor(rng.uniform(0.1, 4.0, (5, 3)), requires_grad=True)
+    elbo = -kl_divergence(cpu_backend("torch"), mu, var, prior_scale)
+    elbo.backward()
+    b = cpu_backend("numpy")
+    new_mu, new_precision = natural_update(
+        b,
+        mu.detach().numpy(),
+        1 / var.detach().numpy(),
+        mu.grad.numpy(),
+        var.grad.numpy(),
+        1.0,
+        improved=False,
+        max_mean_step=None,
+    )
+    np.testing.assert_allclose(new_mu, 0.0, atol=1e-12)
+    np.testing.assert_allclose(new_precision, 1 / prior_scale**2, rtol=1e-12)
+
+
+@pytest.mark.parametrize("rho", [1e-3, 0.5, 1.0])
+def test_improved_rule_keeps_precision_positive_under_adversarial_gradients(rho):
+    rng = np.random.default_rng(12)
+    b = cpu_backend("numpy")
+    precision = 10.0 ** rng.uniform(-4, 4, (1000, 2))
+    g_var = rng.choice([-1, 1], size=precision.shape) * 10.0 ** rng.uniform(-6, 8, precision.shape)
+    g_mu = rng.normal(0, 1e6, precision.shape)
+    mu, new_precision = natural_update(b, np.zeros_like(precision), precision, g_mu, g_var, rho, improved=True)
+    assert np.all(new_precision > 0) and np.all(np.isfinite(new_precision))
+    assert np.all(np.abs(mu) <= 1.0)  # the trust region on the mean
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_full_natural_steps_on_large_counts_stay_finite(backend_name, mode):
+    x, _, _ = make_counts(30, 20, 3, random_state=1)
+    x = x * 1000  # counts in the tens of thousands
+    model = PNMF(
+        3,
+        mode=mode,
+        training_mode="natural",
+        ngd_lr=1.0,
+        backend=backend_name,
+        max_iter=60,
+        random_state=0,
+        dtype="float64" if backend_name != "mlx" else "float32",
+    ).fit(x)
+    assert np.all(model.var_ > 0) and np.all(np.isfinite(model.var_))
+    assert np.all(np.isfinite(model.mean_)) and np.isfinite(model.elbo_)
+    assert np.all(np.isfinite(model.elbo_history_))
+
+
+def test_multiplicative_update_never_lowers_the_lower_bound():
+    """The loadings update is the maximiser of a minorant: it cannot lower the Jensen bound."""
+    b = cpu_backend("numpy")
+    for seed in range(5):
+        x, mu, var, w, _ = small_problem(seed=seed, n=15, d=12)
+        counts = as_counts(b, x)
+        for _ in range(5):
+            terms = evaluate(counts, mu, var, w, mode="lower-bound", noise=None, n_samples=1)
+            w = multiplicative_loadings(b, w, terms, mu, var)
+            assert evaluate(counts, mu, var, w, mode="lower-bound", noise=None, n_samples=1).value >= terms.value
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_lower_bound_natural_fit_never_decreases(name):
+    x, _, _ = make_counts(random_state=3)
+    model = PNMF(
+        5,
+        mode="lower-bound",
+        training_mode="natural",
+        backend=name,
+        max_iter=300,
+        tol=0,
+        random_state=0,
+        dtype="float64" if name != "mlx" else "float32",
+    ).fit(x)
+    history = model.elbo_history_
+    assert len(history) == 300
+    assert np.all(np.diff(history) >= 0)
+    # The steps are good ones: most of them are taken, and the fit climbs far.
+    assert np.mean(np.diff(history) > 0) > 0.9
+    assert history[-1] - history[0] > 0.5 * abs(history[-1])
+    # The reported ELBO is that of the returned parameters.
+    b = cpu_backend("numpy")
+    recomputed = evaluate(
+        as_counts(b, x),
+        model.mean_,
+        model.var_,
+        model.loadings_,
+        mode="lower-bound",
+        noise=None,
+        n_samples=1,
+        gradients=False,
+    ).value
+    assert model.elbo_ == pytest.approx(recomputed, rel=1e-5)
+    assert history[-1] == pytest.approx(recomputed, rel=1e-5)
+
+
+def test_natural_training_beats_standard_in_few_iterations():
+    x, _, _ = make_counts(random_state=4)
+    common = dict(mode="lower-bound", backend="numpy", max_iter=200, tol=0, random_state=0)
+    natural = PNMF(5, training_mode="natural", **common).fit(x)
+    standard = PNMF(5, training_mode="standard", learning_rate=0.005, **common).fit(x)
+    assert natural.elbo_history_[0] == pytest.approx(standard.elbo_history_[0], rel=1e-6)  # same start
+    assert natural.elbo_ > standard.elbo_ + 0.01 * abs(standard.elbo_)
