@@ -21,6 +21,9 @@ TRAINING_MODES = ("standard", "natural")
 CHECK_EVERY = 10  # iterations between reads of the ELBO history (each read waits for the device)
 WINDOW = {"lower-bound": 10, "expanded": 50, "simple": 50}  # moving-average window of the stopping rule
 FINAL_SAMPLES = 64  # Monte Carlo samples for the reported ELBO
+# The lower-bound warm start of a natural Monte Carlo fit stops at this tolerance: the
+# benchmark reached 1e-3 of the best ELBO in ~95 iterations with it, 354 with 1e-5.
+WARMUP_TOL = 3e-4
 
 
 def _one_of(name: str, value, allowed) -> None:
@@ -85,8 +88,12 @@ class PNMF(TransformerMixin, BaseEstimator):
     loadings_update : {'adam', 'multiplicative'}, optional
         How W is updated. Default 'adam' for standard training and 'multiplicative' (the
         exact maximiser of the Jensen bound in W, no learning rate) for natural training.
-    init : {'nndsvda', 'nndsvd', 'random'}
+    init : {'random', 'nndsvda', 'nndsvd'}
         Initial factors, computed in NumPy so every backend starts from the same point.
+        'random' is the default: on the benchmark's data, natural training from it reached
+        within 1e-3 of its final ELBO in 90-140 iterations and ended higher, against
+        250-480 iterations from the SVD-based starts, whose near-zero entries start
+        exp(F) far down the log scale.
     init_var : float
         Initial variance of q(F), the same for both training modes.
     prior_scale : float
@@ -132,7 +139,7 @@ class PNMF(TransformerMixin, BaseEstimator):
         learning_rate: float = 0.05,
         ngd_lr: float | None = None,
         loadings_update: str | None = None,
-        init: str = "nndsvda",
+        init: str = "random",
         init_var: float = 0.01,
         prior_scale: float = 1.0,
         random_state=None,
@@ -233,7 +240,8 @@ class PNMF(TransformerMixin, BaseEstimator):
                         history.extend(float(b.to_numpy(v)) for v in pending)
                         pending = []
                         progress.update(CHECK_EVERY, history[-1])
-                        converged = _converged(history[start:], window, self.tol)
+                        tol = self.tol if last else max(self.tol, WARMUP_TOL)
+                        converged = _converged(history[start:], window, tol)
                         if converged:
                             break
                 history.extend(float(b.to_numpy(v)) for v in pending)

@@ -109,19 +109,12 @@ def test_multiplicative_update_never_lowers_the_lower_bound():
 @pytest.mark.parametrize("name", BACKENDS)
 def test_lower_bound_natural_fit_never_decreases(name):
     x, _, _ = make_counts(random_state=3)
-    model = PNMF(
-        5,
-        mode="lower-bound",
-        training_mode="natural",
-        backend=name,
-        max_iter=300,
-        tol=0,
-        random_state=0,
-        dtype="float64" if name != "mlx" else "float32",
-    ).fit(x)
+    params = dict(mode="lower-bound", training_mode="natural", device="cpu", max_iter=300, tol=0, random_state=0)
+    # MLX's float64 exp and log are only about float32-accurate: its float64 is checked as float32.
+    model = PNMF(5, dtype="float64", backend="numpy" if name == "mlx" else name, **params).fit(x)
     history = model.elbo_history_
     assert len(history) == 300
-    assert np.all(np.diff(history) >= 0)
+    assert np.all(np.diff(history) >= -1e-14 * np.abs(history[1:]))
     # The steps are good ones: most of them are taken, and the fit climbs far.
     assert np.mean(np.diff(history) > 0) > 0.9
     assert history[-1] - history[0] > 0.5 * abs(history[-1])
@@ -137,8 +130,12 @@ def test_lower_bound_natural_fit_never_decreases(name):
         n_samples=1,
         gradients=False,
     ).value
-    assert model.elbo_ == pytest.approx(recomputed, rel=1e-5)
-    assert history[-1] == pytest.approx(recomputed, rel=1e-5)
+    assert model.elbo_ == pytest.approx(recomputed, rel=1e-10)
+    assert history[-1] == pytest.approx(recomputed, rel=1e-10)
+    # In float32 a step may "lose" up to float rounding, and the fit ends where float64's does.
+    single = PNMF(5, dtype="float32", backend=name, **params).fit(x).elbo_history_
+    assert np.all(np.diff(single) >= -1e-6 * np.abs(single[1:]))
+    assert single[-1] == pytest.approx(history[-1], rel=1e-4)
 
 
 def test_natural_training_beats_standard_in_few_iterations():

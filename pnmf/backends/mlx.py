@@ -14,7 +14,7 @@ import numpy as np
 from .base import Backend
 
 # Block length of the two-level full sum (MLX's CPU reduction accumulates sequentially).
-SUM_BLOCK = 1024
+SUM_BLOCK = 32
 # Non-zeros handled at once by the sampled product: bounds its buffer to CHUNK * L values.
 CHUNK = 1 << 18
 

@@ -1,0 +1,54 @@
+"""``python -m pnmf.benchmarks``: the natural-gradient benchmark on the seed setting."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..backends import BACKENDS, available, get_backend
+from . import natural_gradient as ng
+
+
+def parse(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pnmf.benchmarks", description=__doc__)
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "all", *BACKENDS],
+        help="auto: the backend PNMF(backend='auto') picks; all: every installed one",
+    )
+    parser.add_argument("--quick", action="store_true", help="a short run (about a minute): 1500 iterations")
+    parser.add_argument("--max-iter", type=int, default=None, help="iterations per fit (default 8000)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks"), help="folder for JSON and figures")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> list:
+    args = parse(argv)
+    if args.backend == "all":
+        backends = available()
+    elif args.backend == "auto":
+        backends = [get_backend("auto").name]
+    else:
+        get_backend(args.backend)  # a clear ImportError if it is missing
+        backends = [args.backend]
+    setting = ng.Setting()
+    if args.quick:
+        setting.max_iter = 1500
+    if args.max_iter is not None:
+        setting.max_iter = args.max_iter
+    print(f"pnmf natural-gradient benchmark on {ng.machine()}; backends: {', '.join(backends)}")
+    print(f"setting: {setting}")
+    runs = ng.run(backends, args.out, setting, progress=not args.no_progress)
+    print()
+    print(ng.table(runs))
+    print()
+    print("Iterations to within 1e-3 of the best final ELBO (standard / natural):")
+    print(ng.speedup_table(ng.speedups(runs)))
+    print(f"\nwrote {args.out / 'natural_gradient.json'} and the figures to {args.out}/")
+    return runs
+
+
+if __name__ == "__main__":
+    main()
