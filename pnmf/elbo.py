@@ -36,6 +36,11 @@ VAR_GRADIENTS = ("reparam", "price")
 
 # Elements of one chunk of dense (E, N, D) work: bounds the Monte Carlo buffer.
 DENSE_CHUNK = 1 << 22
+# The domain of q(F), kept by every trainer: exp(mu + var/2) and the Monte Carlo exp(F_e)
+# stay far inside float32's range (3.4e38) whatever the data. The prior N(0, s^2) puts F
+# near 0; the scale of the counts belongs to W.
+MEAN_BOUND = 30.0
+VAR_BOUNDS = (1e-8, 20.0)
 # Smallest rate inside a logarithm: a rate of exactly zero would give 0 * log 0.
 TINY_RATE = 1e-30
 
@@ -145,7 +150,8 @@ def _log_term(counts, a: Array, w: Array, second: bool):
     value = b.sum(counts.x * b.log(rate))
     g_f = a * counts.rows(ratio, w)
     g_w = counts.cols(ratio, a)
-    h_f = g_f - a * a * counts.rows(ratio / rate, w * w) if second else None
+    # a * (a * ...) rather than a^2 * ...: exp(2F) alone can overflow float32.
+    h_f = g_f - a * (a * counts.rows(ratio / rate, w * w)) if second else None
     return value, g_f, g_w, h_f
 
 

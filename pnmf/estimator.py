@@ -12,7 +12,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, check_non_negative, validate_data
 
 from .backends import BACKENDS, get_backend
-from .elbo import MODES, Noise, as_counts, evaluate
+from .elbo import MEAN_BOUND, MODES, Noise, as_counts, evaluate
 from .init import INITS, initialize
 from .natural import NaturalTrainer
 from .optim import LOADINGS_UPDATES, StandardTrainer
@@ -76,8 +76,10 @@ class PNMF(TransformerMixin, BaseEstimator):
     tol : float
         Stop when the relative change of the mean ELBO over the last window of
         iterations, against the window before, falls below ``tol`` (windows of 10
-        iterations in 'lower-bound' mode, 50 in the Monte Carlo modes, so that noise
-        neither stops nor prolongs a fit). 0 disables early stopping.
+        iterations in 'lower-bound' mode, 50 in the Monte Carlo modes). In the Monte Carlo
+        modes the change must be below ``tol`` by two standard errors of the estimate, so
+        noise does not stop a fit by chance; a ``tol`` below the noise floor (about 1e-5
+        with E=10 on typical data) runs to ``max_iter``. 0 disables early stopping.
     learning_rate : float
         Adam's step size (standard training, and the loadings under ``loadings_update='adam'``).
     ngd_lr : float in (0, 1], optional
@@ -223,28 +225,27 @@ class PNMF(TransformerMixin, BaseEstimator):
         converged = False
         progress = _progress(self.verbose, self.max_iter, desc)
         phases = self._phases(training_mode)
+        trainer = state = None
         try:
             for index, (phase_training, phase_mode) in enumerate(phases):
                 last = index == len(phases) - 1
                 trainer = self._trainer(counts, phase_training, phase_mode, fit_loadings)
                 state = trainer.init(mu, var, w)
                 step = b.compile(trainer.step)
-                window = WINDOW[phase_mode]
+                tol = self.tol if last else max(self.tol, WARMUP_TOL)
                 start, pending = len(history), []
                 converged = False
-                while len(history) + len(pending) < self.max_iter:
+                while len(history) + len(pending) < self.max_iter and not converged:
                     state, key, value = step(state, key)
                     b.launch(state, key)
                     pending.append(value)
-                    if len(pending) == CHECK_EVERY:
-                        history.extend(float(b.to_numpy(v)) for v in pending)
+                    if len(pending) == CHECK_EVERY or len(history) + len(pending) == self.max_iter:
+                        values = [float(b.to_numpy(v)) for v in pending]
+                        _check_finite(b, values, trainer.params(state), len(history) + 1)
+                        history.extend(values)
+                        progress.update(len(values), values[-1])
                         pending = []
-                        progress.update(CHECK_EVERY, history[-1])
-                        tol = self.tol if last else max(self.tol, WARMUP_TOL)
-                        converged = _converged(history[start:], window, tol)
-                        if converged:
-                            break
-                history.extend(float(b.to_numpy(v)) for v in pending)
+                        converged = _converged(history[start:], WINDOW[phase_mode], tol, phase_mode != "lower-bound")
                 mu, var, w = trainer.params(state)
                 if not last and not converged:
                     break  # max_iter reached during warm-up
@@ -255,7 +256,8 @@ class PNMF(TransformerMixin, BaseEstimator):
                 stacklevel=3,
             )
             converged = False
-            mu, var, w = trainer.params(state)
+            if trainer is not None:
+                mu, var, w = trainer.params(state)
         finally:
             progress.close()
         return mu, var, w, np.asarray(history), converged
@@ -326,6 +328,7 @@ class PNMF(TransformerMixin, BaseEstimator):
         # Start every component at the level that matches the row's total count.
         level = np.maximum(row_sums / max(self.loadings_.sum(), 1e-30), 1e-8)
         mu0 = np.repeat(np.log(level)[:, None], self.n_components, axis=1) - 0.5 * self.init_var
+        mu0 = np.clip(mu0, -MEAN_BOUND, MEAN_BOUND)
         with b.scope():
             counts = as_counts(b, X)
             mu, var, w, _, _ = self._optimize(
@@ -359,13 +362,37 @@ class PNMF(TransformerMixin, BaseEstimator):
         return self._infer(X)[2]
 
 
-def _converged(history: list[float], window: int, tol: float) -> bool:
-    """Relative change of the mean ELBO over the last ``window`` iterations against the window before."""
+def _check_finite(b, values: list[float], params, first: int) -> None:
+    """Raise FloatingPointError naming the iteration and quantity that stopped being finite."""
+    hint = "try dtype='float64', a smaller learning_rate or ngd_lr, or check the counts"
+    for offset, value in enumerate(values):
+        if not math.isfinite(value):
+            raise FloatingPointError(f"the ELBO became {value} at iteration {first + offset}; {hint}")
+    for name, array in zip(("mean of q(F)", "variance of q(F)", "loadings"), params):
+        if not bool(b.to_numpy(b.all_finite(array))):
+            raise FloatingPointError(
+                f"the {name} became non-finite between iterations {first} and {first + len(values) - 1}; {hint}"
+            )
+
+
+def _converged(history: list[float], window: int, tol: float, noisy: bool) -> bool:
+    """Whether the mean ELBO of the last ``window`` iterations differs from the window before
+    by less than ``tol`` (relative).
+
+    A Monte Carlo (``noisy``) history must show it beyond its noise: the change plus two
+    standard errors, the noise estimated from successive differences (which a slow trend
+    does not inflate), must be below ``tol``. A tolerance under the noise floor therefore
+    runs to ``max_iter`` rather than stopping at a lucky draw.
+    """
     if tol <= 0 or len(history) < 2 * window:
         return False
-    recent = float(np.mean(history[-window:]))
-    previous = float(np.mean(history[-2 * window : -window]))
-    return abs(recent - previous) <= tol * abs(recent)
+    values = np.asarray(history[-2 * window :])
+    recent, previous = values[window:].mean(), values[:window].mean()
+    change = abs(recent - previous)
+    if noisy:
+        noise_sd = np.std(np.diff(values)) / np.sqrt(2.0)
+        change += 2.0 * noise_sd * np.sqrt(2.0 / window)
+    return bool(change <= tol * abs(recent))
 
 
 class _Progress:

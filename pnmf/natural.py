@@ -28,7 +28,7 @@ import math
 import numpy as np
 
 from .backends.base import Array, Backend
-from .elbo import Noise, evaluate
+from .elbo import MEAN_BOUND, VAR_BOUNDS, Noise, evaluate
 from .optim import loadings_state, update_loadings
 
 # Largest change of one mean per step: at most a factor e on the scale of exp(F).
@@ -152,9 +152,11 @@ class NaturalTrainer:
             rho, reported = self.rho0, terms.value
         else:
             rho, reported = self.rho0 * (1.0 + t / SCHEDULE_TAU) ** -SCHEDULE_KAPPA, terms.value
-        new["mu"], new["precision"] = natural_update(
+        new_mu, new_precision = natural_update(
             b, mu, precision, terms.g_mu, terms.g_var, rho, improved=not self.checked
         )
+        new["mu"] = b.clip(new_mu, -MEAN_BOUND, MEAN_BOUND)
+        new["precision"] = b.clip(new_precision, 1.0 / VAR_BOUNDS[1], 1.0 / VAR_BOUNDS[0])
         if self.fit_loadings:
             new["w"], moments = update_loadings(b, dict(state, w=w), terms, mu, 1.0 / precision, t, self.rule, self.lr)
             new.update(moments)

@@ -5,11 +5,14 @@ Everything here is ascent on the ELBO and is written once for every backend.
 
 from __future__ import annotations
 
+import math
+
 from .backends.base import Array, Backend
-from .elbo import Noise, Terms, evaluate
+from .elbo import MEAN_BOUND, VAR_BOUNDS, Noise, Terms, evaluate
 
 LOADINGS_UPDATES = ("adam", "multiplicative")
 BETA1, BETA2, ADAM_EPS = 0.9, 0.999, 1e-8
+LOG_SD_BOUNDS = tuple(0.5 * math.log(v) for v in VAR_BOUNDS)
 
 
 def adam(b: Backend, param: Array, grad: Array, m: Array, v: Array, t: Array, lr: float):
@@ -94,9 +97,11 @@ class StandardTrainer:
         t = state["t"] + 1
         new = dict(state, t=t)
         new["mu"], new["m_mu"], new["v_mu"] = adam(b, mu, terms.g_mu, state["m_mu"], state["v_mu"], t, self.lr)
+        new["mu"] = b.clip(new["mu"], -MEAN_BOUND, MEAN_BOUND)
         new["log_sd"], new["m_log_sd"], new["v_log_sd"] = adam(
             b, state["log_sd"], terms.g_var * 2 * var, state["m_log_sd"], state["v_log_sd"], t, self.lr
         )
+        new["log_sd"] = b.clip(new["log_sd"], *LOG_SD_BOUNDS)
         if self.fit_loadings:
             new["w"], moments = update_loadings(b, state, terms, mu, var, t, self.rule, self.lr)
             new.update(moments)

@@ -121,7 +121,9 @@ class MLXBackend(Backend):
             mx.sum(a[pattern.rows[start : start + CHUNK]] * b[pattern.cols[start : start + CHUNK]], axis=-1)
             for start in range(0, nnz, CHUNK)
         ]
-        return parts[0] if len(parts) == 1 else mx.concatenate(parts)
+        if len(parts) == 1:
+            return parts[0]
+        return mx.concatenate(parts) if parts else mx.zeros((0,), dtype=a.dtype)
 
     def sparse_matmul(self, pattern, values, b):
         out = mx.zeros((pattern.shape[0], b.shape[-1]), dtype=b.dtype)

@@ -1,0 +1,45 @@
+"""The README's two commands, the CI script and the benchmark's command line."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from pnmf.benchmarks.__main__ import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _readme_commands() -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"```bash\n(.*?)```", readme, re.S).group(1)
+    return [line for line in block.splitlines() if line.strip()]
+
+
+def test_readme_starts_with_the_two_commands_and_ci_runs_the_second():
+    benchmark, tests = _readme_commands()
+    assert benchmark.endswith("python -m pnmf.benchmarks")
+    assert tests.endswith("pytest")
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert tests in ci
+
+
+def test_benchmark_command_line_writes_table_json_and_figures(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    runs = main(["--backend", "numpy", "--max-iter", "30", "--out", str(tmp_path), "--no-progress"])
+    printed = capsys.readouterr().out
+    assert len(runs) == 9  # 3 modes x (standard, natural + multiplicative, natural + Adam)
+    assert "| backend | device | mode" in printed and "held-out dev." in printed
+    record = json.loads((tmp_path / "natural_gradient.json").read_text())
+    assert len(record["runs"]) == 9 and record["setting"]["max_iter"] == 30
+    assert all(len(run["history"]) == run["n_iter"] <= 30 for run in record["runs"])
+    for name in ("natural_gradient_comparison.png", "natural_gradient_elbo_comparison.png"):
+        assert (tmp_path / name).stat().st_size > 10_000
+
+
+def test_benchmark_rejects_an_unknown_backend():
+    with pytest.raises(SystemExit):
+        main(["--backend", "jax"])

@@ -1,0 +1,188 @@
+"""Bad input gets a clear error; hard input gets a finite fit."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pnmf import PNMF
+from pnmf.elbo import MODES
+
+from .conftest import BACKENDS
+
+TRAININGS = ("standard", "natural")
+
+BAD_COUNTS = {
+    "negative": (np.array([[1.0, -1.0], [0.0, 2.0]]), "non-negative"),
+    "nan": (np.array([[1.0, np.nan], [0.0, 2.0]]), "NaN"),
+    "inf": (np.array([[1.0, np.inf], [0.0, 2.0]]), "infinity"),
+    "complex": (np.array([[1 + 1j, 2], [0, 1]]), "[Cc]omplex"),
+    "strings": (np.array([["a", "b"], ["c", "d"]], dtype=object), "could not convert|string"),
+    "1-d": (np.array([1.0, 2.0, 3.0]), "2D array"),
+    "3-d": (np.ones((2, 2, 2)), "dim"),
+    "no rows": (np.ones((0, 3)), "0 sample"),
+    "no columns": (np.ones((3, 0)), "0 feature"),
+    "sparse negative": (sp.csr_matrix(np.array([[1.0, 0.0], [0.0, -2.0]])), "non-negative"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_COUNTS)
+def test_bad_counts_are_named(case):
+    x, message = BAD_COUNTS[case]
+    with pytest.raises((ValueError, TypeError), match=message):
+        PNMF(2, backend="numpy").fit(x)
+
+
+BAD_PARAMS = [
+    ("n_components", 0, ValueError),
+    ("n_components", -3, ValueError),
+    ("n_components", 2.5, TypeError),
+    ("n_components", "2", TypeError),
+    ("E", 0, ValueError),
+    ("max_iter", -1, ValueError),
+    ("learning_rate", 0.0, ValueError),
+    ("learning_rate", -1e-3, ValueError),
+    ("ngd_lr", 0.0, ValueError),
+    ("ngd_lr", 1.5, ValueError),
+    ("tol", -1.0, ValueError),
+    ("prior_scale", 0.0, ValueError),
+    ("init_var", -1.0, ValueError),
+    ("learning_rate", float("nan"), TypeError),
+    ("E", True, TypeError),
+]
+
+
+@pytest.mark.parametrize("name, value, error", BAD_PARAMS)
+def test_bad_parameters_are_named(name, value, error):
+    with pytest.raises(error, match=name):
+        PNMF(**{"n_components": 2, name: value}).fit(np.ones((4, 3)))
+
+
+def _hard_inputs():
+    rng = np.random.default_rng(0)
+    zero_rows_cols = rng.poisson(3.0, (12, 8)).astype(float)
+    zero_rows_cols[[2, 7]] = 0
+    zero_rows_cols[:, [1, 5]] = 0
+    explicit = sp.csr_matrix(rng.poisson(1.0, (10, 6)).astype(float))
+    explicit.data[::3] = 0.0  # stored zeros
+    return {
+        "all zero": np.zeros((6, 5)),
+        "zero rows and columns": zero_rows_cols,
+        "huge counts": rng.poisson(1e6, (8, 6)).astype(float) * rng.integers(0, 2, (8, 6)),
+        "beyond 1e6": np.full((5, 4), 3e8) * np.eye(5, 4) + 1.0,
+        "non-integer": rng.gamma(0.5, 3.0, (9, 7)),
+        "single row": rng.poisson(4.0, (1, 6)).astype(float),
+        "2 x 2": np.array([[0.0, 3.0], [5.0, 1.0]]),
+        "int32": rng.poisson(2.0, (7, 5)).astype(np.int32),
+        "float32": rng.poisson(2.0, (7, 5)).astype(np.float32),
+        "sparse explicit zeros": explicit,
+    }
+
+
+HARD = _hard_inputs()
+
+
+def _assert_finite(model, n_rows):
+    assert np.isfinite(model.elbo_)
+    assert np.all(np.isfinite(model.elbo_history_))
+    for attribute in (model.mean_, model.var_, model.loadings_):
+        assert np.all(np.isfinite(attribute))
+    assert np.all(model.var_ > 0) and np.all(model.loadings_ >= 0)
+    assert model.mean_.shape[0] == n_rows
+
+
+@pytest.mark.parametrize("case", HARD)
+@pytest.mark.parametrize("training_mode", TRAININGS)
+@pytest.mark.parametrize("mode", MODES)
+def test_hard_inputs_give_finite_fits(case, mode, training_mode, backend_name):
+    x = HARD[case]
+    model = PNMF(2, mode=mode, training_mode=training_mode, backend=backend_name, max_iter=40, E=3, random_state=0).fit(
+        x
+    )
+    _assert_finite(model, x.shape[0])
+    assert np.all(np.isfinite(model.transform(x)))
+
+
+def test_a_non_finite_step_stops_with_a_named_error(monkeypatch):
+    import pnmf.optim
+
+    def poisoned(b, param, grad, m, v, t, lr):
+        return param * np.nan, m, v
+
+    monkeypatch.setattr(pnmf.optim, "adam", poisoned)
+    with pytest.raises(FloatingPointError, match="ELBO became nan at iteration 2"):
+        PNMF(2, backend="numpy", mode="lower-bound").fit(np.ones((4, 3)))
+
+
+def test_checked_natural_steps_reject_a_non_finite_candidate(monkeypatch):
+    """lower-bound natural steps recover from a NaN candidate by rejecting it."""
+    import pnmf.natural
+
+    real_update = pnmf.natural.natural_update
+    calls = {"n": 0}
+
+    def sometimes_nan(b, mu, precision, *args, **kwargs):
+        calls["n"] += 1
+        new_mu, new_precision = real_update(b, mu, precision, *args, **kwargs)
+        return (new_mu * np.nan, new_precision) if calls["n"] == 5 else (new_mu, new_precision)
+
+    monkeypatch.setattr(pnmf.natural, "natural_update", sometimes_nan)
+    x = np.random.default_rng(1).poisson(3.0, (10, 6)).astype(float)
+    model = PNMF(2, mode="lower-bound", training_mode="natural", backend="numpy", max_iter=30, tol=0).fit(x)
+    _assert_finite(model, 10)
+    assert np.all(np.diff(model.elbo_history_) >= -1e-6 * np.abs(model.elbo_history_[1:]))
+
+
+def test_interrupt_keeps_the_parameters_and_warns(monkeypatch):
+    import pnmf.optim
+
+    real_step = pnmf.optim.StandardTrainer.step
+    calls = {"n": 0}
+
+    def interrupted(self, state, key):
+        calls["n"] += 1
+        if calls["n"] == 25:
+            raise KeyboardInterrupt
+        return real_step(self, state, key)
+
+    monkeypatch.setattr(pnmf.optim.StandardTrainer, "step", interrupted)
+    x = np.random.default_rng(2).poisson(3.0, (10, 6)).astype(float)
+    with pytest.warns(RuntimeWarning, match="interrupted"):
+        model = PNMF(2, backend="numpy", max_iter=100).fit(x)
+    assert not model.converged_ and model.n_iter_ == 20  # the history read before the interrupt
+    _assert_finite(model, 10)
+    assert model.elbo_ > -np.inf
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(1, 12),
+    d=st.integers(1, 10),
+    n_components=st.integers(1, 4),
+    density=st.floats(0.0, 1.0),
+    log_scale=st.floats(-2.0, 6.0),
+    sparse=st.booleans(),
+    mode=st.sampled_from(MODES),
+    training_mode=st.sampled_from(TRAININGS),
+    backend=st.sampled_from(BACKENDS),
+    seed=st.integers(0, 2**16),
+)
+def test_property_random_problems_give_finite_reproducible_fits(
+    n, d, n_components, density, log_scale, sparse, mode, training_mode, backend, seed
+):
+    rng = np.random.default_rng(seed)
+    x = rng.poisson(10.0**log_scale, (n, d)).astype(float) * (rng.random((n, d)) < density)
+    data = sp.csr_matrix(x) if sparse else x
+    params = dict(mode=mode, training_mode=training_mode, backend=backend, max_iter=20, E=2, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow or invalid-value warnings either
+        first = PNMF(n_components, **params).fit(data)
+    _assert_finite(first, n)
+    second = PNMF(n_components, **params).fit(data)
+    np.testing.assert_array_equal(first.loadings_, second.loadings_)
+    np.testing.assert_array_equal(first.elbo_history_, second.elbo_history_)
