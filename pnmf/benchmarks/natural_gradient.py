@@ -23,6 +23,7 @@ from ..elbo import MODES
 # (training_mode, loadings_update) of the compared trainers.
 TRAININGS = (("standard", "adam"), ("natural", "multiplicative"), ("natural", "adam"))
 CLOSE = 1e-3  # "reached": within this relative distance of the best final ELBO of the mode
+SMOOTH = 10  # moving-average window for Monte Carlo histories
 
 
 @dataclass
@@ -92,17 +93,19 @@ def run_one(x, train, test, setting: Setting, backend: str, mode: str, training:
     )
 
 
-def iterations_to(history: np.ndarray, target: float, mode: str) -> int | None:
-    """First iteration (1-based) whose ELBO (a 10-iteration moving average in the Monte Carlo
-    modes) is within CLOSE of ``target``; None if never."""
-    values = np.asarray(history)
-    if mode != "lower-bound" and len(values) >= 10:
-        values = np.convolve(values, np.ones(10) / 10, mode="valid")
-        offset = 10
-    else:
-        offset = 1
+def smoothed(history, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """(iteration, ELBO): a 10-iteration moving average in the Monte Carlo modes, else as is."""
+    values = np.asarray(history, dtype=float)
+    if mode == "lower-bound" or len(values) < SMOOTH:
+        return np.arange(1, len(values) + 1), values
+    return np.arange(SMOOTH, len(values) + 1), np.convolve(values, np.ones(SMOOTH) / SMOOTH, mode="valid")
+
+
+def iterations_to(history, target: float, mode: str) -> int | None:
+    """First iteration whose (smoothed) ELBO is within CLOSE of ``target``; None if never."""
+    steps, values = smoothed(history, mode)
     hits = np.flatnonzero(np.abs(values - target) <= CLOSE * abs(target))
-    return int(hits[0]) + offset if hits.size else None
+    return int(steps[hits[0]]) if hits.size else None
 
 
 def summarise(runs: list[Run]) -> None:
@@ -211,28 +214,33 @@ def plot(runs: list[Run], out: Path) -> list[Path]:
     except ImportError:
         print("matplotlib is not installed: no figures (pip install matplotlib)")
         return []
-    colors = {
+    training_colors = {
         ("standard", "adam"): "tab:blue",
         ("natural", "multiplicative"): "tab:red",
         ("natural", "adam"): "tab:orange",
     }
+    mode_colors = {"simple": "tab:green", "expanded": "tab:purple", "lower-bound": "tab:brown"}
     styles = dict(zip(sorted({r.backend for r in runs}), ("-", "--", ":")))
     paths = []
 
     fig, axes = plt.subplots(2, len(MODES), figsize=(5 * len(MODES), 8), squeeze=False)
     for col, mode in enumerate(MODES):
         for run in (r for r in runs if r.mode == mode):
+            style = dict(color=training_colors[(run.training, run.loadings_update)], ls=styles[run.backend], lw=1.2)
             history = np.asarray(run.history)
-            steps = np.arange(1, len(history) + 1)
-            label = f"{run.training} (W: {run.loadings_update}), {run.backend}"
-            style = dict(color=colors[(run.training, run.loadings_update)], ls=styles[run.backend], lw=1.2)
-            axes[0, col].loglog(steps, -history, label=label, **style)
-            gap = np.abs(history - run.best_elbo) / abs(run.best_elbo)
+            axes[0, col].loglog(
+                np.arange(1, len(history) + 1),
+                -history,
+                **style,
+                label=f"{run.training} (W: {run.loadings_update}), {run.backend}",
+            )
+            steps, values = smoothed(history, mode)
+            gap = np.abs(values - run.best_elbo) / abs(run.best_elbo)
             axes[1, col].loglog(steps, np.maximum(gap, 1e-8), **style)
         axes[0, col].set_title(f"mode = {mode}")
         axes[0, col].set_ylabel("loss (-ELBO)")
         axes[1, col].axhline(CLOSE, color="grey", lw=0.8, ls="--")
-        axes[1, col].set_ylabel("|ELBO - best| / |best|")
+        axes[1, col].set_ylabel("|ELBO - best| / |best|" + (" (10-iteration mean)" if mode != "lower-bound" else ""))
         axes[1, col].set_xlabel("iteration")
     axes[0, 0].legend(fontsize=8)
     fig.suptitle("Standard (Adam) vs natural-gradient training")
@@ -241,6 +249,7 @@ def plot(runs: list[Run], out: Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
+    best = max(r.final_elbo for r in runs)
     fig, axes = plt.subplots(1, len(TRAININGS), figsize=(5 * len(TRAININGS), 4), squeeze=False, sharey=True)
     for col, (training, update) in enumerate(TRAININGS):
         ax = axes[0, col]
@@ -249,14 +258,14 @@ def plot(runs: list[Run], out: Path) -> list[Path]:
             ax.semilogx(
                 np.arange(1, len(history) + 1),
                 history,
+                color=mode_colors[run.mode],
                 ls=styles[run.backend],
                 lw=1.2,
                 label=f"{run.mode}, {run.backend}",
             )
         ax.set_title(f"{training} (W: {update})")
         ax.set_xlabel("iteration")
-        best = max(r.final_elbo for r in runs)
-        ax.set_ylim(best - 0.1 * abs(best), best + 0.01 * abs(best))
+        ax.set_ylim(best - 0.05 * abs(best), best + 0.005 * abs(best))
     axes[0, 0].set_ylabel("ELBO")
     axes[0, 0].legend(fontsize=8)
     fig.suptitle("ELBO of every mode, per training mode")
