@@ -1,8 +1,20 @@
 """pnmf: probabilistic non-negative matrix factorisation of count data."""
 
+from . import plot
 from .data import make_counts, poisson_deviance, thin
 from .estimator import PNMF
+from .integrations import fit_anndata
+from .selection import select_n_components
 
 __version__ = "0.1.0"
 
-__all__ = ["PNMF", "__version__", "make_counts", "poisson_deviance", "thin"]
+__all__ = [
+    "PNMF",
+    "__version__",
+    "fit_anndata",
+    "make_counts",
+    "plot",
+    "poisson_deviance",
+    "select_n_components",
+    "thin",
+]

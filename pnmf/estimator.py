@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+from pathlib import Path
 
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, check_non_negative, validate_data
 
+from . import io
 from .backends import BACKENDS, get_backend
 from .elbo import MEAN_BOUND, MODES, Noise, as_counts, evaluate
 from .init import INITS, initialize
@@ -166,6 +168,12 @@ class PNMF(TransformerMixin, BaseEstimator):
         self.verbose = verbose
         self.dtype = dtype
 
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.positive_only = True
+        tags.input_tags.sparse = True
+        return tags
+
     # -- validation -------------------------------------------------------------------
     def _validate_params(self) -> None:
         _number("n_components", self.n_components, integer=True, low=1)
@@ -211,20 +219,19 @@ class PNMF(TransformerMixin, BaseEstimator):
             return StandardTrainer(counts, **common)
         return NaturalTrainer(counts, ngd_lr=self.ngd_lr if mode == self.mode else None, **common)
 
-    def _phases(self, training_mode: str) -> list[tuple[str, str]]:
-        """(training mode, ELBO mode) of each phase: natural Monte Carlo fits start from lower-bound."""
-        if training_mode == "natural" and self.mode != "lower-bound":
+    def _phases(self) -> list[tuple[str, str]]:
+        """(training mode, ELBO mode) of each phase of ``fit``: natural Monte Carlo fits start from lower-bound."""
+        if self.training_mode == "natural" and self.mode != "lower-bound":
             return [("natural", "lower-bound"), ("natural", self.mode)]
-        return [(training_mode, self.mode)]
+        return [(self.training_mode, self.mode)]
 
-    def _optimize(self, counts, mu, var, w, *, training_mode: str, fit_loadings: bool, seed: int, desc: str):
+    def _optimize(self, counts, mu, var, w, *, phases, fit_loadings: bool, seed: int, desc: str):
         """Run every phase from (mu, var, W); return them and the history, n_iter, converged."""
         b = counts.backend
         key = b.key(seed)
         history: list[float] = []
         converged = False
         progress = _progress(self.verbose, self.max_iter, desc)
-        phases = self._phases(training_mode)
         trainer = state = None
         try:
             for index, (phase_training, phase_mode) in enumerate(phases):
@@ -284,9 +291,12 @@ class PNMF(TransformerMixin, BaseEstimator):
         return self
 
     def fit_transform(self, X, y=None):
-        """Fit to X and return the factors H = E_q[exp F] = exp(mean_ + var_/2) of its rows."""
-        self._fit(X)
-        return np.exp(self.mean_ + 0.5 * self.var_)
+        """Fit to X and return ``transform(X)``, the factors E_q[exp F] of its rows.
+
+        The training posterior itself is in ``mean_`` and ``var_``; ``fit_transform`` and
+        ``fit(X).transform(X)`` give the same factors, as scikit-learn expects.
+        """
+        return self.fit(X).transform(X)
 
     def _fit(self, X) -> None:
         self._validate_params()
@@ -304,7 +314,7 @@ class PNMF(TransformerMixin, BaseEstimator):
                 mu,
                 var,
                 b.asarray(w),
-                training_mode=self.training_mode,
+                phases=self._phases(),
                 fit_loadings=True,
                 seed=seed,
                 desc="PNMF fit",
@@ -319,7 +329,12 @@ class PNMF(TransformerMixin, BaseEstimator):
 
     # -- inference with the loadings fixed ------------------------------------------------
     def _infer(self, X):
-        """q(F) of new rows with the loadings fixed (natural steps), and the ELBO there."""
+        """q(F) of new rows with the loadings fixed, and the ELBO (of ``mode``) there.
+
+        The inference takes natural steps on the lower-bound ELBO: deterministic, and each
+        row's q(F) depends on that row alone, so transforming a subset of rows gives the
+        same factors as transforming them among others.
+        """
         check_is_fitted(self, "loadings_")
         X = self._validate_data(X, reset=False)
         b = get_backend(self.backend_, self.device_, self.dtype)
@@ -336,7 +351,7 @@ class PNMF(TransformerMixin, BaseEstimator):
                 b.asarray(mu0),
                 b.asarray(np.full(mu0.shape, self.init_var)),
                 b.asarray(self.loadings_),
-                training_mode="natural",
+                phases=[("natural", "lower-bound")],
                 fit_loadings=False,
                 seed=seed,
                 desc="PNMF transform",
@@ -345,7 +360,11 @@ class PNMF(TransformerMixin, BaseEstimator):
             return b.to_numpy(mu).astype(np.float64), b.to_numpy(var).astype(np.float64), elbo
 
     def transform(self, X):
-        """Factors H = E_q[exp F] (n_samples, n_components) of new rows, loadings fixed."""
+        """Factors H = E_q[exp F] (n_samples, n_components) of rows of X, loadings fixed.
+
+        q(F) of each row is inferred by natural steps on the lower-bound ELBO (up to
+        ``max_iter``, stopping at ``tol``), starting from the level of the row's total count.
+        """
         mean, var, _ = self._infer(X)
         return np.exp(mean + 0.5 * var)
 
@@ -356,6 +375,20 @@ class PNMF(TransformerMixin, BaseEstimator):
         if H.ndim != 2 or H.shape[1] != self.n_components:
             raise ValueError(f"H must have shape (n_samples, {self.n_components}); got {H.shape}")
         return H @ self.components_
+
+    def save(self, path) -> Path:
+        """Write the fitted model to a portable ``.npz`` file (arrays plus JSON metadata, no pickle)."""
+        check_is_fitted(self, "loadings_")
+        return io.save(self, path)
+
+    @classmethod
+    def load(cls, path, backend: str | None = None, device: str | None = None) -> PNMF:
+        """Read a model written by ``save``, to run on ``backend``/``device`` (default: as saved).
+
+        A model fitted on one backend loads into any other with identical loadings. A file
+        that is not a pnmf model, or is damaged, raises ValueError.
+        """
+        return io.load(cls, path, backend=backend, device=device)
 
     def score(self, X, y=None) -> float:
         """ELBO of X under the fitted loadings (q(F) of its rows inferred by ``transform``)."""

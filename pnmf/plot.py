@@ -1,0 +1,87 @@
+"""Figures of a fitted model (needs matplotlib: ``pip install "pnmf[plot]"``)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _axes(ax, figsize=(6, 4)):
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise ImportError('pnmf.plot needs matplotlib: pip install "pnmf[plot]"') from err
+    if ax is None:
+        _, ax = plt.subplots(figsize=figsize)
+    return ax
+
+
+def elbo_history(model, ax=None):
+    """The ELBO at every iteration of the fit (log iteration axis)."""
+    ax = _axes(ax)
+    history = np.asarray(model.elbo_history_)
+    ax.semilogx(np.arange(1, len(history) + 1), history, lw=1.2)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("ELBO")
+    ax.set_title(f"{model.mode}, {model.training_mode} training: ELBO {model.elbo_:.6g}")
+    return ax
+
+
+def loadings(model, feature_names=None, top: int = 8, ax=None):
+    """Heatmap of the loadings of each component's ``top`` features (rows scaled to max 1)."""
+    w = np.asarray(model.loadings_)
+    names = np.asarray(
+        feature_names
+        if feature_names is not None
+        else getattr(model, "feature_names_in_", np.arange(w.shape[0])).astype(str)
+    )
+    if len(names) != w.shape[0]:
+        raise ValueError(f"feature_names has {len(names)} entries; the model has {w.shape[0]} features")
+    share = w / np.maximum(w.sum(axis=1, keepdims=True), 1e-300)  # how much each component owns a feature
+    chosen = []
+    for l in range(w.shape[1]):
+        for d in np.argsort(-w[:, l] * share[:, l])[:top]:
+            if d not in chosen:
+                chosen.append(d)
+    block = w[chosen] / np.maximum(w[chosen].max(axis=1, keepdims=True), 1e-300)
+    ax = _axes(ax, figsize=(1.0 + 0.6 * w.shape[1], 0.25 * len(chosen) + 1.5))
+    image = ax.imshow(block, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    ax.set_yticks(range(len(chosen)), names[chosen], fontsize=7)
+    ax.set_xticks(range(w.shape[1]), [str(l) for l in range(w.shape[1])])
+    ax.set_xlabel("component")
+    ax.set_title("loadings (each feature scaled to its largest)")
+    ax.figure.colorbar(image, ax=ax, fraction=0.05)
+    return ax
+
+
+def factors(model, component: int = 0, max_rows: int = 200, ax=None):
+    """Posterior mean of F[:, component] per row, sorted, with a 95% interval."""
+    mean = np.asarray(model.mean_)[:, component]
+    sd = np.sqrt(np.asarray(model.var_)[:, component])
+    order = np.argsort(mean)
+    if len(order) > max_rows:
+        order = order[np.linspace(0, len(order) - 1, max_rows).astype(int)]
+    ax = _axes(ax)
+    position = np.arange(len(order))
+    ax.fill_between(
+        position,
+        mean[order] - 1.96 * sd[order],
+        mean[order] + 1.96 * sd[order],
+        alpha=0.3,
+        label="95% posterior interval",
+    )
+    ax.plot(position, mean[order], lw=1.2, label="posterior mean")
+    ax.set_xlabel("rows, sorted by posterior mean")
+    ax.set_ylabel(f"log-factor F[:, {component}]")
+    ax.legend(fontsize=8)
+    return ax
+
+
+def n_components(table: dict, ax=None):
+    """Held-out deviance against the number of components (from ``select_n_components``)."""
+    ax = _axes(ax)
+    ax.plot(table["n_components"], table["heldout_deviance"], marker="o")
+    ax.axvline(table["best"], color="grey", ls="--", lw=0.8, label=f"best: {table['best']}")
+    ax.set_xlabel("number of components")
+    ax.set_ylabel("held-out Poisson deviance")
+    ax.legend(fontsize=8)
+    return ax
