@@ -50,7 +50,7 @@ class PNMF(TransformerMixin, BaseEstimator):
 
     Counts X (n_samples, n_features) are Poisson with rate exp(F) @ W.T, where the
     log-factors F (n_samples, n_components) have a Normal(0, prior_scale^2) prior and a
-    Gaussian variational posterior q(F) = Normal(mean_, var_), and the loadings
+    Gaussian variational posterior q(F) = Normal(``mean_``, ``var_``), and the loadings
     W = ``loadings_`` (n_features, n_components) are non-negative. ``fit`` maximises the
     evidence lower bound (ELBO), a lower bound on log p(X | W) that includes
     lgamma(X + 1), so it can be compared across modes, backends and other models.
@@ -120,7 +120,7 @@ class PNMF(TransformerMixin, BaseEstimator):
     elbo_ : float
         ELBO at the returned parameters (exact in 'lower-bound' mode, a Monte Carlo
         estimate with 64 samples otherwise).
-    elbo_history_ : ndarray (n_iter_,)
+    elbo_history_ : ndarray (n_iter,)
         ELBO (estimate) at each iteration.
     n_iter_ : int
     converged_ : bool
@@ -369,7 +369,7 @@ class PNMF(TransformerMixin, BaseEstimator):
         return np.exp(mean + 0.5 * var)
 
     def inverse_transform(self, H):
-        """Rate H @ components_ (n_samples, n_features): with H from transform, the posterior-mean rate."""
+        """Rate ``H @ components_`` (n_samples, n_features): with H from transform, the posterior-mean rate."""
         check_is_fitted(self, "loadings_")
         H = np.asarray(H, dtype=np.float64)
         if H.ndim != 2 or H.shape[1] != self.n_components:

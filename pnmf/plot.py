@@ -11,7 +11,7 @@ def _axes(ax, figsize=(6, 4)):
     except ImportError as err:
         raise ImportError('pnmf.plot needs matplotlib: pip install "pnmf[plot]"') from err
     if ax is None:
-        _, ax = plt.subplots(figsize=figsize)
+        _, ax = plt.subplots(figsize=figsize, layout="constrained")
     return ax
 
 
