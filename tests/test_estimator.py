@@ -222,3 +222,12 @@ def test_auto_backend_picks_the_fastest_cpu_choice(planted):
 def test_device_choice_is_checked():
     with pytest.raises(ValueError, match="device"):
         PNMF(2, backend="numpy", device="cuda").fit(np.ones((3, 3)))
+
+
+def test_verbose_shows_a_progress_bar_with_the_elbo(planted, capsys):
+    x, _, _ = planted
+    PNMF(3, backend="numpy", max_iter=30, tol=0, verbose=True).fit(x)
+    err = capsys.readouterr().err
+    assert "PNMF fit" in err and "elbo=" in err
+    PNMF(3, backend="numpy", max_iter=30, tol=0).fit(x)
+    assert capsys.readouterr().err == ""  # silent by default

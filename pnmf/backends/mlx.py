@@ -1,7 +1,11 @@
 """MLX backend: Apple-silicon GPUs (Metal), CUDA, or the CPU.
 
-MLX has no sparse arrays, so the sparse products gather the rows they need and
-scatter-add the results. It has float64 on the CPU only.
+MLX has no sparse arrays. On a GPU the sparse products gather the rows they need and
+scatter-add the results. On the CPU they are handed to SciPy, which was 20-35 times
+faster (50,000 x 10,000 CSR at 1%, 20 columns: MLX gather 0.92 s and scatter-add
+1.49 s against SciPy's 0.04 s per product); a step that calls SciPy cannot be traced,
+so it is then not compiled. MLX has float64 on the CPU only, and there its exp and log
+are about float32-accurate.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import mlx.core as mx
 import numpy as np
 
 from .base import Backend
+from .numpy import NumpyBackend
 
 # Block length of the two-level full sum (MLX's CPU reduction accumulates sequentially).
 SUM_BLOCK = 32
@@ -45,6 +50,9 @@ class MLXBackend(Backend):
         self.dtype = dtype
         self._device = mx.gpu if device == "gpu" else mx.cpu
         self._dtype = getattr(mx, dtype)
+        # Sparse products on the CPU go through SciPy (see the module docstring).
+        self._host = NumpyBackend(dtype=dtype) if device == "cpu" else None
+        self._traceable = True
 
     def scope(self):
         return mx.stream(self._device)
@@ -53,7 +61,7 @@ class MLXBackend(Backend):
         mx.async_eval(trees)
 
     def compile(self, fn):
-        return mx.compile(fn)
+        return mx.compile(fn) if self._traceable else fn
 
     def asarray(self, x):
         return mx.array(np.asarray(x, dtype=self.dtype))
@@ -112,10 +120,19 @@ class MLXBackend(Backend):
         return mx.random.normal(shape, dtype=self._dtype, key=draw_key), next_key
 
     def sparse(self, x):
+        if self._host is not None:
+            self._traceable = False
+            return self._host.sparse(x)
         rows = np.repeat(np.arange(x.shape[0], dtype=np.int64), np.diff(x.indptr))
         return _Pattern(self.asindex(rows), self.asindex(x.indices), x.shape)
 
+    def _on_host(self, method, pattern, values, dense):
+        result = getattr(self._host, method)(pattern, np.asarray(values), np.asarray(dense))
+        return mx.array(result)
+
     def sampled_matmul(self, pattern, a, b):
+        if self._host is not None:
+            return self._on_host("sampled_matmul", pattern, a, b)
         nnz = pattern.rows.shape[0]
         parts = [
             mx.sum(a[pattern.rows[start : start + CHUNK]] * b[pattern.cols[start : start + CHUNK]], axis=-1)
@@ -126,9 +143,13 @@ class MLXBackend(Backend):
         return mx.concatenate(parts) if parts else mx.zeros((0,), dtype=a.dtype)
 
     def sparse_matmul(self, pattern, values, b):
+        if self._host is not None:
+            return self._on_host("sparse_matmul", pattern, values, b)
         out = mx.zeros((pattern.shape[0], b.shape[-1]), dtype=b.dtype)
         return out.at[pattern.rows].add(values[:, None] * b[pattern.cols])
 
     def sparse_matmul_t(self, pattern, values, a):
+        if self._host is not None:
+            return self._on_host("sparse_matmul_t", pattern, values, a)
         out = mx.zeros((pattern.shape[1], a.shape[-1]), dtype=a.dtype)
         return out.at[pattern.cols].add(values[:, None] * a[pattern.rows])
