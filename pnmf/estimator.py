@@ -441,6 +441,7 @@ class _Progress:
         self.bar.set_postfix(elbo=f"{elbo:.6g}", refresh=False)
 
     def close(self) -> None:
+        self.bar.refresh()  # show the final ELBO even when the fit was quicker than tqdm's refresh interval
         self.bar.close()
 
 

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import settings
 
 from pnmf.backends import get_backend
+from pnmf.elbo import as_counts, evaluate
 
 # CI replays the same examples every run, so a submission's result does not depend on luck.
 settings.register_profile("ci", derandomize=True)
@@ -50,3 +51,39 @@ def small_problem(seed: int = 0, n: int = 9, d: int = 7, n_components: int = 3, 
     w = rng.uniform(0.1, 1.0, (d, n_components))
     eps = rng.standard_normal((n_samples, n, n_components))
     return x, mu, var, w, eps
+
+
+def evaluate_on(b, data, mu, var, w, mode, eps=None, **kwargs):
+    """``evaluate`` on backend ``b`` at NumPy parameters; ``eps`` (E, N, L) fixes the noise."""
+    return evaluate(
+        as_counts(b, data),
+        b.asarray(mu),
+        b.asarray(var),
+        b.asarray(w),
+        mode=mode,
+        noise=None if eps is None else FixedNoise(b, eps),
+        n_samples=1 if eps is None else eps.shape[0],
+        **kwargs,
+    )
+
+
+def as_numpy(b, terms) -> list:
+    """The value and the three gradients of ``terms`` as NumPy arrays."""
+    return [b.to_numpy(a) for a in (terms.value, terms.g_mu, terms.g_var, terms.g_w)]
+
+
+def lower_bound_at(x, model) -> float:
+    """The lower-bound ELBO of counts x at a fitted model's parameters, in float64 NumPy."""
+    b = get_backend("numpy", dtype="float64")
+    return float(
+        evaluate_on(
+            b,
+            x,
+            model.mean_,
+            model.var_,
+            model.loadings_,
+            "lower-bound",
+            prior_scale=model.prior_scale,
+            gradients=False,
+        ).value
+    )

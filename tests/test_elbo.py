@@ -8,22 +8,12 @@ import scipy.sparse as sp
 
 from pnmf.elbo import MODES, Noise, as_counts, evaluate
 
-from .conftest import BACKENDS, FixedNoise, cpu_backend, small_problem
+from .conftest import BACKENDS, as_numpy, cpu_backend, evaluate_on, small_problem
 
 
 def _value(name, dtype, x, mu, var, w, mode, eps):
     b = cpu_backend(name, dtype)
-    terms = evaluate(
-        as_counts(b, x),
-        b.asarray(mu),
-        b.asarray(var),
-        b.asarray(w),
-        mode=mode,
-        noise=FixedNoise(b, eps),
-        n_samples=eps.shape[0],
-        gradients=False,
-    )
-    return float(b.to_numpy(terms.value))
+    return float(b.to_numpy(evaluate_on(b, x, mu, var, w, mode, eps, gradients=False).value))
 
 
 @pytest.mark.parametrize("dtype, rtol", [("float64", 1e-5), ("float32", 1e-4)])
@@ -40,18 +30,9 @@ def test_backends_agree(mode, dtype, rtol):
 def test_sparse_equals_dense(backend_name, mode):
     x, mu, var, w, eps = small_problem(seed=4)
     b = cpu_backend(backend_name)
-    results = []
-    for data in (x, sp.csr_matrix(x), sp.coo_matrix(x)):
-        t = evaluate(
-            as_counts(b, data),
-            b.asarray(mu),
-            b.asarray(var),
-            b.asarray(w),
-            mode=mode,
-            noise=FixedNoise(b, eps),
-            n_samples=eps.shape[0],
-        )
-        results.append([b.to_numpy(a) for a in (t.value, t.g_mu, t.g_var, t.g_w)])
+    results = [
+        as_numpy(b, evaluate_on(b, data, mu, var, w, mode, eps)) for data in (x, sp.csr_matrix(x), sp.coo_matrix(x))
+    ]
     rtol = 1e-5 if backend_name == "mlx" else 1e-9  # MLX's float64 exp/log are about float32-accurate
     for other in results[1:]:
         for a, c in zip(results[0], other, strict=True):
@@ -140,17 +121,6 @@ def test_mlx_gather_path_equals_dense(mode):
     x, mu, var, w, eps = small_problem(seed=10)
     b = cpu_backend("mlx", "float32")
     b._host = None  # the GPU route
-    values = []
-    for data in (x, sp.csr_matrix(x)):
-        t = evaluate(
-            as_counts(b, data),
-            b.asarray(mu),
-            b.asarray(var),
-            b.asarray(w),
-            mode=mode,
-            noise=FixedNoise(b, eps),
-            n_samples=eps.shape[0],
-        )
-        values.append([b.to_numpy(a) for a in (t.value, t.g_mu, t.g_var, t.g_w)])
+    values = [as_numpy(b, evaluate_on(b, data, mu, var, w, mode, eps)) for data in (x, sp.csr_matrix(x))]
     for a, c in zip(*values, strict=True):
         np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-4)

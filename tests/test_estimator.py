@@ -12,10 +12,8 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.exceptions import NotFittedError
 
 from pnmf import PNMF, make_counts, poisson_deviance, thin
-from pnmf.backends import get_backend
-from pnmf.elbo import as_counts, evaluate
 
-from .conftest import BACKENDS
+from .conftest import BACKENDS, lower_bound_at
 
 
 def _matched_cosines(estimated: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -73,18 +71,7 @@ def test_elbo_is_recomputable_from_the_attributes(planted):
     model = PNMF(
         5, mode="lower-bound", training_mode="natural", backend="numpy", dtype="float64", random_state=0, max_iter=50
     ).fit(x)
-    b = get_backend("numpy", dtype="float64")
-    value = evaluate(
-        as_counts(b, x),
-        model.mean_,
-        model.var_,
-        model.loadings_,
-        mode="lower-bound",
-        noise=None,
-        n_samples=1,
-        prior_scale=model.prior_scale,
-        gradients=False,
-    ).value
+    value = lower_bound_at(x, model)
     assert model.elbo_ == pytest.approx(value, rel=1e-12)
 
 
