@@ -1,4 +1,5 @@
-"""``python -m pnmf.benchmarks``: the natural-gradient benchmark on the seed setting."""
+"""``python -m pnmf.benchmarks``: the natural-gradient benchmark on the seed setting
+(``--suite speed``: digits against scikit-learn, sparse matrices, scaling in nnz)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 from ..backends import BACKENDS, available, get_backend
 from . import natural_gradient as ng
+from . import speed
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -16,6 +18,12 @@ def parse(argv=None) -> argparse.Namespace:
         default="auto",
         choices=["auto", "all", *BACKENDS],
         help="auto: the backend PNMF(backend='auto') picks; all: every installed one",
+    )
+    parser.add_argument(
+        "--suite",
+        default="natural",
+        choices=["natural", "speed"],
+        help="natural: the natural-gradient benchmark; speed: digits, sparse and scaling timings",
     )
     parser.add_argument("--quick", action="store_true", help="a short run (about a minute): 1500 iterations")
     parser.add_argument("--max-iter", type=int, default=None, help="iterations per fit (default 8000)")
@@ -33,6 +41,13 @@ def main(argv=None) -> list:
     else:
         get_backend(args.backend)  # a clear ImportError if it is missing
         backends = [args.backend]
+    if args.suite == "speed":
+        print(f"pnmf speed suite on {ng.machine()}; backends: {', '.join(backends)}")
+        record = speed.run(backends, args.out, quick=args.quick)
+        print()
+        print(speed.report(record))
+        print(f"\nwrote {args.out / 'speed.json'} and {args.out / 'speed_scaling.png'}")
+        return record
     setting = ng.Setting()
     if args.quick:
         setting.max_iter = 1500

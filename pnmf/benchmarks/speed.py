@@ -1,0 +1,256 @@
+"""Speed suite: ``python -m pnmf.benchmarks --suite speed``.
+
+* digits: a converged natural lower-bound fit of scikit-learn's digits (1797 x 64),
+  10 components, against ``sklearn.decomposition.NMF(beta_loss="kullback-leibler",
+  solver="mu")`` to its own convergence: wall time, and held-out Poisson deviance of a
+  fit on a binomial half of the counts, scored on the other half;
+* sparse: time per iteration on a 50,000 x 10,000 CSR matrix at 1% (5e6 non-zeros),
+  20 components, ``lower-bound`` natural, against two SciPy sparse-dense products
+  (``X @ M`` and ``X.T @ M2``, 20 columns), and the process's peak memory; the Monte
+  Carlo modes' cost per sample;
+* scaling: time per iteration against nnz from 1e5 to 1e7 (log-log plot).
+
+Each sparse measurement runs in a fresh process so that its peak memory is its own.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from .. import PNMF, poisson_deviance, thin
+
+SPARSE_SHAPE = (50_000, 10_000)
+SPARSE_DENSITY = 0.01
+SPARSE_COMPONENTS = 20
+SCALING_NNZ = (1e5, 3e5, 1e6, 3e6, 1e7)
+
+
+def sparse_counts(n_rows: int, n_cols: int, nnz: int, seed: int = 0) -> sp.csr_matrix:
+    """A CSR count matrix with about ``nnz`` non-zeros spread evenly over the rows."""
+    rng = np.random.default_rng(seed)
+    per_row = max(1, int(round(nnz / n_rows)))
+    rows = np.repeat(np.arange(n_rows, dtype=np.int32), per_row)
+    cols = rng.integers(0, n_cols, size=rows.size, dtype=np.int32)
+    values = (rng.poisson(1.0, size=rows.size) + 1).astype(np.float32)
+    x = sp.csr_matrix((values, (rows, cols)), shape=(n_rows, n_cols))
+    x.sum_duplicates()
+    return x
+
+
+def seconds_per_iteration(x, backend: str, mode: str, n_components: int, E: int = 1, iterations=(1, 4)) -> float:
+    """(T(n2) - T(n1)) / (n2 - n1) for fits of n1 and n2 iterations: the set-up cancels."""
+    params = dict(mode=mode, training_mode="natural", backend=backend, tol=0, E=E, random_state=0)
+    PNMF(n_components, max_iter=1, **params).fit(x)  # warm up
+    times = []
+    for n in iterations:
+        start = time.perf_counter()
+        PNMF(n_components, max_iter=n, **params).fit(x)
+        times.append(time.perf_counter() - start)
+    return (times[1] - times[0]) / (iterations[1] - iterations[0])
+
+
+def _scipy_pair_seconds(x, n_columns: int, repeats: int = 3) -> float:
+    rng = np.random.default_rng(1)
+    m = rng.random((x.shape[1], n_columns), dtype=np.float32)
+    m2 = rng.random((x.shape[0], n_columns), dtype=np.float32)
+    x @ m
+    start = time.perf_counter()
+    for _ in range(repeats):
+        x @ m
+        x.T @ m2
+    return (time.perf_counter() - start) / repeats
+
+
+def _sparse_job(queue, backend: str, shape, nnz: int, monte_carlo: bool) -> None:
+    x = sparse_counts(*shape, nnz)
+    result = {"backend": backend, "n_rows": shape[0], "n_cols": shape[1], "nnz": int(x.nnz)}
+    result["scipy_pair_s"] = _scipy_pair_seconds(x, SPARSE_COMPONENTS)
+    result["lower-bound_s_per_iter"] = seconds_per_iteration(x, backend, "lower-bound", SPARSE_COMPONENTS)
+    if monte_carlo:
+        # Natural steps in expanded mode (after a lower-bound warm start of 1 iteration here).
+        one, three = (
+            seconds_per_iteration(x, backend, "expanded", SPARSE_COMPONENTS, E=e, iterations=(2, 5)) for e in (1, 3)
+        )
+        result["expanded_s_per_iter_E1"] = one
+        result["expanded_s_per_sample"] = (three - one) / 2
+    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    queue.put(result)
+
+
+def sparse_run(backend: str, shape, nnz: int, monte_carlo: bool = False) -> dict:
+    """One sparse measurement in a fresh process (its peak memory is then its own)."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_sparse_job, args=(queue, backend, shape, nnz, monte_carlo))
+    process.start()
+    result = queue.get()
+    process.join()
+    return result
+
+
+def digits_run(backend: str) -> dict:
+    """Converged fits of the digits, pnmf (natural, lower-bound) against scikit-learn's KL-NMF."""
+    from sklearn.datasets import load_digits
+    from sklearn.decomposition import NMF
+
+    x = load_digits().data
+    train, test = thin(x, 0.5, random_state=0)
+    ours = PNMF(10, mode="lower-bound", training_mode="natural", backend=backend, random_state=0)
+    ours.fit(x[:50])  # warm up
+    start = time.perf_counter()
+    ours.fit(x)
+    ours_s = time.perf_counter() - start
+    theirs = NMF(10, beta_loss="kullback-leibler", solver="mu", max_iter=2000, random_state=0)
+    start = time.perf_counter()
+    theirs.fit(x)
+    theirs_s = time.perf_counter() - start
+    half = PNMF(10, mode="lower-bound", training_mode="natural", backend=backend, random_state=0).fit(train)
+    nmf_half = NMF(10, beta_loss="kullback-leibler", solver="mu", max_iter=2000, random_state=0)
+    nmf_rate = nmf_half.fit_transform(train) @ nmf_half.components_
+    return {
+        "backend": backend,
+        "pnmf_s": ours_s,
+        "pnmf_iter": ours.n_iter_,
+        "pnmf_converged": ours.converged_,
+        "sklearn_s": theirs_s,
+        "sklearn_iter": theirs.n_iter_,
+        "time_ratio": ours_s / theirs_s,
+        "pnmf_heldout_deviance": poisson_deviance(test, np.exp(half.mean_ + half.var_ / 2) @ half.components_),
+        "sklearn_heldout_deviance": poisson_deviance(test, nmf_rate),
+    }
+
+
+def plot_scaling(rows: list[dict], out: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+    for backend in sorted({r["backend"] for r in rows}):
+        mine = sorted((r for r in rows if r["backend"] == backend), key=lambda r: r["nnz"])
+        ax.loglog([r["nnz"] for r in mine], [r["lower-bound_s_per_iter"] for r in mine], marker="o", label=backend)
+    scipy_rows = sorted(rows, key=lambda r: r["nnz"])
+    ax.loglog(
+        [r["nnz"] for r in scipy_rows],
+        [r["scipy_pair_s"] for r in scipy_rows],
+        color="grey",
+        ls="--",
+        label="two SciPy products",
+    )
+    nnz = np.array([r["nnz"] for r in scipy_rows], dtype=float)
+    ax.loglog(
+        nnz, scipy_rows[0]["lower-bound_s_per_iter"] * nnz / nnz[0], color="lightgrey", lw=0.8, label="linear in nnz"
+    )
+    ax.set_xlabel("non-zeros")
+    ax.set_ylabel("seconds per iteration (lower-bound, natural)")
+    ax.set_title(f"{SPARSE_COMPONENTS} components, 50,000 x (nnz / 500) matrices")
+    ax.legend(fontsize=8)
+    path = out / "speed_scaling.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run(backends: list[str], out: Path, quick: bool = False) -> dict:
+    from .natural_gradient import machine
+
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"machine": machine(), "digits": [], "sparse": [], "scaling": []}
+    for backend in backends:
+        print(f"[{backend}] digits ...", flush=True)
+        record["digits"].append(digits_run(backend))
+        if quick:
+            continue
+        print(f"[{backend}] sparse 50,000 x 10,000 at 1% ...", flush=True)
+        nnz = int(SPARSE_SHAPE[0] * SPARSE_SHAPE[1] * SPARSE_DENSITY)
+        record["sparse"].append(sparse_run(backend, SPARSE_SHAPE, nnz, monte_carlo=True))
+        for target in SCALING_NNZ:
+            print(f"[{backend}] scaling, nnz {target:.0e} ...", flush=True)
+            n_rows = 50_000
+            record["scaling"].append(sparse_run(backend, (n_rows, max(1000, int(target / 500))), int(target)))
+    (out / "speed.json").write_text(json.dumps(record, indent=1))
+    if record["scaling"]:
+        plot_scaling(record["scaling"], out)
+    return record
+
+
+def report(record: dict) -> str:
+    from .natural_gradient import _grid
+
+    lines = ["Digits (1797 x 64, 10 components), converged fits:"]
+    lines.append(
+        _grid(
+            ("backend", "pnmf s", "iters", "sklearn NMF s", "iters", "time ratio", "held-out dev. pnmf", "sklearn"),
+            [
+                (
+                    d["backend"],
+                    f"{d['pnmf_s']:.3f}",
+                    d["pnmf_iter"],
+                    f"{d['sklearn_s']:.3f}",
+                    d["sklearn_iter"],
+                    f"{d['time_ratio']:.2f}",
+                    f"{d['pnmf_heldout_deviance']:.0f}",
+                    f"{d['sklearn_heldout_deviance']:.0f}",
+                )
+                for d in record["digits"]
+            ],
+        )
+    )
+    if record["sparse"]:
+        lines.append("\nSparse 50,000 x 10,000 at 1%, 20 components (seconds per iteration):")
+        lines.append(
+            _grid(
+                (
+                    "backend",
+                    "nnz",
+                    "lower-bound",
+                    "two SciPy products",
+                    "ratio",
+                    "expanded E=1",
+                    "per extra sample",
+                    "peak GB",
+                ),
+                [
+                    (
+                        s["backend"],
+                        s["nnz"],
+                        f"{s['lower-bound_s_per_iter']:.3f}",
+                        f"{s['scipy_pair_s']:.3f}",
+                        f"{s['lower-bound_s_per_iter'] / s['scipy_pair_s']:.1f}",
+                        f"{s['expanded_s_per_iter_E1']:.3f}",
+                        f"{s['expanded_s_per_sample']:.3f}",
+                        f"{s['peak_rss_gb']:.2f}",
+                    )
+                    for s in record["sparse"]
+                ],
+            )
+        )
+    if record["scaling"]:
+        lines.append("\nTime per iteration against nnz (lower-bound, natural):")
+        lines.append(
+            _grid(
+                ("backend", "shape", "nnz", "s / iter", "two SciPy products", "peak GB"),
+                [
+                    (
+                        s["backend"],
+                        f"{s['n_rows']} x {s['n_cols']}",
+                        s["nnz"],
+                        f"{s['lower-bound_s_per_iter']:.3f}",
+                        f"{s['scipy_pair_s']:.3f}",
+                        f"{s['peak_rss_gb']:.2f}",
+                    )
+                    for s in record["scaling"]
+                ],
+            )
+        )
+    return "\n".join(lines)
