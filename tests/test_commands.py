@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pnmf.benchmarks.__main__ import main
@@ -43,3 +44,16 @@ def test_benchmark_command_line_writes_table_json_and_figures(tmp_path, capsys):
 def test_benchmark_rejects_an_unknown_backend():
     with pytest.raises(SystemExit):
         main(["--backend", "jax"])
+
+
+def test_speed_suite_measures_in_a_fresh_process():
+    from pnmf.benchmarks import speed
+
+    x = speed.sparse_counts(300, 200, 3000)
+    assert x.shape == (300, 200) and 2800 <= x.nnz <= 3000 and x.data.min() >= 1
+    result = speed.sparse_run("numpy", (300, 200), 3000, monte_carlo=True)
+    assert result["nnz"] == x.nnz  # the same matrix, built again in the child
+    for key in ("scipy_pair_s", "lower-bound_s_per_iter", "expanded_s_per_iter_E1", "peak_rss_gb"):
+        assert np.isfinite(result[key]) and result[key] > 0
+    table = speed.report({"digits": [], "sparse": [result], "scaling": [result]})
+    assert "two SciPy products" in table and "peak GB" in table
