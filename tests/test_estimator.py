@@ -218,3 +218,20 @@ def test_verbose_shows_a_progress_bar_with_the_elbo(planted, capsys):
     assert "PNMF fit" in err and "elbo=" in err
     PNMF(3, backend="numpy", max_iter=30, tol=0).fit(x)
     assert capsys.readouterr().err == ""  # silent by default
+
+
+def test_mini_batch_reaches_the_full_batch_elbo():
+    x, _, w_true = make_counts(2000, 60, 5, random_state=3)
+    params = dict(mode="lower-bound", training_mode="natural", backend="numpy", random_state=0)
+    full = PNMF(5, **params).fit(x)
+    batched = PNMF(5, batch_size=100, max_iter=300, **params).fit(sp.csr_matrix(x))
+    assert batched.n_iter_ == 300 and batched.mean_.shape == (2000, 5)
+    assert abs(batched.elbo_ - full.elbo_) < 0.01 * abs(full.elbo_)
+    assert np.min(_matched_cosines(batched.loadings_, w_true)) > 0.9
+    # elbo_ is the full-data ELBO at the returned parameters.
+    assert batched.elbo_ == pytest.approx(lower_bound_at(x, batched), rel=1e-5)
+
+
+def test_mini_batch_needs_natural_training():
+    with pytest.raises(ValueError, match="batch_size"):
+        PNMF(2, batch_size=10, training_mode="standard").fit(np.ones((20, 3)))
