@@ -53,7 +53,9 @@ def test_speed_suite_measures_in_a_fresh_process():
     assert x.shape == (300, 200) and 2800 <= x.nnz <= 3000 and x.data.min() >= 1
     result = speed.sparse_run("numpy", (300, 200), 3000, monte_carlo=True)
     assert result["nnz"] == x.nnz  # the same matrix, built again in the child
-    for key in ("scipy_pair_s", "lower-bound_s_per_iter", "expanded_s_per_iter_E1", "peak_rss_gb"):
-        assert np.isfinite(result[key]) and result[key] > 0
+    # Per-iteration figures are differences of two timings: finite, but their sign is the machine's business.
+    for key in ("lower-bound_s_per_iter", "expanded_s_per_iter_E1", "expanded_s_per_sample"):
+        assert np.isfinite(result[key])
+    assert result["scipy_pair_s"] > 0 and 0 < result["peak_rss_gb"] < 8
     table = speed.report({"digits": [], "sparse": [result], "scaling": [result]})
     assert "two SciPy products" in table and "peak GB" in table
