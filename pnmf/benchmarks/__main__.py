@@ -26,6 +26,11 @@ def parse(argv=None) -> argparse.Namespace:
         help="natural: the natural-gradient benchmark; speed: digits, sparse and scaling timings",
     )
     parser.add_argument("--quick", action="store_true", help="a short run (about a minute): 1500 iterations")
+    parser.add_argument(
+        "--peer-python",
+        default=None,
+        help="speed suite: a Python with PyPI's pnmf 0.1.0 installed, to time it on the seed setting",
+    )
     parser.add_argument("--max-iter", type=int, default=None, help="iterations per fit (default 8000)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks"), help="folder for JSON and figures")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -43,10 +48,11 @@ def main(argv=None) -> list:
         backends = [args.backend]
     if args.suite == "speed":
         print(f"pnmf speed suite on {ng.machine()}; backends: {', '.join(backends)}")
-        record = speed.run(backends, args.out, quick=args.quick)
+        record = speed.run(backends, args.out, quick=args.quick, peer_python=args.peer_python)
         print()
         print(speed.report(record))
-        print(f"\nwrote {args.out / 'speed.json'} and {args.out / 'speed_scaling.png'}")
+        written = [args.out / name for name in ("speed.json", "speed_scaling.png") if (args.out / name).exists()]
+        print("\nwrote " + " and ".join(map(str, written)))
         return record
     setting = ng.Setting()
     if args.quick:

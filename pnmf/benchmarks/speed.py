@@ -8,7 +8,11 @@
   20 components, ``lower-bound`` natural, against two SciPy sparse-dense products
   (``X @ M`` and ``X.T @ M2``, 20 columns), and the process's peak memory; the Monte
   Carlo modes' cost per sample;
-* scaling: time per iteration against nnz from 1e5 to 1e7 (log-log plot).
+* scaling: time per iteration against nnz from 1e5 to 1e7 (log-log plot);
+* peer (``--peer-python PATH``): time per iteration on the seed setting (200 x 100,
+  5 components, expanded, E = 10) against the PyPI package ``pnmf`` 0.1.0, which installs
+  under the same name and so lives in its own virtual environment; it is called through
+  its documented interface only (``from PNMF import PNMF``, ``fit_transform``).
 
 Each sparse measurement runs in a fresh process so that its peak memory is its own.
 """
@@ -129,6 +133,54 @@ def digits_run(backend: str) -> dict:
     }
 
 
+PEER_SCRIPT = """
+import json, sys, time
+import numpy as np
+from PNMF import PNMF
+x = np.load(sys.argv[1])
+PNMF(n_components=5, random_state=42).fit_transform(x)  # warm up
+start = time.perf_counter()
+model = PNMF(n_components=5, random_state=42)
+model.fit_transform(x)
+print(json.dumps({"wall_s": time.perf_counter() - start, "n_iter": int(getattr(model, "n_iter_", 0))}))
+"""
+
+
+def peer_run(peer_python: str, backends: list[str], out: Path) -> dict:
+    """Seconds per iteration of PyPI ``pnmf`` (in ``peer_python``) and of ours, on the seed data."""
+    import subprocess
+
+    from .. import make_counts
+
+    x, _, _ = make_counts(200, 100, 5, random_state=42)
+    data = out / "seed_counts.npy"
+    np.save(data, x)
+    try:
+        answer = subprocess.run(
+            [peer_python, "-c", PEER_SCRIPT, str(data)], capture_output=True, text=True, check=True, timeout=3600
+        )
+    finally:
+        data.unlink()
+    peer = json.loads(answer.stdout.strip().splitlines()[-1])
+    result = {"peer_s_per_iter": peer["wall_s"] / max(peer["n_iter"], 1), "peer_n_iter": peer["n_iter"], "ours": []}
+    for backend in backends:
+        for training in ("standard", "natural"):
+            params = dict(mode="expanded", training_mode=training, backend=backend, E=10, tol=0, random_state=42)
+            PNMF(5, max_iter=20, **params).fit(x)  # warm up
+            start = time.perf_counter()
+            model = PNMF(5, max_iter=500, **params).fit(x)
+            seconds = (time.perf_counter() - start) / model.n_iter_
+            result["ours"].append(
+                {
+                    "backend": backend,
+                    "training": training,
+                    "s_per_iter": seconds,
+                    "ratio_to_peer": seconds / result["peer_s_per_iter"],
+                }
+            )
+    return result
+
+
 def plot_scaling(rows: list[dict], out: Path) -> Path | None:
     try:
         import matplotlib
@@ -155,11 +207,14 @@ def plot_scaling(rows: list[dict], out: Path) -> Path | None:
     return path
 
 
-def run(backends: list[str], out: Path, quick: bool = False) -> dict:
+def run(backends: list[str], out: Path, quick: bool = False, peer_python: str | None = None) -> dict:
     from .natural_gradient import machine
 
     out.mkdir(parents=True, exist_ok=True)
     record = {"machine": machine(), "digits": [], "sparse": [], "scaling": []}
+    if peer_python:
+        print("seed setting against PyPI pnmf 0.1.0 ...", flush=True)
+        record["peer"] = peer_run(peer_python, backends, out)
     for backend in backends:
         print(f"[{backend}] digits ...", flush=True)
         record["digits"].append(digits_run(backend))
@@ -181,7 +236,24 @@ def run(backends: list[str], out: Path, quick: bool = False) -> dict:
 def report(record: dict) -> str:
     from .natural_gradient import _grid
 
-    lines = ["Digits (1797 x 64, 10 components), converged fits:"]
+    lines = []
+    if record.get("peer"):
+        peer = record["peer"]
+        lines.append(
+            f"Seed setting, expanded, E=10: PyPI pnmf 0.1.0 {1e3 * peer['peer_s_per_iter']:.3f} ms/iteration "
+            f"({peer['peer_n_iter']} iterations, its defaults)"
+        )
+        lines.append(
+            _grid(
+                ("backend", "training", "ms / iteration", "ratio to PyPI pnmf"),
+                [
+                    (o["backend"], o["training"], f"{1e3 * o['s_per_iter']:.3f}", f"{o['ratio_to_peer']:.2f}")
+                    for o in peer["ours"]
+                ],
+            )
+        )
+        lines.append("")
+    lines.append("Digits (1797 x 64, 10 components), converged fits:")
     lines.append(
         _grid(
             ("backend", "pnmf s", "iters", "sklearn NMF s", "iters", "time ratio", "held-out dev. pnmf", "sklearn"),
