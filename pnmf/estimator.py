@@ -372,18 +372,8 @@ class PNMF(TransformerMixin, BaseEstimator):
                 rows = np.sort(order[position : position + self.batch_size])
                 position += self.batch_size
                 with b.scope():
-                    counts = as_counts(b, X[rows])
-                    w_device = b.asarray(w)
-                    mu, local_var, _, _, _ = self._optimize(
-                        counts,
-                        b.asarray(mean[rows]),
-                        b.asarray(var[rows]),
-                        w_device,
-                        phases=[("natural", "lower-bound")],
-                        fit_loadings=False,
-                        seed=seed + step,
-                        desc="",
-                        max_iter=SVI_LOCAL_STEPS,
+                    counts, mu, local_var, w_device = self._local_posterior(
+                        b, X[rows], mean[rows], var[rows], w, seed + step, max_iter=SVI_LOCAL_STEPS
                     )
                     terms = evaluate(
                         counts,
@@ -424,6 +414,26 @@ class PNMF(TransformerMixin, BaseEstimator):
         self.converged_ = converged
         self.backend_, self.device_ = b.name, b.device
 
+    def _local_posterior(self, b, x, mean, var, loadings, seed: int, max_iter=None, desc: str = ""):
+        """q(F) of the rows of x by natural lower-bound steps with the loadings fixed.
+
+        Call inside ``b.scope()``; returns the counts, mu, var and W on the device.
+        """
+        counts = as_counts(b, x)
+        w = b.asarray(loadings)
+        mu, local_var, _, _, _ = self._optimize(
+            counts,
+            b.asarray(mean),
+            b.asarray(var),
+            w,
+            phases=[("natural", "lower-bound")],
+            fit_loadings=False,
+            seed=seed,
+            desc=desc,
+            max_iter=max_iter,
+        )
+        return counts, mu, local_var, w
+
     def _infer_rows(self, X, b, mean, var):
         """q(F) of every row with the loadings fixed, a batch at a time; and the full-data ELBO."""
         seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
@@ -431,18 +441,8 @@ class PNMF(TransformerMixin, BaseEstimator):
         for start in range(0, X.shape[0], self.batch_size):
             rows = slice(start, start + self.batch_size)
             with b.scope():
-                counts = as_counts(b, X[rows])
-                w_device = b.asarray(self.loadings_)
-                mu, local_var, _, _, _ = self._optimize(
-                    counts,
-                    b.asarray(mean[rows]),
-                    b.asarray(var[rows]),
-                    w_device,
-                    phases=[("natural", "lower-bound")],
-                    fit_loadings=False,
-                    seed=seed,
-                    desc="",
-                    max_iter=self.max_iter,
+                counts, mu, local_var, w_device = self._local_posterior(
+                    b, X[rows], mean[rows], var[rows], self.loadings_, seed, max_iter=self.max_iter
                 )
                 elbo += self._final_elbo(counts, mu, local_var, w_device, seed)
                 mean[rows], var[rows] = b.to_numpy(mu), b.to_numpy(local_var)
@@ -466,16 +466,8 @@ class PNMF(TransformerMixin, BaseEstimator):
         mu0 = np.repeat(np.log(level)[:, None], self.n_components, axis=1) - 0.5 * self.init_var
         mu0 = np.clip(mu0, -MEAN_BOUND, MEAN_BOUND)
         with b.scope():
-            counts = as_counts(b, X)
-            mu, var, w, _, _ = self._optimize(
-                counts,
-                b.asarray(mu0),
-                b.asarray(np.full(mu0.shape, self.init_var)),
-                b.asarray(self.loadings_),
-                phases=[("natural", "lower-bound")],
-                fit_loadings=False,
-                seed=seed,
-                desc="PNMF transform",
+            counts, mu, var, w = self._local_posterior(
+                b, X, mu0, np.full(mu0.shape, self.init_var), self.loadings_, seed, desc="PNMF transform"
             )
             elbo = self._final_elbo(counts, mu, var, w, seed)
             return b.to_numpy(mu).astype(np.float64), b.to_numpy(var).astype(np.float64), elbo
