@@ -29,7 +29,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.special import gammaln
 
-from .backends.base import Array, Backend
+from .backends.base import TINY_RATE, Array, Backend, log_term
 
 MODES = ("simple", "expanded", "lower-bound")
 VAR_GRADIENTS = ("reparam", "price")
@@ -41,8 +41,6 @@ DENSE_CHUNK = 1 << 22
 # near 0; the scale of the counts belongs to W.
 MEAN_BOUND = 30.0
 VAR_BOUNDS = (1e-8, 20.0)
-# Smallest rate inside a logarithm: a rate of exactly zero would give 0 * log 0.
-TINY_RATE = 1e-30
 
 
 class DenseCounts:
@@ -55,17 +53,13 @@ class DenseCounts:
         self.lgamma_sum = float(gammaln(np.asarray(x, dtype=np.float64) + 1.0).sum())
         self.chunk = max(1, DENSE_CHUNK // max(1, x.shape[0] * x.shape[1]))
 
-    def rate(self, a: Array, w: Array) -> Array:
-        """a @ W.T for a (c, N, L): the rate at every entry, (c, N, D)."""
-        return a @ self.backend.swap(w)
+    def log_term(self, a: Array, w: Array, second: bool) -> tuple:
+        """sum X log rate and its derivatives for a = exp(F) (c, N, L): see :func:`log_term`."""
+        return self.backend.dense_log_term(self.x, a, w, second)
 
-    def rows(self, v: Array, w: Array) -> Array:
-        """v @ W for v (c, N, D): (c, N, L)."""
-        return v @ w
-
-    def cols(self, v: Array, a: Array) -> Array:
-        """sum_c v[c].T @ a[c] for v (c, N, D), a (c, N, L): (D, L)."""
-        return self.backend.sum(self.backend.swap(v) @ a, axis=0)
+    def slope(self, a: Array, w: Array) -> Array:
+        """d/dF of sum X log rate at a = exp(F) (N, L) alone, (N, L)."""
+        return self.backend.dense_slope(self.x, a, w)
 
 
 class SparseCounts:
@@ -80,17 +74,25 @@ class SparseCounts:
         self.x = backend.asarray(x.data)
         self.lgamma_sum = float(gammaln(np.asarray(x.data, dtype=np.float64) + 1.0).sum())
 
-    def rate(self, a: Array, w: Array) -> Array:
-        """The rate at the non-zeros for a (1, N, L): (1, nnz)."""
-        return self.backend.sampled_matmul(self.pattern, a[0], w)[None]
+    def log_term(self, a: Array, w: Array, second: bool) -> tuple:
+        """The log term over the non-zeros for a (1, N, L): see :func:`log_term`."""
+        b, pattern = self.backend, self.pattern
+        return log_term(
+            b,
+            self.x,
+            a,
+            w,
+            second,
+            rate=lambda a, w: b.sampled_matmul(pattern, a[0], w)[None],
+            rows=lambda v, w: b.sparse_matmul(pattern, v[0], w)[None],
+            cols=lambda v, a: b.sparse_matmul_t(pattern, v[0], a[0]),
+        )
 
-    def rows(self, v: Array, w: Array) -> Array:
-        """S @ W with S holding v (1, nnz) at the non-zeros: (1, N, L)."""
-        return self.backend.sparse_matmul(self.pattern, v[0], w)[None]
-
-    def cols(self, v: Array, a: Array) -> Array:
-        """S.T @ a[0] with S holding v (1, nnz) at the non-zeros: (D, L)."""
-        return self.backend.sparse_matmul_t(self.pattern, v[0], a[0])
+    def slope(self, a: Array, w: Array) -> Array:
+        """d/dF of sum X log rate at a = exp(F) (N, L) alone, over the non-zeros, (N, L)."""
+        b, pattern = self.backend, self.pattern
+        rate = b.sampled_matmul(pattern, a, w) + TINY_RATE
+        return a * b.sparse_matmul(pattern, self.x / rate, w)
 
 
 def as_counts(backend: Backend, x: np.ndarray | sp.spmatrix) -> DenseCounts | SparseCounts:
@@ -137,29 +139,11 @@ def kl_divergence(backend: Backend, mu: Array, var: Array, prior_scale: float) -
     return backend.sum(math.log(prior_scale) - 0.5 * backend.log(var) + (var + mu * mu) / (2 * s2) - 0.5)
 
 
-def _log_term(counts, a: Array, w: Array, second: bool):
-    """sum X log rate with rate = a @ W.T, a = exp(F) (c, N, L), and its derivatives.
-
-    d/dF       = a * ((X / rate) @ W)
-    d2/dF2     = a * ((X / rate) @ W) - a^2 * ((X / rate^2) @ W^2)     (diagonal)
-    d/dW       = sum_c (X / rate).T @ a
-    """
-    b = counts.backend
-    rate = b.clip(counts.rate(a, w), TINY_RATE, None)
-    ratio = counts.x / rate
-    value = b.sum(counts.x * b.log(rate))
-    g_f = a * counts.rows(ratio, w)
-    g_w = counts.cols(ratio, a)
-    # a * (a * ...) rather than a^2 * ...: exp(2F) alone can overflow float32.
-    h_f = g_f - a * (a * counts.rows(ratio / rate, w * w)) if second else None
-    return value, g_f, g_w, h_f
-
-
 def _first_order(counts, mu: Array, w: Array, colsum_w: Array, mode: str) -> Array:
     """d/dF of the sampled part of the ELBO at F = mu, (N, L): the control variate's slope."""
     b = counts.backend
     a = b.exp(mu)
-    slope = _log_term(counts, a[None], w, second=False)[1][0]
+    slope = counts.slope(a, w)
     return slope - colsum_w * a if mode == "simple" else slope
 
 
@@ -195,7 +179,7 @@ def evaluate(
     b = counts.backend
     colsum_w = b.sum(w, axis=0)  # (L,)
     if mode == "lower-bound":
-        value, g_f, w_num, _ = _log_term(counts, b.exp(mu)[None], w, second=False)
+        value, g_f, w_num, _ = counts.log_term(b.exp(mu)[None], w, second=False)
         g_mu, g_var = g_f[0], None
     elif mode in ("simple", "expanded"):
         n, n_comp = mu.shape
@@ -205,7 +189,7 @@ def evaluate(
         for start in range(0, n_samples, counts.chunk):
             eps = noise.draw((min(counts.chunk, n_samples - start), n, n_comp))
             a = b.exp(mu + sd * eps)
-            chunk_value, g_f, chunk_w, h_f = _log_term(counts, a, w, second)
+            chunk_value, g_f, chunk_w, h_f = counts.log_term(a, w, second)
             if mode == "simple":  # the rate sum is sampled too
                 rate_part = colsum_w * a
                 chunk_value = chunk_value - b.sum(rate_part)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -59,3 +60,32 @@ def test_speed_suite_measures_in_a_fresh_process():
     assert result["scipy_pair_s"] > 0 and 0 < result["peak_rss_gb"] < 8
     table = speed.report({"digits": [], "sparse": [result], "scaling": [result]})
     assert "two SciPy products" in table and "peak GB" in table
+
+
+def test_peer_timing_alternates_rounds_and_keeps_each_sides_best(tmp_path, monkeypatch):
+    # A stand-in for the PyPI package: same import name and interface, a known cost per iteration.
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "PNMF.py").write_text(
+        "import time\n"
+        "class PNMF:\n"
+        "    def __init__(self, n_components, random_state=None):\n"
+        "        self.n_iter_ = 0\n"
+        "    def fit_transform(self, x):\n"
+        "        self.n_iter_ = 20\n"
+        "        time.sleep(0.02)\n"
+        "        return x[:, :5]\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", str(fake))
+    from pnmf.benchmarks import speed
+
+    monkeypatch.setattr(speed, "PEER_ROUNDS", 2)
+    monkeypatch.setattr(speed, "PEER_ITERATIONS", 5)
+    result = speed.peer_run(sys.executable, ["numpy"], tmp_path)
+    assert result["peer_n_iter"] == 20 and result["rounds"] == 2
+    assert 0.001 <= result["peer_s_per_iter"] < 0.01  # 20 ms over 20 iterations, plus start-up
+    assert {(o["backend"], o["training"]) for o in result["ours"]} == {("numpy", "standard"), ("numpy", "natural")}
+    for o in result["ours"]:
+        assert o["ratio_to_peer"] == pytest.approx(o["s_per_iter"] / result["peer_s_per_iter"])
+    assert not (tmp_path / "seed_counts.npy").exists()
+    assert "ratio to PyPI pnmf" in speed.report({"peer": result, "digits": [], "sparse": [], "scaling": []})

@@ -16,6 +16,33 @@ import scipy.sparse as sp
 Array = Any
 Key = Any
 
+# Scratch arrays a backend keeps (see Backend.buffer); more shapes than this start afresh.
+MAX_BUFFERS = 8
+# Smallest rate inside a logarithm: a rate of exactly zero would give 0 * log 0.
+TINY_RATE = 1e-30
+
+
+def log_term(b: Backend, x: Array, a: Array, w: Array, second: bool, rate: Callable, rows: Callable, cols: Callable):
+    """sum X log rate with rate = a @ W.T, a = exp(F) (c, N, L), and its derivatives in F and W.
+
+    ``rate(a, w)``, ``rows(v, w)`` and ``cols(v, a)`` are the three products over the
+    entries that X keeps (all of them, or its non-zeros)::
+
+        d/dF       = a * ((X / rate) @ W)
+        d2/dF2     = a * ((X / rate) @ W) - a^2 * ((X / rate^2) @ W^2)     (diagonal)
+        d/dW       = sum_c (X / rate).T @ a
+
+    Returns ``(value, d/dF, d/dW, d2/dF2 or None)``.
+    """
+    r = rate(a, w) + TINY_RATE  # a floor on rate >= 0, cheaper than a clip
+    ratio = x / r
+    value = b.sum(x * b.log(r))
+    g_f = a * rows(ratio, w)
+    g_w = cols(ratio, a)
+    # a * (a * ...) rather than a^2 * ...: exp(2F) alone can overflow float32.
+    h_f = g_f - a * (a * rows(ratio / r, w * w)) if second else None
+    return value, g_f, g_w, h_f
+
 
 class Backend:
     """One framework on one device, with one floating dtype."""
@@ -40,6 +67,24 @@ class Backend:
     def zeros_like(self, a: Array) -> Array:
         """Zeros with the shape and dtype of ``a``."""
         raise NotImplementedError
+
+    def empty(self, shape: tuple[int, ...]) -> Array:
+        """An uninitialised array of ``shape`` in the backend's float dtype."""
+        raise NotImplementedError
+
+    def buffer(self, name: str, shape: tuple[int, ...]) -> Array:
+        """A scratch array of ``shape`` kept between calls, for backends that work in place.
+
+        Fresh (c, N, D) arrays on every step cost page faults; a fit needs a few shapes
+        (full and last Monte Carlo chunks, one sample), one buffer per name and shape.
+        """
+        cache = self.__dict__.setdefault("_buffers", {})
+        key = (name, tuple(shape))
+        if key not in cache:
+            if len(cache) >= MAX_BUFFERS:
+                cache.clear()
+            cache[key] = self.empty(shape)
+        return cache[key]
 
     def scalar(self, value: float) -> Array:
         """A 0-d array holding ``value`` in the backend's float dtype."""
@@ -108,6 +153,27 @@ class Backend:
     def sparse_matmul_t(self, pattern: Any, values: Array, a: Array) -> Array:
         """S.T @ a with S the pattern holding ``values``: (nnz,), (N, L) -> (D, L)."""
         raise NotImplementedError
+
+    # -- the Poisson log term ------------------------------------------------------
+    def dense_log_term(self, x: Array, a: Array, w: Array, second: bool) -> tuple:
+        """:func:`log_term` for dense counts x (N, D) and a (c, N, L), the hot loop of a fit.
+
+        Backends may fuse it; this version is written on the interface.
+        """
+        return log_term(
+            self,
+            x,
+            a,
+            w,
+            second,
+            rate=lambda a, w: a @ self.swap(w),
+            rows=lambda v, w: v @ w,
+            cols=lambda v, a: self.sum(self.swap(v) @ a, axis=0),
+        )
+
+    def dense_slope(self, x: Array, a: Array, w: Array) -> Array:
+        """d/dF of sum X log rate at a = exp(F) (N, L) alone: a * ((X / rate) @ W), (N, L)."""
+        return a * ((x / (a @ self.swap(w) + TINY_RATE)) @ w)
 
     # -- execution ----------------------------------------------------------------
     def compile(self, fn: Callable) -> Callable:

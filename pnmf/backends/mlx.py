@@ -52,7 +52,8 @@ class MLXBackend(Backend):
         self._dtype = getattr(mx, dtype)
         # Sparse products on the CPU go through SciPy (see the module docstring).
         self._host = NumpyBackend(dtype=dtype) if device == "cpu" else None
-        self._traceable = True
+        # A step that hands work to NumPy cannot be traced by mx.compile.
+        self._traceable = self._host is None
 
     def scope(self):
         return mx.stream(self._device)
@@ -71,6 +72,9 @@ class MLXBackend(Backend):
 
     def to_numpy(self, a):
         return np.array(a, copy=True)
+
+    def empty(self, shape):
+        return mx.zeros(shape, dtype=self._dtype)
 
     def zeros_like(self, a):
         return mx.zeros_like(a)
@@ -121,7 +125,6 @@ class MLXBackend(Backend):
 
     def sparse(self, x):
         if self._host is not None:
-            self._traceable = False
             return self._host.sparse(x)
         rows = np.repeat(np.arange(x.shape[0], dtype=np.int64), np.diff(x.indptr))
         return _Pattern(self.asindex(rows), self.asindex(x.indices), x.shape)
@@ -129,6 +132,17 @@ class MLXBackend(Backend):
     def _on_host(self, method, pattern, values, dense):
         result = getattr(self._host, method)(pattern, np.asarray(values), np.asarray(dense))
         return mx.array(result)
+
+    def dense_log_term(self, x, a, w, second):
+        if self._host is None:
+            return super().dense_log_term(x, a, w, second)
+        out = self._host.dense_log_term(np.asarray(x), np.asarray(a), np.asarray(w), second)
+        return tuple(None if v is None else mx.array(v) for v in out)
+
+    def dense_slope(self, x, a, w):
+        if self._host is None:
+            return super().dense_slope(x, a, w)
+        return mx.array(self._host.dense_slope(np.asarray(x), np.asarray(a), np.asarray(w)))
 
     def sampled_matmul(self, pattern, a, b):
         if self._host is not None:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
 
-from .base import Backend
+from .base import TINY_RATE, Backend
 
-# Rows gathered at once by the sampled product: bounds its buffer to CHUNK * L values.
-CHUNK = 1 << 18
+# Non-zeros handled at once by the sampled product: its two gathered (CHUNK, L) blocks stay
+# in cache (50,000 x 10,000 at 1%, L = 20: 0.097 s at 2^14, 0.18 s at 2^18).
+CHUNK = 1 << 14
 
 
 @dataclass
@@ -70,22 +72,67 @@ class NumpyBackend(Backend):
     def all_finite(self, a):
         return np.isfinite(a).all()
 
+    def empty(self, shape):
+        return np.empty(shape, dtype=self._dtype)
+
+    def dense_log_term(self, x, a, w, second):
+        # The interface's version, in place in two scratch (c, N, D) arrays and with the
+        # sample axis folded into single matrix products.
+        c, n, n_comp = a.shape
+        flat_a = a.reshape(c * n, n_comp)
+        rate = self.buffer("rate", (c, n, x.shape[1]))
+        work = self.buffer("work", rate.shape)
+        flat_rate, flat_work = rate.reshape(c * n, -1), work.reshape(c * n, -1)
+        np.matmul(flat_a, w.T, out=flat_rate)
+        np.add(rate, TINY_RATE, out=rate)  # as a floor: np.maximum is 6x slower here
+        np.log(rate, out=work)
+        value = (work.reshape(c, -1) @ x.reshape(-1)).sum()
+        np.divide(x, rate, out=work)  # X / rate
+        g_f = a * (flat_work @ w).reshape(a.shape)
+        g_w = flat_work.T @ flat_a
+        h_f = None
+        if second:
+            np.divide(work, rate, out=rate)  # X / rate^2
+            h_f = g_f - a * (a * (flat_rate @ (w * w)).reshape(a.shape))
+        return value, g_f, g_w, h_f
+
+    def dense_slope(self, x, a, w):
+        ratio = self.buffer("rate", (1,) + x.shape)[0]
+        np.matmul(a, w.T, out=ratio)
+        np.add(ratio, TINY_RATE, out=ratio)
+        np.divide(x, ratio, out=ratio)
+        return a * (ratio @ w)
+
     def key(self, seed):
         return np.random.default_rng(seed)
 
     def normal(self, key, shape):
-        return key.standard_normal(shape, dtype=self._dtype), key
+        # Box-Muller: twice as fast as the Generator's own normals in float32 here.
+        size = math.prod(shape)
+        half = (size + 1) // 2
+        u = key.random((2, half), dtype=self._dtype)
+        radius = np.sqrt(-2.0 * np.log1p(-u[0]))
+        angle = (2 * np.pi) * u[1]
+        out = np.empty((2, half), dtype=self._dtype)
+        np.multiply(radius, np.cos(angle), out=out[0])
+        np.multiply(radius, np.sin(angle), out=out[1])
+        return out.reshape(-1)[:size].reshape(shape), key
 
     def sparse(self, x):
-        rows = np.repeat(np.arange(x.shape[0], dtype=np.int64), np.diff(x.indptr))
+        rows = np.repeat(np.arange(x.shape[0], dtype=x.indices.dtype), np.diff(x.indptr))
         return _Pattern(x.indptr, x.indices, rows, x.shape)
 
     def sampled_matmul(self, pattern, a, b):
         out = np.empty(len(pattern.rows), dtype=a.dtype)
+        chunk = min(CHUNK, len(out))
+        rows_a = np.empty((chunk, a.shape[1]), dtype=a.dtype)
+        rows_b = np.empty((chunk, b.shape[1]), dtype=b.dtype)
         for start in range(0, len(out), CHUNK):
-            stop = start + CHUNK
-            rows, cols = pattern.rows[start:stop], pattern.indices[start:stop]
-            np.einsum("ij,ij->i", a[rows], b[cols], out=out[start:stop])
+            stop = min(start + CHUNK, len(out))
+            size = stop - start
+            np.take(a, pattern.rows[start:stop], axis=0, out=rows_a[:size])
+            np.take(b, pattern.indices[start:stop], axis=0, out=rows_b[:size])
+            np.einsum("ij,ij->i", rows_a[:size], rows_b[:size], out=out[start:stop])
         return out
 
     def _matrix(self, pattern, values):

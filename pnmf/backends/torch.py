@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .base import Backend, csr_transpose_order
+from .base import TINY_RATE, Backend, csr_transpose_order
 
 
 @dataclass
@@ -46,6 +46,10 @@ class TorchBackend(Backend):
         self.device = str(self._device)
         self.dtype = dtype
         self._dtype = getattr(torch, dtype)
+
+    def scope(self):
+        # The core computes its own gradients: autograd's bookkeeping only costs time.
+        return torch.inference_mode()
 
     def asarray(self, x):
         return torch.tensor(np.asarray(x), dtype=self._dtype, device=self._device)
@@ -85,6 +89,38 @@ class TorchBackend(Backend):
 
     def all_finite(self, a):
         return torch.isfinite(a).all()
+
+    def empty(self, shape):
+        return torch.empty(shape, dtype=self._dtype, device=self._device)
+
+    def dense_log_term(self, x, a, w, second):
+        # The interface's version, in place in two scratch (c * N, D) tensors, with the
+        # sample axis folded into single matrix products whose outputs have L rows:
+        # MKL computes those 3x faster than the (c * N, L) layout here.
+        c, n, n_comp = a.shape
+        flat_a = a.reshape(c * n, n_comp)
+        rate = self.buffer("rate", (c * n, x.shape[1]))
+        work = self.buffer("work", rate.shape)
+        torch.mm(flat_a, w.T, out=rate).add_(TINY_RATE)
+        if self._device.type == "cpu":
+            np.log(rate.numpy(), out=work.numpy())
+        else:
+            torch.log(rate, out=work)
+        value = torch.mv(work.view(c, -1), x.reshape(-1)).sum()
+        torch.div(x, rate.view(c, n, -1), out=work.view(c, n, -1))  # X / rate
+        g_f = a * torch.mm(w.T, work.T).T.reshape(a.shape)
+        g_w = torch.mm(flat_a.T, work).T
+        h_f = None
+        if second:
+            work.div_(rate)  # X / rate^2
+            h_f = g_f - a * (a * torch.mm((w * w).T, work.T).T.reshape(a.shape))
+        return value, g_f, g_w, h_f
+
+    def dense_slope(self, x, a, w):
+        ratio = self.buffer("rate", x.shape)
+        torch.mm(a, w.T, out=ratio).add_(TINY_RATE)
+        torch.div(x, ratio, out=ratio)
+        return a * torch.mm(w.T, ratio.T).T
 
     def key(self, seed):
         generator = torch.Generator(device=self._device)
