@@ -29,7 +29,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.special import gammaln
 
-from .backends.base import TINY_RATE, Array, Backend, log_term
+from .backends.base import Array, Backend
 
 MODES = ("simple", "expanded", "lower-bound")
 VAR_GRADIENTS = ("reparam", "price")
@@ -76,23 +76,11 @@ class SparseCounts:
 
     def log_term(self, a: Array, w: Array, second: bool) -> tuple:
         """The log term over the non-zeros for a (1, N, L): see :func:`log_term`."""
-        b, pattern = self.backend, self.pattern
-        return log_term(
-            b,
-            self.x,
-            a,
-            w,
-            second,
-            rate=lambda a, w: b.sampled_matmul(pattern, a[0], w)[None],
-            rows=lambda v, w: b.sparse_matmul(pattern, v[0], w)[None],
-            cols=lambda v, a: b.sparse_matmul_t(pattern, v[0], a[0]),
-        )
+        return self.backend.sparse_log_term(self.pattern, self.x, a, w, second)
 
     def slope(self, a: Array, w: Array) -> Array:
         """d/dF of sum X log rate at a = exp(F) (N, L) alone, over the non-zeros, (N, L)."""
-        b, pattern = self.backend, self.pattern
-        rate = b.sampled_matmul(pattern, a, w) + TINY_RATE
-        return a * b.sparse_matmul(pattern, self.x / rate, w)
+        return self.backend.sparse_slope(self.pattern, self.x, a, w)
 
 
 def as_counts(backend: Backend, x: np.ndarray | sp.spmatrix) -> DenseCounts | SparseCounts:
@@ -123,7 +111,8 @@ class Terms:
     """The ELBO and its gradients with respect to mu, var (N, L) and W (D, L).
 
     ``w_numerator`` is the log term's part of ``g_w``, sum_n (X / rate) exp(F)
-    averaged over samples: the numerator of the multiplicative loadings update.
+    averaged over samples, and ``expected_sum`` is sum_n E_q[exp F] = sum_n exp(mu + var/2),
+    (L,): the numerator and denominator of the multiplicative loadings update.
     """
 
     value: Array
@@ -131,6 +120,7 @@ class Terms:
     g_var: Array | None = None
     g_w: Array | None = None
     w_numerator: Array | None = None
+    expected_sum: Array | None = None
 
 
 def kl_divergence(backend: Backend, mu: Array, var: Array, prior_scale: float) -> Array:
@@ -212,18 +202,20 @@ def evaluate(
     else:
         raise ValueError(f"mode={mode!r} is not one of " + ", ".join(repr(m) for m in MODES))
 
+    expected = b.exp(mu + 0.5 * var) if gradients or mode != "simple" else None  # E_q[exp F], (N, L)
+    expected_sum = None if expected is None else b.sum(expected, axis=0)  # (L,)
     if mode == "simple":
         # d/dW of the sampled rate sum: -(1/E) sum_e sum_n exp(F_e), the same for every d.
         g_w = w_num - (sampled_sum / n_samples)[None, :] if gradients else None
     else:
-        expected = b.exp(mu + 0.5 * var)  # E_q[exp F], (N, L)
-        value = value - b.sum(colsum_w * expected)
+        # The exact rate sum factorises: sum_{n,d} rate = sum_l (sum_d W[d, l]) (sum_n E_q[exp F[n, l]]).
+        value = value - b.sum(colsum_w * expected_sum)
         if gradients:
             g_mu = g_mu - colsum_w * expected
             g_var = (0.0 if g_var is None else g_var) - 0.5 * colsum_w * expected
-            g_w = w_num - b.sum(expected, axis=0)[None, :]
+            g_w = w_num - expected_sum[None, :]
     value = value - counts.lgamma_sum - kl_divergence(b, mu, var, prior_scale)
     if not gradients:
         return Terms(value)
     s2 = prior_scale**2
-    return Terms(value, g_mu - mu / s2, g_var + 0.5 / var - 0.5 / s2, g_w, w_num)
+    return Terms(value, g_mu - mu / s2, g_var + 0.5 / var - 0.5 / s2, g_w, w_num, expected_sum)

@@ -385,7 +385,7 @@ class PNMF(TransformerMixin, BaseEstimator):
                         n_samples=1,
                         prior_scale=self.prior_scale,
                     )
-                    w_batch = b.to_numpy(multiplicative_loadings(b, w_device, terms, mu, local_var))
+                    w_batch = b.to_numpy(multiplicative_loadings(w_device, terms))
                     value = float(b.to_numpy(terms.value)) * n / len(rows)
                     _check_finite(b, [value], (mu, local_var, w_device), step + 1)
                     mean[rows], var[rows] = b.to_numpy(mu), b.to_numpy(local_var)

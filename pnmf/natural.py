@@ -108,6 +108,7 @@ class NaturalTrainer:
                 **{"accepted_" + k: v for k, v in state.items() if k in ("mu", "precision", "w")},
                 **{k: b.zeros_like(mu) for k in ("g_mu", "g_var")},
                 w_numerator=b.zeros_like(w),
+                expected_sum=b.zeros_like(w[0]),
             )
         return state
 
@@ -141,7 +142,7 @@ class NaturalTrainer:
             accept = terms.value >= state["accepted_value"] - slack
             for name, fresh in (("mu", mu), ("precision", precision), ("w", w)):
                 new["accepted_" + name] = b.where(accept, fresh, state["accepted_" + name])
-            for name in ("g_mu", "g_var", "w_numerator"):
+            for name in ("g_mu", "g_var", "w_numerator", "expected_sum"):
                 new[name] = b.where(accept, getattr(terms, name), state[name])
                 setattr(terms, name, new[name])
             new["accepted_value"] = b.where(accept, terms.value, state["accepted_value"])
@@ -158,6 +159,6 @@ class NaturalTrainer:
         new["mu"] = b.clip(new_mu, -MEAN_BOUND, MEAN_BOUND)
         new["precision"] = b.clip(new_precision, 1.0 / VAR_BOUNDS[1], 1.0 / VAR_BOUNDS[0])
         if self.fit_loadings:
-            new["w"], moments = update_loadings(b, dict(state, w=w), terms, mu, 1.0 / precision, t, self.rule, self.lr)
+            new["w"], moments = update_loadings(b, dict(state, w=w), terms, t, self.rule, self.lr)
             new.update(moments)
         return new, noise.key, reported

@@ -28,14 +28,13 @@ def adam(b: Backend, param: Array, grad: Array, m: Array, v: Array, t: Array, lr
     return param + lr * m_hat / (b.sqrt(v_hat) + ADAM_EPS), m, v
 
 
-def multiplicative_loadings(b: Backend, w: Array, terms: Terms, mu: Array, var: Array) -> Array:
+def multiplicative_loadings(w: Array, terms: Terms) -> Array:
     """The exact maximiser in W of the Jensen bound for fixed q(F) (KL-NMF fixed point).
 
     W <- W * [sum_n (X / rate) exp(F)] / sum_n exp(mu + var/2), the numerator averaged
-    over the Monte Carlo samples in the sampled modes (``terms.w_numerator``).
+    over the Monte Carlo samples in the sampled modes; ``terms`` evaluated at (q(F), W).
     """
-    expected_sum = b.sum(b.exp(mu + 0.5 * var), axis=0)  # (L,)
-    return w * terms.w_numerator / expected_sum[None, :]
+    return w * terms.w_numerator / terms.expected_sum[None, :]
 
 
 def loadings_state(b: Backend, w: Array, rule: str) -> dict:
@@ -43,11 +42,11 @@ def loadings_state(b: Backend, w: Array, rule: str) -> dict:
     return {"m_w": b.zeros_like(w), "v_w": b.zeros_like(w)} if rule == "adam" else {}
 
 
-def update_loadings(b: Backend, state: dict, terms: Terms, mu: Array, var: Array, t: Array, rule: str, lr: float):
+def update_loadings(b: Backend, state: dict, terms: Terms, t: Array, rule: str, lr: float):
     """W after one step of ``rule``; Adam works on log W, so W stays positive."""
     w = state["w"]
     if rule == "multiplicative":
-        return multiplicative_loadings(b, w, terms, mu, var), {}
+        return multiplicative_loadings(w, terms), {}
     log_w, m, v = adam(b, b.log(w), terms.g_w * w, state["m_w"], state["v_w"], t, lr)
     return b.exp(log_w), {"m_w": m, "v_w": v}
 
@@ -103,6 +102,6 @@ class StandardTrainer:
         )
         new["log_sd"] = b.clip(new["log_sd"], *LOG_SD_BOUNDS)
         if self.fit_loadings:
-            new["w"], moments = update_loadings(b, state, terms, mu, var, t, self.rule, self.lr)
+            new["w"], moments = update_loadings(b, state, terms, t, self.rule, self.lr)
             new.update(moments)
         return new, noise.key, terms.value

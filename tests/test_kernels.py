@@ -100,3 +100,21 @@ def test_numpy_normals_are_standard_normal(dtype):
     # the same seed, the same draws
     again, _ = b.normal(b.key(0), (7, 31, 3))
     np.testing.assert_array_equal(again, eps)
+
+
+@pytest.mark.parametrize("second", [False, True])
+def test_sparse_log_term_equals_the_dense_one(backend_name, second):
+    b = cpu_backend(backend_name)
+    rtol = 1e-6 if backend_name == "mlx" else 1e-12
+    x, a, w = _point(5, 1)
+    sparse = as_counts(b, sp.csr_matrix(x)).log_term(b.asarray(a), b.asarray(w), second)
+    plain = Backend.sparse_log_term(
+        b, b.sparse(sp.csr_matrix(x)), b.asarray(sp.csr_matrix(x).data), b.asarray(a), b.asarray(w), second
+    )
+    dense = b.dense_log_term(b.asarray(x), b.asarray(a), b.asarray(w), second)
+    for got, interface, want in zip(sparse, plain, dense, strict=True):
+        if want is None:
+            assert got is None and interface is None
+            continue
+        np.testing.assert_allclose(b.to_numpy(got), b.to_numpy(want), rtol=rtol, atol=rtol)
+        np.testing.assert_allclose(b.to_numpy(interface), b.to_numpy(want), rtol=rtol, atol=rtol)

@@ -102,7 +102,7 @@ def test_multiplicative_update_never_lowers_the_lower_bound():
         counts = as_counts(b, x)
         for _ in range(5):
             terms = evaluate(counts, mu, var, w, mode="lower-bound", noise=None, n_samples=1)
-            w = multiplicative_loadings(b, w, terms, mu, var)
+            w = multiplicative_loadings(w, terms)
             assert evaluate(counts, mu, var, w, mode="lower-bound", noise=None, n_samples=1).value >= terms.value
 
 

@@ -175,6 +175,24 @@ class Backend:
         """d/dF of sum X log rate at a = exp(F) (N, L) alone: a * ((X / rate) @ W), (N, L)."""
         return a * ((x / (a @ self.swap(w) + TINY_RATE)) @ w)
 
+    def sparse_log_term(self, pattern: Any, x: Array, a: Array, w: Array, second: bool) -> tuple:
+        """:func:`log_term` over the non-zeros of ``pattern`` (values x, (nnz,)) for a (1, N, L)."""
+        return log_term(
+            self,
+            x,
+            a,
+            w,
+            second,
+            rate=lambda a, w: self.sampled_matmul(pattern, a[0], w)[None],
+            rows=lambda v, w: self.sparse_matmul(pattern, v[0], w)[None],
+            cols=lambda v, a: self.sparse_matmul_t(pattern, v[0], a[0]),
+        )
+
+    def sparse_slope(self, pattern: Any, x: Array, a: Array, w: Array) -> Array:
+        """:meth:`dense_slope` over the non-zeros of ``pattern`` (values x, (nnz,)), (N, L)."""
+        rate = self.sampled_matmul(pattern, a, w) + TINY_RATE
+        return a * self.sparse_matmul(pattern, x / rate, w)
+
     # -- execution ----------------------------------------------------------------
     def compile(self, fn: Callable) -> Callable:
         """A faster equivalent of a pure function of arrays (identity by default)."""

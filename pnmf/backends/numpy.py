@@ -54,14 +54,16 @@ class NumpyBackend(Backend):
     def sqrt(self, a):
         return np.sqrt(a)
 
+    # The ndarray methods: np.clip and np.sum add several microseconds of dispatch per call,
+    # a tenth of a small fit's iteration.
     def clip(self, a, low, high):
-        return np.clip(a, low, high)
+        return np.asarray(a).clip(low, high)
 
     def where(self, cond, a, b):
         return np.where(cond, a, b)
 
     def sum(self, a, axis=None, keepdims=False):
-        return np.sum(a, axis=axis, keepdims=keepdims)
+        return np.asarray(a).sum(axis=axis, keepdims=keepdims)
 
     def mean(self, a, axis=None):
         return np.mean(a, axis=axis)
