@@ -72,17 +72,21 @@ def test_slope_is_the_log_term_gradient(backend_name, sparse):
 
 
 def test_sampled_product_across_chunks(monkeypatch):
-    # More non-zeros than one chunk, and a last chunk that is not full.
-    monkeypatch.setattr(numpy_backend, "CHUNK", 1000)
+    # Many chunks, a last chunk that is not full, a row longer than a chunk, empty rows,
+    # and a matrix with no non-zeros at all.
+    monkeypatch.setattr(numpy_backend, "CHUNK", 150)
     rng = np.random.default_rng(1)
-    x = sp.random(300, 200, density=0.06, format="csr", random_state=2)
-    assert x.nnz % 1000 != 0 and x.nnz > 3000
-    a, w = rng.random((300, 6)), rng.random((200, 6))
+    x = sp.random(300, 200, density=0.06, format="lil", random_state=2)
+    x[7, :] = 1.0  # 200 non-zeros, more than a chunk
+    x[8:10, :] = 0.0
+    x = sp.csr_matrix(x)
+    assert x.nnz > 20 * 150 and x.nnz % 150 != 0
     b = get_backend("numpy", dtype="float64")
-    got = b.sampled_matmul(b.sparse(x), a, w)
-    dense = a @ w.T
-    rows = np.repeat(np.arange(300), np.diff(x.indptr))
-    np.testing.assert_allclose(got, dense[rows, x.indices], rtol=1e-12)
+    for matrix in (x, sp.csr_matrix(x[150:]), sp.csr_matrix((300, 200))):
+        a, w = rng.random((matrix.shape[0], 6)), rng.random((200, 6))
+        got = b.sampled_matmul(b.sparse(matrix), a, w)
+        rows = np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.indptr))
+        np.testing.assert_allclose(got, (a @ w.T)[rows, matrix.indices], rtol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

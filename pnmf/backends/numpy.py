@@ -19,7 +19,9 @@ CHUNK = 1 << 14
 class _Pattern:
     indptr: np.ndarray
     indices: np.ndarray
-    rows: np.ndarray
+    row_counts: np.ndarray  # non-zeros per row
+    bounds: np.ndarray  # first rows of the sampled product's chunks, and N
+    longest: int  # non-zeros in the largest chunk
     shape: tuple[int, int]
 
 
@@ -121,20 +123,25 @@ class NumpyBackend(Backend):
         return out.reshape(-1)[:size].reshape(shape), key
 
     def sparse(self, x):
-        rows = np.repeat(np.arange(x.shape[0], dtype=x.indices.dtype), np.diff(x.indptr))
-        return _Pattern(x.indptr, x.indices, rows, x.shape)
+        # Chunks of whole rows with about CHUNK non-zeros each: a row's factors are then
+        # repeated (np.repeat) rather than gathered, 3x faster than np.take here.
+        indptr = x.indptr
+        starts = np.flatnonzero(np.diff(indptr[:-1] // CHUNK)) + 1
+        bounds = np.concatenate([[0], starts, [x.shape[0]]]).astype(np.int64)
+        longest = int(np.diff(indptr[bounds]).max(initial=0))
+        return _Pattern(indptr, x.indices, np.diff(indptr), bounds, longest, x.shape)
 
     def sampled_matmul(self, pattern, a, b):
-        out = np.empty(len(pattern.rows), dtype=a.dtype)
-        chunk = min(CHUNK, len(out))
-        rows_a = np.empty((chunk, a.shape[1]), dtype=a.dtype)
-        rows_b = np.empty((chunk, b.shape[1]), dtype=b.dtype)
-        for start in range(0, len(out), CHUNK):
-            stop = min(start + CHUNK, len(out))
-            size = stop - start
-            np.take(a, pattern.rows[start:stop], axis=0, out=rows_a[:size])
-            np.take(b, pattern.indices[start:stop], axis=0, out=rows_b[:size])
-            np.einsum("ij,ij->i", rows_a[:size], rows_b[:size], out=out[start:stop])
+        indptr = pattern.indptr
+        out = np.empty(indptr[-1], dtype=a.dtype)
+        rows_b = np.empty((pattern.longest, b.shape[1]), dtype=b.dtype)
+        ones = np.ones(b.shape[1], dtype=b.dtype)
+        for first, last in zip(pattern.bounds[:-1], pattern.bounds[1:], strict=True):
+            start, stop = indptr[first], indptr[last]
+            block = rows_b[: stop - start]
+            np.take(b, pattern.indices[start:stop], axis=0, out=block)
+            block *= np.repeat(a[first:last], pattern.row_counts[first:last], axis=0)
+            np.matmul(block, ones, out=out[start:stop])  # row sums: faster than an einsum
         return out
 
     def _matrix(self, pattern, values):
