@@ -135,3 +135,14 @@ def test_natural_training_beats_standard_in_few_iterations():
     standard = PNMF(5, training_mode="standard", learning_rate=0.005, **common).fit(x)
     assert natural.elbo_history_[0] == pytest.approx(standard.elbo_history_[0], rel=1e-6)  # same start
     assert natural.elbo_ > standard.elbo_ + 0.01 * abs(standard.elbo_)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_float32_lower_bound_fit_ends_where_float64_does(name):
+    """Float32 rounding in the ELBO must not stop checked steps early (seed setting)."""
+    x, _, _ = make_counts(200, 100, 5, random_state=42)
+    params = dict(mode="lower-bound", training_mode="natural", tol=1e-6, max_iter=3000, random_state=42)
+    reference = PNMF(5, backend="numpy", dtype="float64", **params).fit(x)
+    model = PNMF(5, backend=name, device="cpu", dtype="float32", **params).fit(x)
+    assert model.converged_
+    assert lower_bound_at(x, model) >= reference.elbo_ - 5e-5 * abs(reference.elbo_)

@@ -106,7 +106,9 @@ class TorchBackend(Backend):
             np.log(rate.numpy(), out=work.numpy())
         else:
             torch.log(rate, out=work)
-        value = torch.mv(work.view(c, -1), x.reshape(-1)).sum()
+        # An accurate (cascade) sum, not torch.mv: MKL's float32 dot product was off by enough
+        # to reject good checked steps in lower-bound mode (a fit stopped at 260 of ~500 steps).
+        value = torch.sum(work.view(c, n, -1).mul_(x))
         torch.div(x, rate.view(c, n, -1), out=work.view(c, n, -1))  # X / rate
         g_f = a * torch.mm(w.T, work.T).T.reshape(a.shape)
         g_w = torch.mm(flat_a.T, work).T

@@ -159,18 +159,20 @@ print(json.dumps({"wall_s": best, "n_iter": int(getattr(model, "n_iter_", 0))}))
 PEER_ROUNDS = 3
 
 
-def peer_run(peer_python: str, backends: list[str], out: Path) -> dict:
+def peer_run(peer_python: str, backends: list[str]) -> dict:
     """Seconds per iteration of PyPI ``pnmf`` (in ``peer_python``) and of ours, on the seed data.
 
     Rounds alternate between the two, each the best of three fits, and each side keeps its
     best round, so that a busy spell on the machine does not fall on one side only.
     """
     import subprocess
+    import tempfile
 
     from .. import make_counts
 
     x, _, _ = make_counts(200, 100, 5, random_state=42)
-    data = out / "seed_counts.npy"
+    folder = tempfile.TemporaryDirectory()
+    data = Path(folder.name) / "seed_counts.npy"
     np.save(data, x)
     peer_s, n_iter, ours = [], 0, {}
     try:
@@ -189,7 +191,7 @@ def peer_run(peer_python: str, backends: list[str], out: Path) -> dict:
                     key = (backend, training)
                     ours[key] = min(ours.get(key, np.inf), seconds / PEER_ITERATIONS)
     finally:
-        data.unlink()
+        folder.cleanup()
     result = {"peer_s_per_iter": min(peer_s), "peer_n_iter": n_iter, "rounds": PEER_ROUNDS, "ours": []}
     for (backend, training), seconds in ours.items():
         result["ours"].append(
@@ -236,7 +238,7 @@ def run(backends: list[str], out: Path, quick: bool = False, peer_python: str | 
     record = {"machine": machine(), "digits": [], "sparse": [], "scaling": []}
     if peer_python:
         print("seed setting against PyPI pnmf 0.1.0 ...", flush=True)
-        record["peer"] = peer_run(peer_python, backends, out)
+        record["peer"] = peer_run(peer_python, backends)
     for backend in backends:
         print(f"[{backend}] digits ...", flush=True)
         record["digits"].append(digits_run(backend))
