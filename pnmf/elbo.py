@@ -22,6 +22,7 @@ Monte Carlo samples are processed in chunks so that no (E, N, D) array is built.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +30,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.special import gammaln
 
-from .backends.base import Array, Backend
+from .backends.base import TINY_RATE, Array, Backend
 
 MODES = ("simple", "expanded", "lower-bound")
 VAR_GRADIENTS = ("reparam", "price")
@@ -41,6 +42,30 @@ DENSE_CHUNK = 1 << 22
 # near 0; the scale of the counts belongs to W.
 MEAN_BOUND = 30.0
 VAR_BOUNDS = (1e-8, 20.0)
+
+
+def log_term(
+    b: Backend, x: Array, a: Array, w: Array, second: bool, rate: Callable, rows: Callable, cols: Callable
+) -> tuple:
+    """sum X log rate with rate = a @ W.T, a = exp(F) (c, N, L), and its derivatives in F and W.
+
+    ``rate(a, w)``, ``rows(v, w)`` and ``cols(v, a)`` are the three products over the
+    entries that X keeps (all of them, or its non-zeros)::
+
+        d/dF       = a * ((X / rate) @ W)
+        d2/dF2     = a * ((X / rate) @ W) - a^2 * ((X / rate^2) @ W^2)     (diagonal)
+        d/dW       = sum_c (X / rate).T @ a
+
+    Returns ``(value, d/dF, d/dW, d2/dF2 or None)``.
+    """
+    r = rate(a, w) + TINY_RATE  # a floor on rate >= 0, cheaper than a clip
+    ratio = x / r
+    value = b.sum(x * b.log(r))
+    g_f = a * rows(ratio, w)
+    g_w = cols(ratio, a)
+    # a * (a * ...) rather than a^2 * ...: exp(2F) alone can overflow float32.
+    h_f = g_f - a * (a * rows(ratio / r, w * w)) if second else None
+    return value, g_f, g_w, h_f
 
 
 class DenseCounts:

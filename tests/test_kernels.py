@@ -7,12 +7,13 @@ import pytest
 import scipy.sparse as sp
 from scipy import stats
 
+from pnmf import PNMF, estimator
 from pnmf.backends import get_backend
 from pnmf.backends import numpy as numpy_backend
 from pnmf.backends.base import Backend
 from pnmf.elbo import as_counts
 
-from .conftest import cpu_backend
+from .conftest import BACKENDS, cpu_backend
 
 
 def _point(seed, c, n=13, d=11, n_comp=4):
@@ -122,3 +123,49 @@ def test_sparse_log_term_equals_the_dense_one(backend_name, second):
             continue
         np.testing.assert_allclose(b.to_numpy(got), b.to_numpy(want), rtol=rtol, atol=rtol)
         np.testing.assert_allclose(b.to_numpy(interface), b.to_numpy(want), rtol=rtol, atol=rtol)
+
+
+def _blas_threads() -> list[int]:
+    from threadpoolctl import threadpool_info
+
+    return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+
+def _torch_threads() -> int | None:
+    torch = pytest.importorskip("torch") if "torch" in BACKENDS else None
+    return None if torch is None else torch.get_num_threads()
+
+
+def test_thread_limit_holds_inside_the_block_only(backend_name):
+    b = cpu_backend(backend_name)
+    before = (_blas_threads(), _torch_threads())
+    with b.threads(None):
+        assert (_blas_threads(), _torch_threads()) == before
+    with b.threads(1):
+        assert all(n == 1 for n in _blas_threads())
+        if backend_name == "torch":
+            assert _torch_threads() == 1
+    assert (_blas_threads(), _torch_threads()) == before
+
+
+@pytest.mark.parametrize("small_work, limited", [(estimator.SMALL_WORK, True), (0, False)])
+def test_small_fits_run_on_one_thread(monkeypatch, backend_name, small_work, limited):
+    monkeypatch.setattr(estimator, "SMALL_WORK", small_work)
+    seen = []
+    fused = type(cpu_backend(backend_name)).dense_log_term
+
+    def spy(self, *args):
+        seen.append((_blas_threads(), _torch_threads()))
+        return fused(self, *args)
+
+    monkeypatch.setattr(type(cpu_backend(backend_name)), "dense_log_term", spy)
+    x = np.random.default_rng(0).poisson(2.0, (30, 20))
+    before = (_blas_threads(), _torch_threads())
+    model = PNMF(2, backend=backend_name, device="cpu", max_iter=5, random_state=0).fit(x)
+    model.transform(x)
+    assert seen and (_blas_threads(), _torch_threads()) == before
+    for blas, torch_threads in seen:
+        if limited:
+            assert all(n == 1 for n in blas) and torch_threads in (None, 1)
+        else:
+            assert (blas, torch_threads) == before

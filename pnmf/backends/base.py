@@ -22,28 +22,6 @@ MAX_BUFFERS = 8
 TINY_RATE = 1e-30
 
 
-def log_term(b: Backend, x: Array, a: Array, w: Array, second: bool, rate: Callable, rows: Callable, cols: Callable):
-    """sum X log rate with rate = a @ W.T, a = exp(F) (c, N, L), and its derivatives in F and W.
-
-    ``rate(a, w)``, ``rows(v, w)`` and ``cols(v, a)`` are the three products over the
-    entries that X keeps (all of them, or its non-zeros)::
-
-        d/dF       = a * ((X / rate) @ W)
-        d2/dF2     = a * ((X / rate) @ W) - a^2 * ((X / rate^2) @ W^2)     (diagonal)
-        d/dW       = sum_c (X / rate).T @ a
-
-    Returns ``(value, d/dF, d/dW, d2/dF2 or None)``.
-    """
-    r = rate(a, w) + TINY_RATE  # a floor on rate >= 0, cheaper than a clip
-    ratio = x / r
-    value = b.sum(x * b.log(r))
-    g_f = a * rows(ratio, w)
-    g_w = cols(ratio, a)
-    # a * (a * ...) rather than a^2 * ...: exp(2F) alone can overflow float32.
-    h_f = g_f - a * (a * rows(ratio / r, w * w)) if second else None
-    return value, g_f, g_w, h_f
-
-
 class Backend:
     """One framework on one device, with one floating dtype."""
 
@@ -160,6 +138,8 @@ class Backend:
 
         Backends may fuse it; this version is written on the interface.
         """
+        from ..elbo import log_term  # the math lives with the ELBO, which imports this module
+
         return log_term(
             self,
             x,
@@ -177,6 +157,8 @@ class Backend:
 
     def sparse_log_term(self, pattern: Any, x: Array, a: Array, w: Array, second: bool) -> tuple:
         """:func:`log_term` over the non-zeros of ``pattern`` (values x, (nnz,)) for a (1, N, L)."""
+        from ..elbo import log_term
+
         return log_term(
             self,
             x,
@@ -197,6 +179,17 @@ class Backend:
     def compile(self, fn: Callable) -> Callable:
         """A faster equivalent of a pure function of arrays (identity by default)."""
         return fn
+
+    def threads(self, limit: int | None) -> contextlib.AbstractContextManager:
+        """A context in which the CPU work uses at most ``limit`` threads (None: no limit).
+
+        Limits the BLAS and OpenMP pools through threadpoolctl, for the block only.
+        """
+        if limit is None:
+            return contextlib.nullcontext()
+        from threadpoolctl import threadpool_limits
+
+        return threadpool_limits(limits=limit)
 
     def launch(self, *trees: Any) -> None:
         """Start computing the arrays in ``trees`` without waiting (lazy frameworks)."""

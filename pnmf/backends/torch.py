@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 
@@ -50,6 +51,20 @@ class TorchBackend(Backend):
     def scope(self):
         # The core computes its own gradients: autograd's bookkeeping only costs time.
         return torch.inference_mode()
+
+    @contextlib.contextmanager
+    def threads(self, limit):
+        # torch keeps its own intra-op thread count, which also governs its MKL calls.
+        if limit is None:
+            yield
+            return
+        before = torch.get_num_threads()
+        torch.set_num_threads(limit)
+        try:
+            with super().threads(limit):
+                yield
+        finally:
+            torch.set_num_threads(before)
 
     def asarray(self, x):
         return torch.tensor(np.asarray(x), dtype=self._dtype, device=self._device)
