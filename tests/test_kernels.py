@@ -169,3 +169,23 @@ def test_small_fits_run_on_one_thread(monkeypatch, backend_name, small_work, lim
             assert all(n == 1 for n in blas) and torch_threads in (None, 1)
         else:
             assert (blas, torch_threads) == before
+
+
+@pytest.mark.parametrize("second", [False, True])
+def test_torch_own_fused_path_equals_the_interface_version(second):
+    # On the CPU torch hands this loop to NumPy; its own version is the one CUDA and MPS run.
+    pytest.importorskip("torch")
+    b = cpu_backend("torch")
+    b._host = None
+    for seed, c in enumerate((3, 1, 2)):
+        x, a, w = _point(seed, c)
+        args = (b.asarray(x), b.asarray(a), b.asarray(w))
+        for got, want in zip(b.dense_log_term(*args, second), Backend.dense_log_term(b, *args, second), strict=True):
+            if want is None:
+                assert got is None
+            else:
+                np.testing.assert_allclose(b.to_numpy(got), b.to_numpy(want), rtol=1e-12, atol=1e-12)
+        slope_args = (args[0], args[1][0], args[2])
+        np.testing.assert_allclose(
+            b.to_numpy(b.dense_slope(*slope_args)), b.to_numpy(Backend.dense_slope(b, *slope_args)), rtol=1e-12
+        )
