@@ -28,6 +28,9 @@ class Backend:
     name: str = ""
     device: str = ""
     dtype: str = "float32"
+    # A NumPy backend the dense hot loop (dense_log_term, dense_slope) is handed to where the
+    # framework's CPU kernels are slower (see on_host); None keeps it in the framework.
+    _host: Backend | None = None
 
     # -- creation and conversion -------------------------------------------
     def asarray(self, x: np.ndarray) -> Array:
@@ -136,8 +139,11 @@ class Backend:
     def dense_log_term(self, x: Array, a: Array, w: Array, second: bool) -> tuple:
         """:func:`log_term` for dense counts x (N, D) and a (c, N, L), the hot loop of a fit.
 
-        Backends may fuse it; this version is written on the interface.
+        Backends may fuse it; this version is written on the interface, or handed to the
+        host backend where there is one.
         """
+        if self._host is not None:
+            return self.on_host("dense_log_term", x, a, w, second)
         from ..elbo import log_term  # the math lives with the ELBO, which imports this module
 
         return log_term(
@@ -153,6 +159,8 @@ class Backend:
 
     def dense_slope(self, x: Array, a: Array, w: Array) -> Array:
         """d/dF of sum X log rate at a = exp(F) (N, L) alone: a * ((X / rate) @ W), (N, L)."""
+        if self._host is not None:
+            return self.on_host("dense_slope", x, a, w)
         return a * ((x / (a @ self.swap(w) + TINY_RATE)) @ w)
 
     def sparse_log_term(self, pattern: Any, x: Array, a: Array, w: Array, second: bool) -> tuple:
@@ -174,6 +182,30 @@ class Backend:
         """:meth:`dense_slope` over the non-zeros of ``pattern`` (values x, (nnz,)), (N, L)."""
         rate = self.sampled_matmul(pattern, a, w) + TINY_RATE
         return a * self.sparse_matmul(pattern, x / rate, w)
+
+    # -- handing work to NumPy ------------------------------------------------------
+    def to_host(self, a: Array) -> np.ndarray:
+        """``a`` as a NumPy array for the host backend (a view where the memory allows)."""
+        return self.to_numpy(a)
+
+    def from_host(self, a: np.ndarray) -> Array:
+        """A NumPy result of the host backend as an array of this backend."""
+        return self.asarray(a)
+
+    def on_host(self, method: str, *args: Any) -> Any:
+        """The host backend's ``method`` on ``args``, arrays converted there and back.
+
+        Arguments that are not arrays of this backend (flags, sparsity patterns) pass as they
+        are; a tuple result comes back element by element, its Nones kept.
+        """
+        result = getattr(self._host, method)(*(self.to_host(v) if self.is_array(v) else v for v in args))
+        if isinstance(result, tuple):
+            return tuple(None if v is None else self.from_host(v) for v in result)
+        return self.from_host(result)
+
+    def is_array(self, a: Any) -> bool:
+        """Whether ``a`` is an array of this backend's framework."""
+        raise NotImplementedError
 
     # -- execution ----------------------------------------------------------------
     def compile(self, fn: Callable) -> Callable:
