@@ -78,7 +78,7 @@ class PNMF(TransformerMixin, BaseEstimator):
         start from a 'lower-bound' natural fit.
     backend : {'auto', 'numpy', 'torch', 'mlx'}
         Array framework. 'auto' takes MLX on an Apple-silicon GPU, torch on CUDA or MPS,
-        then torch, MLX or NumPy on the CPU.
+        then on the CPU NumPy for dense counts and torch (if installed) for sparse ones.
     device : str, optional
         Device within the backend: torch 'cpu', 'cuda', 'cuda:1', 'mps'; MLX 'cpu', 'gpu'.
     E : int
@@ -309,7 +309,9 @@ class PNMF(TransformerMixin, BaseEstimator):
             var,
             w,
             mode=self.mode,
-            noise=Noise(b, b.key(seed)),
+            # Independent draws with the control variate: for the value alone they are less
+            # noisy than antithetic pairs (whose gain is in the gradients).
+            noise=Noise(b, b.key(seed), antithetic=False),
             n_samples=max(self.E, FINAL_SAMPLES),
             prior_scale=self.prior_scale,
             gradients=False,
@@ -333,7 +335,7 @@ class PNMF(TransformerMixin, BaseEstimator):
     def _fit(self, X) -> None:
         self._validate_params()
         X = self._validate_data(X, reset=True)
-        b = get_backend(self.backend, self.device, self.dtype)
+        b = get_backend(self.backend, self.device, self.dtype, sparse=sp.issparse(X))
         with b.threads(self._thread_limit(X)):
             self._fit_on(b, X)
 

@@ -40,6 +40,9 @@ class FixedNoise:
         self.used += shape[0]
         return self.backend.asarray(chunk)
 
+    def balanced(self, n_samples):
+        return False
+
 
 def small_problem(seed: int = 0, n: int = 9, d: int = 7, n_components: int = 3, n_samples: int = 5):
     """Counts with zeros, and a point (mu, var, W) and noise eps to evaluate the ELBO at."""

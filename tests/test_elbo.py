@@ -53,26 +53,30 @@ def test_sparse_explicit_zeros_and_duplicates_are_the_same_counts():
         )
 
 
-def _mc_values(mode, x, mu, var, w, draws, n_samples=4, seed=0, control_variate=False):
-    b = cpu_backend("numpy")
+def _mc_terms(
+    mode, x, mu, var, w, draws, n_samples=4, seed=0, control_variate=False, antithetic=True, var_gradient="reparam"
+):
+    b = cpu_backend("numpy", "float64")
     counts = as_counts(b, x)
-    noise = Noise(b, b.key(seed))
-    return np.array(
-        [
-            evaluate(
-                counts,
-                mu,
-                var,
-                w,
-                mode=mode,
-                noise=noise,
-                n_samples=n_samples,
-                gradients=False,
-                control_variate=control_variate,
-            ).value
-            for _ in range(draws)
-        ]
-    )
+    noise = Noise(b, b.key(seed), antithetic=antithetic)
+    return [
+        evaluate(
+            counts,
+            mu,
+            var,
+            w,
+            mode=mode,
+            noise=noise,
+            n_samples=n_samples,
+            control_variate=control_variate,
+            var_gradient=var_gradient,
+        )
+        for _ in range(draws)
+    ]
+
+
+def _mc_values(*args, **kwargs):
+    return np.array([terms.value for terms in _mc_terms(*args, **kwargs)])
 
 
 def test_lower_bound_is_below_expanded_mean():
@@ -97,11 +101,41 @@ def test_simple_and_expanded_have_the_same_mean():
 @pytest.mark.parametrize("mode, noise_ratio", [("simple", 0.9), ("expanded", 0.5)])
 def test_control_variate_keeps_the_mean_and_cuts_the_noise(mode, noise_ratio):
     x, mu, var, w, _ = small_problem(seed=8, n=20, d=15)
-    plain = _mc_values(mode, x, mu, var, w, draws=1500, seed=3)
-    controlled = _mc_values(mode, x, mu, var, w, draws=1500, seed=4, control_variate=True)
+    plain = _mc_values(mode, x, mu, var, w, draws=1500, seed=3, antithetic=False)
+    controlled = _mc_values(mode, x, mu, var, w, draws=1500, seed=4, control_variate=True, antithetic=False)
     se = np.sqrt(plain.var() / len(plain) + controlled.var() / len(controlled))
     assert abs(plain.mean() - controlled.mean()) < 5 * se
     assert controlled.std() < noise_ratio * plain.std()
+
+
+@pytest.mark.parametrize("sizes", [(4,), (1, 1, 1, 1, 1), (3, 2, 1), (1, 3, 3)])
+def test_antithetic_draws_come_in_pairs_across_chunks(sizes):
+    b = cpu_backend("numpy", "float64")
+    noise = Noise(b, b.key(0))
+    eps = np.concatenate([noise.draw((size, 6, 2)) for size in sizes]).reshape(sum(sizes), -1)
+    if len(eps) % 2 == 0:  # closed under negation, each value twice in absolute value
+        np.testing.assert_array_equal(np.sort(eps, axis=0), np.sort(-eps, axis=0))
+        assert len(np.unique(np.abs(eps[:, 0]))) == len(eps) // 2
+    else:  # one draw still waits for its negative
+        assert len(np.unique(np.abs(eps[:, 0]))) == (len(eps) + 1) // 2
+    assert not noise.balanced(5) and noise.balanced(4) and not Noise(b, b.key(0), antithetic=False).balanced(4)
+
+
+@pytest.mark.parametrize("mode", ["simple", "expanded"])
+@pytest.mark.parametrize("var_gradient", ["reparam", "price"])
+def test_antithetic_pairs_keep_the_means_and_cut_the_gradient_noise(mode, var_gradient):
+    """Same expectations as independent draws (z-tests), and less noise in the gradients whose
+    noise is odd in eps: all but the reparameterisation's g_var = E[g(eps) eps] / (2 sd)."""
+    x, mu, var, w, _ = small_problem(seed=11, n=20, d=15)
+    paired = _mc_terms(mode, x, mu, var, w, draws=600, seed=5, var_gradient=var_gradient)
+    independent = _mc_terms(mode, x, mu, var, w, draws=600, seed=6, antithetic=False, var_gradient=var_gradient)
+    reduced = ("g_mu", "g_w") if var_gradient == "reparam" else ("g_mu", "g_var", "g_w")
+    for name in ("value", "g_mu", "g_var", "g_w"):
+        a, c = (np.array([getattr(t, name) for t in terms]) for terms in (paired, independent))
+        se = np.sqrt(a.var(axis=0) / len(a) + c.var(axis=0) / len(c))
+        assert np.all(np.abs(a.mean(axis=0) - c.mean(axis=0)) < 5 * se + 1e-12), name
+        if name in reduced:
+            assert np.median(a.std(axis=0) / c.std(axis=0)) < 0.8, name
 
 
 def test_monte_carlo_chunks_do_not_change_the_estimate(monkeypatch):

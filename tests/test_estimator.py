@@ -200,10 +200,13 @@ def test_missing_framework_names_the_fix(monkeypatch):
 
 
 def test_auto_backend_picks_the_fastest_cpu_choice(planted):
+    """On a CPU: NumPy for dense counts, torch (when installed) for sparse ones."""
     x, _, _ = planted
-    model = PNMF(2, backend="auto", max_iter=3).fit(x)
-    expected = "torch" if "torch" in BACKENDS else ("mlx" if "mlx" in BACKENDS else "numpy")
-    assert model.backend_ == expected and model.device_ == "cpu"
+    dense = PNMF(2, backend="auto", max_iter=3).fit(x)
+    assert dense.backend_ == "numpy" and dense.device_ == "cpu"
+    sparse = PNMF(2, backend="auto", max_iter=3).fit(sp.csr_matrix(x))
+    assert sparse.backend_ == ("torch" if "torch" in BACKENDS else "numpy") and sparse.device_ == "cpu"
+    assert sparse.transform(x).shape == (x.shape[0], 2)  # a fitted model keeps its backend
 
 
 def test_device_choice_is_checked():

@@ -43,6 +43,24 @@ def test_fused_dense_log_term_equals_the_interface_version(backend_name, second)
                 np.testing.assert_allclose(b.to_numpy(got), b.to_numpy(want), rtol=rtol, atol=rtol)
 
 
+@pytest.mark.parametrize("scale, zero_loadings", [(1e20, False), (1.0, True), (1e20, True)])
+def test_fused_value_in_float32_at_extreme_rates(scale, zero_loadings):
+    """The NumPy loop takes logs of products of two samples' rates: products beyond float32's
+    range (rates of 1e20) and floored zero rates must give the per-sample logs' value."""
+    b = cpu_backend("numpy", "float32")
+    for c in (2, 3):
+        x, a, w = _point(7, c)
+        a *= scale
+        if zero_loadings:
+            w[:3] = 0.0  # three features with no rate at all
+            x[:, :3] = 0.0
+        args = (b.asarray(x), b.asarray(a), b.asarray(w), False)
+        value = b.dense_log_term(*args)[0]
+        want = Backend.dense_log_term(b, *args)[0]
+        assert np.isfinite(value)
+        assert value == pytest.approx(float(want), rel=1e-5)
+
+
 def test_fused_results_are_not_overwritten_by_the_next_call(backend_name):
     b = cpu_backend(backend_name)
     x, a, w = _point(0, 2)

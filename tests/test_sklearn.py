@@ -18,7 +18,9 @@ from .conftest import BACKENDS
 
 
 def test_check_estimator_passes_every_check():
-    results = check_estimator(PNMF(n_components=2, max_iter=20, backend="numpy"), on_fail=None)
+    # float64: the subset-invariance check asks transform of one row and of 20 rows to agree
+    # within 1e-7, one float32 rounding, and BLAS sums a row differently in different batches.
+    results = check_estimator(PNMF(n_components=2, max_iter=20, backend="numpy", dtype="float64"), on_fail=None)
     failed = [(r["check_name"], str(r["exception"])[:200]) for r in results if r["status"] == "failed"]
     assert not failed
     assert sum(r["status"] == "passed" for r in results) >= 40

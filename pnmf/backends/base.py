@@ -18,8 +18,9 @@ Key = Any
 
 # Scratch arrays a backend keeps (see Backend.buffer); more shapes than this start afresh.
 MAX_BUFFERS = 8
-# Smallest rate inside a logarithm: a rate of exactly zero would give 0 * log 0.
-TINY_RATE = 1e-30
+# Smallest rate inside a logarithm: a rate of exactly zero would give 0 * log 0. The product
+# of two floored rates (1e-36) is still a normal float32, which NumpyBackend.dense_log_term uses.
+TINY_RATE = 1e-18
 
 
 class Backend:
@@ -103,6 +104,10 @@ class Backend:
 
     def swap(self, a: Array) -> Array:
         """Transpose the last two axes."""
+        raise NotImplementedError
+
+    def concat(self, arrays: list[Array]) -> Array:
+        """The arrays joined along their first axis."""
         raise NotImplementedError
 
     def all_finite(self, a: Array) -> Array:

@@ -116,6 +116,9 @@ class MLXBackend(Backend):
     def swap(self, a):
         return mx.swapaxes(a, -1, -2)
 
+    def concat(self, arrays):
+        return mx.concatenate(arrays)
+
     def all_finite(self, a):
         return mx.all(mx.isfinite(a))
 

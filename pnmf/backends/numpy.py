@@ -15,6 +15,30 @@ from .base import TINY_RATE, Backend
 CHUNK = 1 << 14
 
 
+def _sum_x_log(x: np.ndarray, rate: np.ndarray, work: np.ndarray) -> np.floating:
+    """sum_c sum X * log(rate[c]) for rate (c, N, D) >= TINY_RATE, with ``work`` as scratch.
+
+    The logarithm is the costliest pass of the hot loop, so it is taken of the products of
+    two samples' rates, half as many values. Each product is at least TINY_RATE^2, a normal
+    float; should one overflow (rates beyond 1e19 in float32), the logs are taken one by one.
+    """
+    c = rate.shape[0]
+    half = c // 2
+    flat_x = x.reshape(-1)
+    if half:
+        pairs = work[:half]
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is caught below
+            np.multiply(rate[:half], rate[half : 2 * half], out=pairs)
+            np.log(pairs, out=pairs)
+            value = (pairs.reshape(half, -1) @ flat_x).sum()
+        if c % 2:
+            value += np.log(rate[-1], out=work[-1]).reshape(-1) @ flat_x
+        if np.isfinite(value):
+            return value
+    np.log(rate, out=work)
+    return (work.reshape(c, -1) @ flat_x).sum()
+
+
 @dataclass
 class _Pattern:
     indptr: np.ndarray
@@ -65,13 +89,27 @@ class NumpyBackend(Backend):
         return np.where(cond, a, b)
 
     def sum(self, a, axis=None, keepdims=False):
+        if axis == 0 and not keepdims and np.ndim(a) == 2 and a.dtype.kind == "f":
+            # Down the rows of an (N, L) array: a matrix-vector product is 2x faster here.
+            return self._ones(a.shape[0], a.dtype) @ a
         return np.asarray(a).sum(axis=axis, keepdims=keepdims)
+
+    def _ones(self, n, dtype):
+        ones = self.__dict__.setdefault("_ones_cache", {})
+        if (n, dtype) not in ones:
+            if len(ones) >= 4:
+                ones.clear()
+            ones[n, dtype] = np.ones(n, dtype=dtype)
+        return ones[n, dtype]
 
     def mean(self, a, axis=None):
         return np.mean(a, axis=axis)
 
     def swap(self, a):
         return np.swapaxes(a, -1, -2)
+
+    def concat(self, arrays):
+        return np.concatenate(arrays)
 
     def all_finite(self, a):
         return np.isfinite(a).all()
@@ -87,10 +125,9 @@ class NumpyBackend(Backend):
         rate = self.buffer("rate", (c, n, x.shape[1]))
         work = self.buffer("work", rate.shape)
         flat_rate, flat_work = rate.reshape(c * n, -1), work.reshape(c * n, -1)
-        np.matmul(flat_a, w.T, out=flat_rate)
+        np.matmul(flat_a, np.ascontiguousarray(w.T), out=flat_rate)  # 1.5x faster than w.T here
         np.add(rate, TINY_RATE, out=rate)  # as a floor: np.maximum is 6x slower here
-        np.log(rate, out=work)
-        value = (work.reshape(c, -1) @ x.reshape(-1)).sum()
+        value = _sum_x_log(x, rate, work)
         np.divide(x, rate, out=work)  # X / rate
         g_f = a * (flat_work @ w).reshape(a.shape)
         g_w = flat_work.T @ flat_a

@@ -109,6 +109,9 @@ class TorchBackend(Backend):
     def swap(self, a):
         return a.transpose(-1, -2)
 
+    def concat(self, arrays):
+        return torch.cat(arrays)
+
     def all_finite(self, a):
         return torch.isfinite(a).all()
 
