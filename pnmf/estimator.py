@@ -313,6 +313,7 @@ class PNMF(TransformerMixin, BaseEstimator):
             # noisy than antithetic pairs (whose gain is in the gradients).
             noise=Noise(b, b.key(seed), antithetic=False),
             n_samples=max(self.E, FINAL_SAMPLES),
+            chunk=self.E,  # the chunks of the fit's steps: their scratch memory is reused
             prior_scale=self.prior_scale,
             gradients=False,
             control_variate=True,

@@ -95,6 +95,9 @@ class NaturalTrainer:
         self.fit_loadings = update_loadings
         # Adam's loadings step does not shrink with rho, so only the multiplicative rule is checked.
         self.checked = mode == "lower-bound" and (loadings_update == "multiplicative" or not update_loadings)
+        # Float rounding makes a sum of 1e5 terms uncertain by ~eps * |ELBO|: a smaller "loss"
+        # is noise, and rejecting it would stall a float32 fit short of its optimum.
+        self.rounding = float(ROUNDING * np.finfo(self.b.dtype).eps)
 
     def init(self, mu: Array, var: Array, w: Array) -> dict:
         b = self.b
@@ -135,10 +138,9 @@ class NaturalTrainer:
         t = state["t"] + 1
         new = dict(state, t=t)
         if self.checked:
-            # Step from the last accepted point: the new one if the ELBO did not fall, else the old one.
-            # Float rounding makes a sum of 1e5 terms uncertain by ~eps * |ELBO|: a smaller "loss"
-            # is noise, and rejecting it would stall a float32 fit short of its optimum.
-            slack = float(ROUNDING * np.finfo(b.dtype).eps) * b.clip(-state["accepted_value"], 0.0, None)
+            # Step from the last accepted point: the new one if the ELBO did not fall (up to
+            # rounding), else the old one.
+            slack = self.rounding * b.clip(-state["accepted_value"], 0.0, None)
             accept = terms.value >= state["accepted_value"] - slack
             for name, fresh in (("mu", mu), ("precision", precision), ("w", w)):
                 new["accepted_" + name] = b.where(accept, fresh, state["accepted_" + name])

@@ -15,17 +15,27 @@ BETA1, BETA2, ADAM_EPS = 0.9, 0.999, 1e-8
 LOG_SD_BOUNDS = tuple(0.5 * math.log(v) for v in VAR_BOUNDS)
 
 
-def adam(b: Backend, param: Array, grad: Array, m: Array, v: Array, t: Array, lr: float):
-    """One Adam ascent step (Kingma & Ba 2015) at step count t >= 1.
+def adam_scales(t: Array, lr: float) -> tuple[Array, Array]:
+    """Adam's bias corrections at step count t >= 1 folded into a step size and an epsilon.
+
+    lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+      = [lr sqrt(1 - b2^t) / (1 - b1^t)] * m / (sqrt(v) + eps sqrt(1 - b2^t)),
+    the same step with the two scalars computed once for every parameter of a step.
+    """
+    root = (1 - BETA2**t) ** 0.5
+    return lr * root / (1 - BETA1**t), ADAM_EPS * root
+
+
+def adam(b: Backend, param: Array, grad: Array, m: Array, v: Array, scales: tuple[Array, Array]):
+    """One Adam ascent step (Kingma & Ba 2015), with ``scales = adam_scales(t, lr)``.
 
     m <- b1 m + (1 - b1) g,  v <- b2 v + (1 - b2) g^2,
     param <- param + lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
     """
+    step, eps = scales
     m = BETA1 * m + (1 - BETA1) * grad
-    v = BETA2 * v + (1 - BETA2) * grad * grad
-    m_hat = m / (1 - BETA1**t)
-    v_hat = v / (1 - BETA2**t)
-    return param + lr * m_hat / (b.sqrt(v_hat) + ADAM_EPS), m, v
+    v = BETA2 * v + (1 - BETA2) * (grad * grad)
+    return param + step * m / (b.sqrt(v) + eps), m, v
 
 
 def multiplicative_loadings(w: Array, terms: Terms) -> Array:
@@ -42,12 +52,16 @@ def loadings_state(b: Backend, w: Array, rule: str) -> dict:
     return {"m_w": b.zeros_like(w), "v_w": b.zeros_like(w)} if rule == "adam" else {}
 
 
-def update_loadings(b: Backend, state: dict, terms: Terms, t: Array, rule: str, lr: float):
-    """W after one step of ``rule``; Adam works on log W, so W stays positive."""
+def update_loadings(b: Backend, state: dict, terms: Terms, t: Array, rule: str, lr: float, scales=None):
+    """W after one step of ``rule``; Adam works on log W, so W stays positive.
+
+    ``scales``: Adam's ``adam_scales(t, lr)`` when the caller has them already.
+    """
     w = state["w"]
     if rule == "multiplicative":
         return multiplicative_loadings(w, terms), {}
-    log_w, m, v = adam(b, b.log(w), terms.g_w * w, state["m_w"], state["v_w"], t, lr)
+    scales = adam_scales(t, lr) if scales is None else scales
+    log_w, m, v = adam(b, b.log(w), terms.g_w * w, state["m_w"], state["v_w"], scales)
     return b.exp(log_w), {"m_w": m, "v_w": v}
 
 
@@ -95,13 +109,14 @@ class StandardTrainer:
         )
         t = state["t"] + 1
         new = dict(state, t=t)
-        new["mu"], new["m_mu"], new["v_mu"] = adam(b, mu, terms.g_mu, state["m_mu"], state["v_mu"], t, self.lr)
+        scales = adam_scales(t, self.lr)
+        new["mu"], new["m_mu"], new["v_mu"] = adam(b, mu, terms.g_mu, state["m_mu"], state["v_mu"], scales)
         new["mu"] = b.clip(new["mu"], -MEAN_BOUND, MEAN_BOUND)
         new["log_sd"], new["m_log_sd"], new["v_log_sd"] = adam(
-            b, state["log_sd"], terms.g_var * 2 * var, state["m_log_sd"], state["v_log_sd"], t, self.lr
+            b, state["log_sd"], terms.g_var * (2 * var), state["m_log_sd"], state["v_log_sd"], scales
         )
         new["log_sd"] = b.clip(new["log_sd"], *LOG_SD_BOUNDS)
         if self.fit_loadings:
-            new["w"], moments = update_loadings(b, state, terms, t, self.rule, self.lr)
+            new["w"], moments = update_loadings(b, state, terms, t, self.rule, self.lr, scales)
             new.update(moments)
         return new, noise.key, terms.value

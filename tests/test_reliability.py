@@ -111,7 +111,7 @@ def test_hard_inputs_give_finite_fits(case, mode, training_mode, backend_name):
 def test_a_non_finite_step_stops_with_a_named_error(monkeypatch):
     import pnmf.optim
 
-    def poisoned(b, param, grad, m, v, t, lr):
+    def poisoned(b, param, grad, m, v, scales):
         return param * np.nan, m, v
 
     monkeypatch.setattr(pnmf.optim, "adam", poisoned)

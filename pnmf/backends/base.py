@@ -16,6 +16,8 @@ import scipy.sparse as sp
 Array = Any
 Key = Any
 
+# threadpoolctl's view of the thread pools loaded with each backend class (see Backend.threads).
+_POOLS: dict[type, Any] = {}
 # Scratch arrays a backend keeps (see Backend.buffer); more shapes than this start afresh.
 MAX_BUFFERS = 8
 # Smallest rate inside a logarithm: a rate of exactly zero would give 0 * log 0. The product
@@ -162,6 +164,12 @@ class Backend:
             cols=lambda v, a: self.sum(self.swap(v) @ a, axis=0),
         )
 
+    def dense_log_value(self, x: Array, a: Array, w: Array) -> Array:
+        """The value of :meth:`dense_log_term` alone, sum X log rate for a (c, N, L)."""
+        if self._host is not None:
+            return self.on_host("dense_log_value", x, a, w)
+        return self.sum(x * self.log(a @ self.swap(w) + TINY_RATE))
+
     def dense_slope(self, x: Array, a: Array, w: Array) -> Array:
         """d/dF of sum X log rate at a = exp(F) (N, L) alone: a * ((X / rate) @ W), (N, L)."""
         if self._host is not None:
@@ -182,6 +190,10 @@ class Backend:
             rows=lambda v, w: self.sparse_matmul(pattern, v[0], w)[None],
             cols=lambda v, a: self.sparse_matmul_t(pattern, v[0], a[0]),
         )
+
+    def sparse_log_value(self, pattern: Any, x: Array, a: Array, w: Array) -> Array:
+        """The value of :meth:`sparse_log_term` alone, for a (1, N, L)."""
+        return self.sum(x * self.log(self.sampled_matmul(pattern, a[0], w) + TINY_RATE))
 
     def sparse_slope(self, pattern: Any, x: Array, a: Array, w: Array) -> Array:
         """:meth:`dense_slope` over the non-zeros of ``pattern`` (values x, (nnz,)), (N, L)."""
@@ -220,13 +232,16 @@ class Backend:
     def threads(self, limit: int | None) -> contextlib.AbstractContextManager:
         """A context in which the CPU work uses at most ``limit`` threads (None: no limit).
 
-        Limits the BLAS and OpenMP pools through threadpoolctl, for the block only.
+        Limits the BLAS and OpenMP pools through threadpoolctl, for the block only. The pools
+        are looked up once per framework (a lookup reads the process's memory map: 2 ms).
         """
         if limit is None:
             return contextlib.nullcontext()
-        from threadpoolctl import threadpool_limits
+        if type(self) not in _POOLS:
+            from threadpoolctl import ThreadpoolController
 
-        return threadpool_limits(limits=limit)
+            _POOLS[type(self)] = ThreadpoolController()
+        return _POOLS[type(self)].limit(limits=limit)
 
     def launch(self, *trees: Any) -> None:
         """Start computing the arrays in ``trees`` without waiting (lazy frameworks)."""

@@ -86,6 +86,8 @@ class NumpyBackend(Backend):
         return np.asarray(a).clip(low, high)
 
     def where(self, cond, a, b):
+        if np.ndim(cond) == 0 and np.shape(a) == np.shape(b):
+            return a if cond else b  # one of the two as it is (no array is changed in place)
         return np.where(cond, a, b)
 
     def sum(self, a, axis=None, keepdims=False):
@@ -136,6 +138,13 @@ class NumpyBackend(Backend):
             np.divide(work, rate, out=rate)  # X / rate^2
             h_f = g_f - a * (a * (flat_rate @ (w * w)).reshape(a.shape))
         return value, g_f, g_w, h_f
+
+    def dense_log_value(self, x, a, w):
+        c, n, n_comp = a.shape
+        rate = self.buffer("rate", (c, n, x.shape[1]))
+        np.matmul(a.reshape(c * n, n_comp), np.ascontiguousarray(w.T), out=rate.reshape(c * n, -1))
+        np.add(rate, TINY_RATE, out=rate)
+        return _sum_x_log(x, rate, self.buffer("work", rate.shape))
 
     def dense_slope(self, x, a, w):
         ratio = self.buffer("rate", (1,) + x.shape)[0]
