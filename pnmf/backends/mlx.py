@@ -150,6 +150,11 @@ class MLXBackend(Backend):
             return self.on_host("sparse_log_term", pattern, x, a, w, second)
         return super().sparse_log_term(pattern, x, a, w, second)
 
+    def sparse_log_value(self, pattern, x, a, w):
+        if self._host is not None:
+            return self.on_host("sparse_log_value", pattern, x, a, w)
+        return super().sparse_log_value(pattern, x, a, w)
+
     def sparse_slope(self, pattern, x, a, w):
         if self._host is not None:
             return self.on_host("sparse_slope", pattern, x, a, w)
