@@ -82,7 +82,8 @@ class PNMF(TransformerMixin, BaseEstimator):
     device : str, optional
         Device within the backend: torch 'cpu', 'cuda', 'cuda:1', 'mps'; MLX 'cpu', 'gpu'.
     E : int
-        Monte Carlo samples per iteration in the 'simple' and 'expanded' modes.
+        Monte Carlo samples per iteration in the 'simple' and 'expanded' modes, drawn in
+        antithetic pairs (eps, -eps): an even E gets the most from them.
     max_iter : int
         Most iterations (every phase of a fit together).
     tol : float

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from .backends.base import Array, Backend
 from .elbo import MEAN_BOUND, VAR_BOUNDS, Noise, Terms, evaluate
 
@@ -52,21 +54,22 @@ def loadings_state(b: Backend, w: Array, rule: str) -> dict:
     return {"m_w": b.zeros_like(w), "v_w": b.zeros_like(w)} if rule == "adam" else {}
 
 
-def update_loadings(b: Backend, state: dict, terms: Terms, t: Array, rule: str, lr: float, scales=None):
-    """W after one step of ``rule``; Adam works on log W, so W stays positive.
-
-    ``scales``: Adam's ``adam_scales(t, lr)`` when the caller has them already.
-    """
+def update_loadings(b: Backend, state: dict, terms: Terms, t: Array, rule: str, lr: float):
+    """W after one step of ``rule``; Adam works on log W, so W stays positive."""
     w = state["w"]
     if rule == "multiplicative":
         return multiplicative_loadings(w, terms), {}
-    scales = adam_scales(t, lr) if scales is None else scales
-    log_w, m, v = adam(b, b.log(w), terms.g_w * w, state["m_w"], state["v_w"], scales)
+    log_w, m, v = adam(b, b.log(w), terms.g_w * w, state["m_w"], state["v_w"], adam_scales(t, lr))
     return b.exp(log_w), {"m_w": m, "v_w": v}
 
 
 class StandardTrainer:
-    """Adam on mu, log sd = log(var)/2 and the loadings (DESIGN §3, ``training_mode='standard'``)."""
+    """Adam on mu, log sd = log(var)/2 and the loadings (DESIGN §3, ``training_mode='standard'``).
+
+    The parameters Adam moves live in one flat array ``theta`` = [mu, log sd, log W] (log W
+    when the loadings are on Adam), so a step is one Adam update and one clip, whatever
+    their number: on small data each array operation costs more in overhead than in work.
+    """
 
     def __init__(self, counts, *, mode, n_samples, prior_scale, learning_rate, loadings_update, update_loadings):
         self.counts = counts
@@ -77,19 +80,32 @@ class StandardTrainer:
         self.lr = learning_rate
         self.rule = loadings_update
         self.fit_loadings = update_loadings
+        self.adam_w = update_loadings and loadings_update == "adam"
 
     def init(self, mu: Array, var: Array, w: Array) -> dict:
         b = self.b
-        state = {"mu": mu, "log_sd": 0.5 * b.log(var), "w": w, "t": b.scalar(0.0)}
-        for name in ("mu", "log_sd"):
-            state["m_" + name] = b.zeros_like(mu)
-            state["v_" + name] = b.zeros_like(mu)
-        if self.fit_loadings:
-            state.update(loadings_state(b, w, self.rule))
-        return state
+        self.shapes = (tuple(mu.shape), tuple(w.shape))
+        parts = [mu, 0.5 * b.log(var)] + ([b.log(w)] if self.adam_w else [])
+        theta = b.concat([p.reshape(-1) for p in parts])
+        # The bounds of theta, entry by entry: mu's, log sd's, and none on log W.
+        size = mu.shape[0] * mu.shape[1]
+        low, high = np.full((2, theta.shape[0]), np.inf)
+        low *= -1
+        low[:size], high[:size] = -MEAN_BOUND, MEAN_BOUND
+        low[size : 2 * size], high[size : 2 * size] = LOG_SD_BOUNDS
+        self.bounds = b.asarray(low), b.asarray(high)
+        return {"theta": theta, "m": b.zeros_like(theta), "v": b.zeros_like(theta), "w": w, "t": b.scalar(0.0)}
+
+    def _split(self, theta: Array) -> tuple[Array, Array, Array | None]:
+        """mu, log sd and (when on Adam) log W: views of theta."""
+        (n, n_comp), w_shape = self.shapes
+        size = n * n_comp
+        log_w = theta[2 * size :].reshape(w_shape) if self.adam_w else None
+        return theta[:size].reshape(n, n_comp), theta[size : 2 * size].reshape(n, n_comp), log_w
 
     def params(self, state: dict) -> tuple[Array, Array, Array]:
-        return state["mu"], self.b.exp(2 * state["log_sd"]), state["w"]
+        mu, log_sd, _ = self._split(state["theta"])
+        return mu, self.b.exp(2 * log_sd), state["w"]
 
     def step(self, state: dict, key):
         """Evaluate the ELBO and its gradients at the current parameters, then take one Adam step."""
@@ -108,15 +124,14 @@ class StandardTrainer:
             control_variate=True,
         )
         t = state["t"] + 1
-        new = dict(state, t=t)
-        scales = adam_scales(t, self.lr)
-        new["mu"], new["m_mu"], new["v_mu"] = adam(b, mu, terms.g_mu, state["m_mu"], state["v_mu"], scales)
-        new["mu"] = b.clip(new["mu"], -MEAN_BOUND, MEAN_BOUND)
-        new["log_sd"], new["m_log_sd"], new["v_log_sd"] = adam(
-            b, state["log_sd"], terms.g_var * (2 * var), state["m_log_sd"], state["v_log_sd"], scales
-        )
-        new["log_sd"] = b.clip(new["log_sd"], *LOG_SD_BOUNDS)
-        if self.fit_loadings:
-            new["w"], moments = update_loadings(b, state, terms, t, self.rule, self.lr, scales)
-            new.update(moments)
+        # Gradients in theta's coordinates: d/dlog sd = g_var * 2 var, d/dlog W = g_w * W.
+        grads = [terms.g_mu, terms.g_var * (2 * var)] + ([terms.g_w * w] if self.adam_w else [])
+        grad = b.concat([g.reshape(-1) for g in grads])
+        theta, m, v = adam(b, state["theta"], grad, state["m"], state["v"], adam_scales(t, self.lr))
+        theta = b.clip(theta, *self.bounds)
+        new = dict(state, theta=theta, m=m, v=v, t=t)
+        if self.adam_w:
+            new["w"] = b.exp(self._split(theta)[2])
+        elif self.fit_loadings:
+            new["w"] = multiplicative_loadings(w, terms)
         return new, noise.key, terms.value

@@ -87,8 +87,9 @@ class Backend:
         """Square root of a."""
         raise NotImplementedError
 
-    def clip(self, a: Array, low: float | None, high: float | None) -> Array:
-        """a bounded to [low, high]; None leaves that side open."""
+    def clip(self, a: Array, low, high) -> Array:
+        """a bounded to [low, high]; None leaves that side open. The bounds are numbers or
+        arrays of the backend that broadcast with a (a bound per entry)."""
         raise NotImplementedError
 
     def where(self, cond: Array, a: Array, b: Array) -> Array:
