@@ -1,4 +1,4 @@
-"""Adam against torch.optim.Adam, the oracle."""
+"""Adam against torch.optim.Adam, the oracle, and the standard trainer's parameter layout."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 
 from pnmf.optim import adam, adam_scales
 
-from .conftest import cpu_backend
+from .conftest import cpu_backend, small_problem
 
 
 def test_adam_matches_torch_adam_ascent():
@@ -24,3 +24,33 @@ def test_adam_matches_torch_adam_ascent():
         optimizer.step()
         param, m, v = adam(b, param, grad, m, v, adam_scales(b.scalar(float(t)), 0.01))
         np.testing.assert_allclose(param, oracle.detach().numpy(), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("rule", ["adam", "multiplicative"])
+def test_standard_trainer_keeps_its_parameters_in_one_array(rule):
+    """init and params round-trip (mu, var, W); a step moves every part and keeps the bounds."""
+    from pnmf.elbo import MEAN_BOUND, VAR_BOUNDS, as_counts
+    from pnmf.optim import StandardTrainer
+
+    x, mu, var, w, _ = small_problem(seed=3)
+    b = cpu_backend("numpy", "float64")
+    trainer = StandardTrainer(
+        as_counts(b, x),
+        mode="lower-bound",
+        n_samples=1,
+        prior_scale=1.0,
+        learning_rate=50.0,  # steps far past the bounds
+        loadings_update=rule,
+        update_loadings=True,
+    )
+    state = trainer.init(mu, var, w)
+    for got, want in zip(trainer.params(state), (mu, var, w), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+    new, _, _ = trainer.step(state, b.key(0))
+    new_mu, new_var, new_w = trainer.params(new)
+    for got, old in zip((new_mu, new_var, new_w), (mu, var, w), strict=True):
+        assert not np.allclose(got, old)
+    assert np.all(np.abs(new_mu) <= MEAN_BOUND)
+    assert np.all((new_var >= VAR_BOUNDS[0] * (1 - 1e-9)) & (new_var <= VAR_BOUNDS[1] * (1 + 1e-9)))
+    assert np.isclose(np.abs(new_mu), MEAN_BOUND).any() or np.isclose(new_var, VAR_BOUNDS).any()
+    assert np.all(new_w > 0)
