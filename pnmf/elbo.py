@@ -132,11 +132,11 @@ class Noise:
 
     With ``antithetic`` (the default) the samples come in pairs eps, -eps: a chunk holds its
     fresh draws, then their negatives; when a chunk's size is odd, the negative of its last
-    fresh draw opens the next chunk. Each sample is
-    still standard normal, so every estimate keeps its expectation, and the odd-order
-    terms of its noise cancel within a pair: the Monte Carlo gradients lose their
-    first-order noise, an even number of samples needs no control variate (its first-order
-    term sums to zero), and half the normals are drawn.
+    fresh draw opens the next chunk. Each sample is still standard normal, so every
+    estimate keeps its expectation, and the odd-order terms of its noise cancel within a
+    pair: the Monte Carlo gradients lose their first-order noise, an even number of samples
+    needs no control variate (its first-order term sums to zero), and half the normals are
+    drawn.
     """
 
     def __init__(self, backend: Backend, key: Any, antithetic: bool = True):

@@ -45,9 +45,10 @@ def _auto(sparse: bool = False) -> tuple[str, str | None]:
     """MLX on an Apple-silicon GPU, torch on CUDA, torch on MPS, then the fastest CPU choice.
 
     On the CPU that is NumPy for dense counts (torch and MLX run the dense hot loop through
-    NumPy there and add their own overhead per operation: 0.34 against 0.50 ms per
-    iteration on the seed setting) and torch for sparse counts (its sampled products are
-    faster than NumPy's: 1.5x against 3.5x two SciPy products at 5e6 non-zeros).
+    NumPy there and add their own overhead per operation: on the seed setting 0.31 against
+    0.46 ms per natural iteration) and torch for sparse counts (its sampled products are
+    faster than NumPy's: 1.2-2.4x against 3.4x the time of two SciPy products at 5e6
+    non-zeros).
     """
     names = available()
     if "mlx" in names and platform.system() == "Darwin":
