@@ -25,7 +25,9 @@ def parse(argv=None) -> argparse.Namespace:
         choices=["natural", "speed"],
         help="natural: the natural-gradient benchmark; speed: digits, sparse and scaling timings",
     )
-    parser.add_argument("--quick", action="store_true", help="a short run (about a minute): 1500 iterations")
+    parser.add_argument(
+        "--quick", action="store_true", help="a short run (1500 iterations; about a minute with --backend all)"
+    )
     parser.add_argument(
         "--peer-python",
         default=None,
