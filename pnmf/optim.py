@@ -89,8 +89,7 @@ class StandardTrainer:
         theta = b.concat([p.reshape(-1) for p in parts])
         # The bounds of theta, entry by entry: mu's, log sd's, and none on log W.
         size = mu.shape[0] * mu.shape[1]
-        low, high = np.full((2, theta.shape[0]), np.inf)
-        low *= -1
+        low, high = np.full(theta.shape[0], -np.inf), np.full(theta.shape[0], np.inf)
         low[:size], high[:size] = -MEAN_BOUND, MEAN_BOUND
         low[size : 2 * size], high[size : 2 * size] = LOG_SD_BOUNDS
         self.bounds = b.asarray(low), b.asarray(high)
