@@ -69,10 +69,15 @@ def log_term(
 
 
 class DenseCounts:
-    """Dense counts X (N, D) on a backend; positions are all N * D entries."""
+    """Dense counts X (N, D) on a backend; positions are all N * D entries.
 
-    def __init__(self, backend: Backend, x: np.ndarray):
+    ``group`` (a :class:`pnmf.distributed.Group`) makes X one block of rows of a larger
+    matrix: :func:`evaluate` then sums its row sums over the group's processes.
+    """
+
+    def __init__(self, backend: Backend, x: np.ndarray, group=None):
         self.backend = backend
+        self.group = group
         self.shape = x.shape
         self.x = backend.asarray(x)
         self.lgamma_sum = float(gammaln(np.asarray(x, dtype=np.float64) + 1.0).sum())
@@ -96,8 +101,9 @@ class SparseCounts:
 
     chunk = 1  # one Monte Carlo sample at a time: each is already an nnz-sized pass
 
-    def __init__(self, backend: Backend, x: sp.csr_matrix):
+    def __init__(self, backend: Backend, x: sp.csr_matrix, group=None):
         self.backend = backend
+        self.group = group
         self.shape = x.shape
         self.pattern = backend.sparse(x)
         self.x = backend.asarray(x.data)
@@ -116,15 +122,19 @@ class SparseCounts:
         return self.backend.sparse_slope(self.pattern, self.x, a, w)
 
 
-def as_counts(backend: Backend, x: np.ndarray | sp.spmatrix) -> DenseCounts | SparseCounts:
-    """Put validated counts on the backend, sparse input staying sparse."""
+def as_counts(backend: Backend, x: np.ndarray | sp.spmatrix, group=None) -> DenseCounts | SparseCounts:
+    """Put validated counts on the backend, sparse input staying sparse.
+
+    ``group``: the process group whose ranks hold the other rows (None: x is all of X).
+    """
+    group = group if group is not None and group.size > 1 else None
     if sp.issparse(x):
         x = sp.csr_matrix(x)
         x.sum_duplicates()
         x.eliminate_zeros()
         x.sort_indices()
-        return SparseCounts(backend, x)
-    return DenseCounts(backend, np.asarray(x))
+        return SparseCounts(backend, x, group)
+    return DenseCounts(backend, np.asarray(x), group)
 
 
 class Noise:
@@ -241,6 +251,7 @@ def evaluate(
     if noise is not None and noise.balanced(n_samples):
         control_variate = False
     colsum_w = b.sum(w, axis=0)  # (L,)
+    w_num = sampled_sum = None
     if mode == "lower-bound" and not gradients:
         value = counts.log_value(b.exp(mu)[None], w)
     elif mode == "lower-bound":
@@ -286,20 +297,25 @@ def evaluate(
 
     expected = b.exp(mu + 0.5 * var) if gradients or mode != "simple" else None  # E_q[exp F], (N, L)
     expected_sum = None if expected is None else b.sum(expected, axis=0)  # (L,)
-    if mode == "simple":
-        # d/dW of the sampled rate sum: -(1/E) sum_e sum_n exp(F_e), the same for every d.
-        g_w = w_num - (sampled_sum / n_samples)[None, :] if gradients else None
-    else:
+    if mode != "simple":
         # The exact rate sum factorises: sum_{n,d} rate = sum_l (sum_d W[d, l]) (sum_n E_q[exp F[n, l]]).
         value = value - b.sum(colsum_w * expected_sum)
         if gradients:
             rate_slope = colsum_w * expected  # d/dmu of the rate sum; half of it is d/dvar
             g_mu = g_mu - rate_slope
             g_var = -0.5 * rate_slope if g_var is None else g_var - 0.5 * rate_slope
-            g_w = w_num - expected_sum[None, :]
     value = value - counts.lgamma_sum - kl_divergence(b, mu, var, prior_scale)
+    if counts.group is not None:
+        # X is one block of rows: the value and the loadings' statistics are sums over rows,
+        # so one all-reduce makes them those of the whole matrix on every rank (DESIGN §7).
+        value, w_num, expected_sum, sampled_sum = counts.group.all_sum(b, value, w_num, expected_sum, sampled_sum)
     if not gradients:
         return Terms(value)
+    if mode == "simple":
+        # d/dW of the sampled rate sum: -(1/E) sum_e sum_n exp(F_e), the same for every d.
+        g_w = w_num - (sampled_sum / n_samples)[None, :]
+    else:
+        g_w = w_num - expected_sum[None, :]
     s2 = prior_scale**2
     prior_mu = mu if s2 == 1 else mu / s2
     return Terms(value, g_mu - prior_mu, g_var + (0.5 / var - 0.5 / s2), g_w, w_num, expected_sum)

@@ -1,10 +1,14 @@
-"""The PNMF estimator: validation, the fit loop and the fitted attributes."""
+"""The PNMF estimator: parameters, validation and the fitted attributes.
+
+The loop that runs a fit (phases, stopping, progress, Ctrl-C, checkpoints) is
+:mod:`pnmf.loop`; the all-reduce of a distributed fit is :mod:`pnmf.distributed`.
+"""
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,16 +17,16 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, check_non_negative, validate_data
 
-from . import io
+from . import distributed, io, loop
 from .backends import BACKENDS, get_backend
 from .elbo import MEAN_BOUND, MODES, Noise, as_counts, evaluate
 from .init import INITS, initialize
+from .loop import Phase
 from .natural import NaturalTrainer
-from .optim import LOADINGS_UPDATES, StandardTrainer, multiplicative_loadings
+from .optim import LOADINGS_UPDATES, StandardTrainer
+from .svi import MinibatchTrainer
 
 TRAINING_MODES = ("standard", "natural")
-CHECK_EVERY = 10  # iterations between reads of the ELBO history (each read waits for the device)
-WINDOW = {"lower-bound": 10, "expanded": 50, "simple": 50}  # moving-average window of the stopping rule
 # Stored counts x Monte Carlo samples per iteration up to which a fit runs on one thread.
 # At the seed's size (2e5) a second thread saved 3-10% on an idle 2-core machine and cost up
 # to 2x (torch) whenever the other core was busy; from ~1e6 on it saves 15-45%.
@@ -31,11 +35,6 @@ FINAL_SAMPLES = 64  # Monte Carlo samples for the reported ELBO
 # The lower-bound warm start of a natural Monte Carlo fit stops at this tolerance: the
 # benchmark reached 1e-3 of the best ELBO in ~95 iterations with it, 354 with 1e-5.
 WARMUP_TOL = 3e-4
-# Mini-batch SVI: local natural steps per batch, and the loadings' Robbins-Monro schedule.
-# On 2000 x 60 planted counts, 300 steps of 100 rows ended 0.1% below the full-batch ELBO
-# with these; (tau, kappa, steps) = (10, 0.7, 10) ended 2.8% below.
-SVI_LOCAL_STEPS = 5
-SVI_TAU, SVI_KAPPA = 100.0, 0.6
 
 
 def _one_of(name: str, value, allowed) -> None:
@@ -171,6 +170,10 @@ class PNMF(TransformerMixin, BaseEstimator):
         verbose: bool = False,
         dtype: str = "float32",
         batch_size: int | None = None,
+        distributed: bool = False,
+        distributed_timeout: float | None = None,
+        checkpoint=None,
+        checkpoint_every: int = 100,
     ):
         self.n_components = n_components
         self.mode = mode
@@ -190,6 +193,10 @@ class PNMF(TransformerMixin, BaseEstimator):
         self.verbose = verbose
         self.dtype = dtype
         self.batch_size = batch_size
+        self.distributed = distributed
+        self.distributed_timeout = distributed_timeout
+        self.checkpoint = checkpoint
+        self.checkpoint_every = checkpoint_every
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -214,6 +221,17 @@ class PNMF(TransformerMixin, BaseEstimator):
         _number("prior_scale", self.prior_scale, low=0, low_open=True)
         _one_of("dtype", self.dtype, ("float32", "float64"))
         _number("batch_size", self.batch_size, integer=True, low=1, allow_none=True)
+        _one_of("distributed", self.distributed, (False, True))
+        _number("distributed_timeout", self.distributed_timeout, low=0, low_open=True, allow_none=True)
+        _number("checkpoint_every", self.checkpoint_every, integer=True, low=1)
+        if self.checkpoint is not None and not isinstance(self.checkpoint, (str, Path)):
+            raise TypeError(f"checkpoint={self.checkpoint!r} must be a file path (str or pathlib.Path) or None")
+        if self.distributed and self.batch_size is not None:
+            raise ValueError("batch_size does not combine with distributed=True: fit each process's rows whole")
+        if self.distributed and self.init != "random":
+            raise ValueError(
+                f"init={self.init!r} needs every row in one process; use init='random' with distributed=True"
+            )
         if self.batch_size is not None and (self.training_mode, self.loadings_update) not in (
             ("natural", None),
             ("natural", "multiplicative"),
@@ -251,56 +269,15 @@ class PNMF(TransformerMixin, BaseEstimator):
             return StandardTrainer(counts, **common)
         return NaturalTrainer(counts, ngd_lr=self.ngd_lr if mode == self.mode else None, **common)
 
-    def _phases(self) -> list[tuple[str, str]]:
-        """(training mode, ELBO mode) of each phase of ``fit``: natural Monte Carlo fits start from lower-bound."""
+    def _phases(self, counts) -> list[Phase]:
+        """The phases of ``fit``: natural Monte Carlo fits start from a lower-bound natural fit."""
         if self.training_mode == "natural" and self.mode != "lower-bound":
-            return [("natural", "lower-bound"), ("natural", self.mode)]
-        return [(self.training_mode, self.mode)]
-
-    def _optimize(self, counts, mu, var, w, *, phases, fit_loadings: bool, seed: int, desc: str, max_iter=None):
-        """Run every phase from (mu, var, W); return them and the history, n_iter, converged."""
-        b = counts.backend
-        key = b.key(seed)
-        history: list[float] = []
-        converged = False
-        budget = self.max_iter if max_iter is None else max_iter
-        progress = _progress(self.verbose and max_iter is None, budget, desc)
-        trainer = state = None
-        try:
-            for index, (phase_training, phase_mode) in enumerate(phases):
-                last = index == len(phases) - 1
-                trainer = self._trainer(counts, phase_training, phase_mode, fit_loadings)
-                state = trainer.init(mu, var, w)
-                step = b.compile(trainer.step)
-                tol = self.tol if last else max(self.tol, WARMUP_TOL)
-                start, pending = len(history), []
-                converged = False
-                while len(history) + len(pending) < budget and not converged:
-                    state, key, value = step(state, key)
-                    b.launch(state, key)
-                    pending.append(value)
-                    if len(pending) == CHECK_EVERY or len(history) + len(pending) == budget:
-                        values = [float(b.to_numpy(v)) for v in pending]
-                        _check_finite(b, values, trainer.params(state), len(history) + 1)
-                        history.extend(values)
-                        progress.update(len(values), values[-1])
-                        pending = []
-                        converged = _converged(history[start:], WINDOW[phase_mode], tol, phase_mode != "lower-bound")
-                mu, var, w = trainer.params(state)
-                if not last and not converged:
-                    break  # max_iter reached during warm-up
-        except KeyboardInterrupt:
-            warnings.warn(
-                f"fit interrupted after {len(history)} iterations; returning the parameters reached so far",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            converged = False
-            if trainer is not None:
-                mu, var, w = trainer.params(state)
-        finally:
-            progress.close()
-        return mu, var, w, np.asarray(history), converged
+            warmup = self._trainer(counts, "natural", "lower-bound", True)
+            return [
+                Phase.of_mode(warmup, "lower-bound", max(self.tol, WARMUP_TOL)),
+                Phase.of_mode(self._trainer(counts, "natural", self.mode, True), self.mode, self.tol),
+            ]
+        return [Phase.of_mode(self._trainer(counts, self.training_mode, self.mode, True), self.mode, self.tol)]
 
     def _final_elbo(self, counts, mu, var, w, seed: int) -> float:
         b = counts.backend
@@ -322,7 +299,10 @@ class PNMF(TransformerMixin, BaseEstimator):
         return float(b.to_numpy(terms.value))
 
     def fit(self, X, y=None):
-        """Fit the model to counts X (n_samples, n_features), dense or scipy.sparse."""
+        """Fit the model to counts X (n_samples, n_features), dense or scipy.sparse.
+
+        With ``distributed=True``, X is this process's block of rows (see ``distributed``).
+        """
         self._fit(X)
         return self
 
@@ -338,8 +318,9 @@ class PNMF(TransformerMixin, BaseEstimator):
         self._validate_params()
         X = self._validate_data(X, reset=True)
         b = get_backend(self.backend, self.device, self.dtype, sparse=sp.issparse(X))
+        group = distributed.join(b.name, self.distributed_timeout) if self.distributed else None
         with b.threads(self._thread_limit(X)):
-            self._fit_on(b, X)
+            self._fit_on(b, X, group)
 
     def _thread_limit(self, X) -> int | None:
         """1 for small problems (see SMALL_WORK), else None: the frameworks' own choice."""
@@ -347,90 +328,65 @@ class PNMF(TransformerMixin, BaseEstimator):
         samples = 1 if self.mode == "lower-bound" else self.E
         return 1 if entries * samples <= SMALL_WORK else None
 
-    def _fit_on(self, b, X) -> None:
-        rng = check_random_state(self.random_state)
-        h, w = initialize(X, self.n_components, self.init, rng)
-        seed = int(rng.randint(np.iinfo(np.int32).max))
-        if self.batch_size is not None and self.batch_size < X.shape[0]:
-            self._fit_minibatch(X, b, h, w, seed, rng)
-            return
-        with b.scope():
-            counts = as_counts(b, X)
-            mu = b.asarray(np.log(h) - 0.5 * self.init_var)
-            var = b.asarray(np.full(h.shape, self.init_var))
-            mu, var, w, history, converged = self._optimize(
-                counts,
-                mu,
-                var,
-                b.asarray(w),
-                phases=self._phases(),
-                fit_loadings=True,
-                seed=seed,
-                desc="PNMF fit",
-            )
-            self.elbo_ = self._final_elbo(counts, mu, var, w, seed)
-            self.mean_, self.var_, self.loadings_ = (b.to_numpy(a).astype(np.float64) for a in (mu, var, w))
-        self.components_ = self.loadings_.T
-        self.elbo_history_ = history
-        self.n_iter_ = len(history)
-        self.converged_ = converged
-        self.backend_, self.device_ = b.name, b.device
+    def _checkpoint(self, X, group) -> io.Checkpoint | None:
+        if self.checkpoint is None:
+            return None
+        # What may change between a run and its resumption: how long it runs and what it shows.
+        free = ("max_iter", "tol", "verbose", "checkpoint", "checkpoint_every", "distributed_timeout")
+        params = {k: v for k, v in self.get_params().items() if k not in free}
+        fingerprint = {
+            "params": json.loads(json.dumps(params, default=repr)),
+            "data": io.data_fingerprint(X),
+            "process": [0, 1] if group is None else [group.rank, group.size],
+        }
+        return io.Checkpoint(self.checkpoint, self.checkpoint_every, fingerprint, group)
 
-    def _fit_minibatch(self, X, b, h, w, seed: int, rng) -> None:
-        """Mini-batch stochastic variational inference (see ``batch_size``)."""
-        n = X.shape[0]
+    def _fit_on(self, b, X, group) -> None:
+        rng = check_random_state(self.random_state)
+        h, w = initialize(X, self.n_components, self.init, rng, group)
+        seed = int(rng.randint(np.iinfo(np.int32).max))
         mean, var = np.log(h) - 0.5 * self.init_var, np.full(h.shape, self.init_var)
-        order, position = rng.permutation(n), 0
-        history: list[float] = []
-        converged = False
-        progress = _progress(self.verbose, self.max_iter, "PNMF fit (mini-batch)")
-        try:
-            for step in range(self.max_iter):
-                if position + self.batch_size > n:
-                    order, position = rng.permutation(n), 0
-                rows = np.sort(order[position : position + self.batch_size])
-                position += self.batch_size
-                with b.scope():
-                    counts, mu, local_var, w_device = self._local_posterior(
-                        b, X[rows], mean[rows], var[rows], w, seed + step, max_iter=SVI_LOCAL_STEPS
-                    )
-                    terms = evaluate(
-                        counts,
-                        mu,
-                        local_var,
-                        w_device,
-                        mode="lower-bound",
-                        noise=None,
-                        n_samples=1,
-                        prior_scale=self.prior_scale,
-                    )
-                    w_batch = b.to_numpy(multiplicative_loadings(w_device, terms))
-                    value = float(b.to_numpy(terms.value)) * n / len(rows)
-                    _check_finite(b, [value], (mu, local_var, w_device), step + 1)
-                    mean[rows], var[rows] = b.to_numpy(mu), b.to_numpy(local_var)
-                rate = (1.0 + step / SVI_TAU) ** -SVI_KAPPA
-                w = (1.0 - rate) * w + rate * w_batch.astype(np.float64)
-                history.append(value)
-                progress.update(1, value)
-                if (step + 1) % CHECK_EVERY == 0:
-                    converged = _converged(history, WINDOW["expanded"], self.tol, noisy=True)
-                    if converged:
-                        break
-        except KeyboardInterrupt:
-            warnings.warn(
-                f"fit interrupted after {len(history)} steps; returning the parameters reached so far",
-                RuntimeWarning,
-                stacklevel=3,
+        show = self.verbose and (group is None or group.rank == 0)
+        if self.batch_size is not None and self.batch_size < X.shape[0]:
+            trainer = MinibatchTrainer(X, b, self, seed)
+            host = get_backend("numpy", dtype="float64")
+            result = loop.run(
+                host,
+                [Phase(trainer, self.tol, loop.WINDOW["expanded"], noisy=True)],
+                mean,
+                var,
+                w,
+                seed=seed,
+                max_iter=self.max_iter,
+                progress=loop.progress_bar(show, self.max_iter, "PNMF fit (mini-batch)"),
+                checkpoint=self._checkpoint(X, group),
             )
-            converged = False
-        finally:
-            progress.close()
-        self.loadings_ = np.asarray(w, dtype=np.float64)
+            self.loadings_ = np.asarray(result.w, dtype=np.float64)
+            self.mean_, self.var_, self.elbo_ = self._infer_rows(X, b, result.mu, result.var)
+        else:
+            # Each rank draws its own Monte Carlo noise; rank 0 (or a single process) uses seed.
+            noise_seed = seed if group is None else (seed + 1_000_003 * group.rank) % np.iinfo(np.int32).max
+            with b.scope():
+                counts = as_counts(b, X, group)
+                result = loop.run(
+                    b,
+                    self._phases(counts),
+                    b.asarray(mean),
+                    b.asarray(var),
+                    b.asarray(w),
+                    seed=noise_seed,
+                    max_iter=self.max_iter,
+                    progress=loop.progress_bar(show, self.max_iter, "PNMF fit"),
+                    checkpoint=self._checkpoint(X, group),
+                )
+                self.elbo_ = self._final_elbo(counts, result.mu, result.var, result.w, noise_seed)
+                self.mean_, self.var_, self.loadings_ = (
+                    b.to_numpy(a).astype(np.float64) for a in (result.mu, result.var, result.w)
+                )
         self.components_ = self.loadings_.T
-        self.mean_, self.var_, self.elbo_ = self._infer_rows(X, b, mean, var)
-        self.elbo_history_ = np.asarray(history)
-        self.n_iter_ = len(history)
-        self.converged_ = converged
+        self.elbo_history_ = result.history
+        self.n_iter_ = len(result.history)
+        self.converged_ = result.converged
         self.backend_, self.device_ = b.name, b.device
 
     def _local_posterior(self, b, x, mean, var, loadings, seed: int, max_iter=None, desc: str = ""):
@@ -440,18 +396,19 @@ class PNMF(TransformerMixin, BaseEstimator):
         """
         counts = as_counts(b, x)
         w = b.asarray(loadings)
-        mu, local_var, _, _, _ = self._optimize(
-            counts,
+        trainer = self._trainer(counts, "natural", "lower-bound", fit_loadings=False)
+        budget = self.max_iter if max_iter is None else max_iter
+        result = loop.run(
+            b,
+            [Phase.of_mode(trainer, "lower-bound", self.tol)],
             b.asarray(mean),
             b.asarray(var),
             w,
-            phases=[("natural", "lower-bound")],
-            fit_loadings=False,
             seed=seed,
-            desc=desc,
-            max_iter=max_iter,
+            max_iter=budget,
+            progress=loop.progress_bar(self.verbose and max_iter is None, budget, desc),
         )
-        return counts, mu, local_var, w
+        return counts, result.mu, result.var, w
 
     def _infer_rows(self, X, b, mean, var):
         """q(F) of every row with the loadings fixed, a batch at a time; and the full-data ELBO."""
@@ -525,65 +482,3 @@ class PNMF(TransformerMixin, BaseEstimator):
     def score(self, X, y=None) -> float:
         """ELBO of X under the fitted loadings (q(F) of its rows inferred by ``transform``)."""
         return self._infer(X)[2]
-
-
-def _check_finite(b, values: list[float], params, first: int) -> None:
-    """Raise FloatingPointError naming the iteration and quantity that stopped being finite."""
-    hint = "try dtype='float64', a smaller learning_rate or ngd_lr, or check the counts"
-    for offset, value in enumerate(values):
-        if not math.isfinite(value):
-            raise FloatingPointError(f"the ELBO became {value} at iteration {first + offset}; {hint}")
-    for name, array in zip(("mean of q(F)", "variance of q(F)", "loadings"), params):
-        if not bool(b.to_numpy(b.all_finite(array))):
-            raise FloatingPointError(
-                f"the {name} became non-finite between iterations {first} and {first + len(values) - 1}; {hint}"
-            )
-
-
-def _converged(history: list[float], window: int, tol: float, noisy: bool) -> bool:
-    """Whether the mean ELBO of the last ``window`` iterations differs from the window before
-    by less than ``tol`` (relative).
-
-    A Monte Carlo (``noisy``) history must show it beyond its noise: the change plus two
-    standard errors, the noise estimated from successive differences (which a slow trend
-    does not inflate), must be below ``tol``. A tolerance under the noise floor therefore
-    runs to ``max_iter`` rather than stopping at a lucky draw.
-    """
-    if tol <= 0 or len(history) < 2 * window:
-        return False
-    values = np.asarray(history[-2 * window :])
-    recent, previous = values[window:].mean(), values[:window].mean()
-    change = abs(recent - previous)
-    if noisy:
-        noise_sd = np.std(np.diff(values)) / np.sqrt(2.0)
-        change += 2.0 * noise_sd * np.sqrt(2.0 / window)
-    return bool(change <= tol * abs(recent))
-
-
-class _Progress:
-    """A tqdm bar showing the running ELBO, or nothing."""
-
-    def __init__(self, total: int, desc: str):
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=total, desc=desc, unit="it", leave=False)
-
-    def update(self, n: int, elbo: float) -> None:
-        self.bar.update(n)
-        self.bar.set_postfix(elbo=f"{elbo:.6g}", refresh=False)
-
-    def close(self) -> None:
-        self.bar.refresh()  # show the final ELBO even when the fit was quicker than tqdm's refresh interval
-        self.bar.close()
-
-
-class _Silent:
-    def update(self, n: int, elbo: float) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(verbose: bool, total: int, desc: str):
-    return _Progress(total, desc) if verbose else _Silent()

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import platform
 import zipfile
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 
 FORMAT = "pnmf-model"
 FORMAT_VERSION = 1
@@ -84,3 +87,92 @@ def load(cls, path, backend: str | None = None, device: str | None = None):
 def _plain(value):
     """A JSON-friendly copy of a NumPy scalar."""
     return value.item() if isinstance(value, np.generic) else value
+
+
+CHECKPOINT_FORMAT = "pnmf-checkpoint"
+
+
+def data_fingerprint(x) -> str:
+    """A digest of counts x (dense or scipy.sparse): its shape, dtype and values."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(repr((type(x).__name__, x.shape, str(x.dtype))).encode())
+    if sp.issparse(x):
+        x = sp.csr_matrix(x)
+        parts = (x.data, x.indices, x.indptr)
+    else:
+        parts = (x,)
+    for part in parts:
+        digest.update(np.ascontiguousarray(part).data)
+    return digest.hexdigest()
+
+
+class Checkpoint:
+    """A fit's state in one ``.npz`` file (arrays and JSON metadata, no pickle).
+
+    ``fingerprint`` names the data and parameters the state belongs to: a file written for
+    other data or other parameters is refused, never mixed in. Writes go to a temporary
+    file that is then renamed over the last checkpoint, so a fit killed while writing
+    leaves the previous checkpoint whole. ``group``: in a distributed fit each rank keeps
+    its own file (``name.rank-R-of-S.npz``), and all must hold the same iteration.
+    """
+
+    def __init__(self, path, every: int, fingerprint: dict, group=None):
+        path = Path(path)
+        if path.suffix != ".npz":
+            path = path.with_name(path.name + ".npz")
+        if group is not None and group.size > 1:
+            path = path.with_name(f"{path.stem}.rank-{group.rank}-of-{group.size}.npz")
+        self.path, self.every, self.fingerprint, self.group = path, every, fingerprint, group
+
+    def load(self) -> dict | None:
+        """The saved state (phase, phase_start, state, key, history), or None when there is none."""
+        saved = None
+        if self.path.exists():
+            try:
+                with np.load(self.path, allow_pickle=False) as data:
+                    metadata = json.loads(str(data["metadata"][()]))
+                    arrays = {name: np.array(data[name]) for name in data.files if name != "metadata"}
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError, EOFError) as err:
+                raise ValueError(f"{self.path} is not a pnmf checkpoint (or is damaged): {err}") from err
+            if metadata.get("format") != CHECKPOINT_FORMAT:
+                raise ValueError(f"{self.path} is not a pnmf checkpoint: no '{CHECKPOINT_FORMAT}' metadata")
+            differ = sorted(k for k in self.fingerprint if metadata["fingerprint"].get(k) != self.fingerprint[k])
+            if differ:
+                raise ValueError(
+                    f"the checkpoint {self.path} belongs to another fit (its {', '.join(differ)} differ from this "
+                    "fit's); remove it, or name another checkpoint path, to start afresh"
+                )
+            saved = {
+                "phase": metadata["phase"],
+                "phase_start": metadata["phase_start"],
+                "key": arrays.pop("key"),
+                "history": arrays.pop("history"),
+                "state": {name[len("state.") :]: value for name, value in arrays.items()},
+            }
+        if self.group is not None and self.group.size > 1:
+            # Every rank must resume from the same iteration, or none may.
+            n_iter = -1.0 if saved is None else float(len(saved["history"]))
+            total = self.group.all_sum_host(np.array([n_iter, n_iter * n_iter]))
+            if total[1] * self.group.size != total[0] ** 2:
+                raise ValueError(
+                    f"the ranks' checkpoints do not hold the same iteration (rank {self.group.rank}: "
+                    f"{'none' if saved is None else int(n_iter)}); remove them to start afresh"
+                )
+        return saved
+
+    def save(self, phase: int, phase_start: int, state: dict, key: np.ndarray, history: list[float]) -> None:
+        """Write the state of a fit ``len(history)`` iterations in (phase ``phase``, begun at ``phase_start``)."""
+        metadata = {
+            "format": CHECKPOINT_FORMAT,
+            "fingerprint": self.fingerprint,
+            "phase": phase,
+            "phase_start": phase_start,
+            "n_iter": len(history),
+        }
+        arrays = {"state." + name: np.asarray(value) for name, value in state.items()}
+        partial = self.path.with_name(self.path.name + ".partial")
+        with open(partial, "wb") as handle:
+            np.savez(handle, metadata=np.array(json.dumps(metadata)), key=key, history=np.asarray(history), **arrays)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, self.path)

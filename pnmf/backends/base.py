@@ -122,6 +122,14 @@ class Backend:
         """A random state seeded with ``seed``."""
         raise NotImplementedError
 
+    def key_to_numpy(self, key: Key) -> np.ndarray:
+        """The random state as a NumPy array, for checkpoints (``key_from_numpy`` restores it)."""
+        raise NotImplementedError
+
+    def key_from_numpy(self, state: np.ndarray) -> Key:
+        """The random state that ``key_to_numpy`` wrote."""
+        raise NotImplementedError
+
     def normal(self, key: Key, shape: tuple[int, ...]) -> tuple[Array, Key]:
         """Standard normal draws of ``shape`` and the advanced random state."""
         raise NotImplementedError

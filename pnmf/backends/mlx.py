@@ -125,6 +125,12 @@ class MLXBackend(Backend):
     def key(self, seed):
         return mx.random.key(int(seed))
 
+    def key_to_numpy(self, key):
+        return np.array(key)
+
+    def key_from_numpy(self, state):
+        return mx.array(np.asarray(state, dtype=np.uint32))
+
     def normal(self, key, shape):
         draw_key, next_key = mx.random.split(key)
         return mx.random.normal(shape, dtype=self._dtype, key=draw_key), next_key

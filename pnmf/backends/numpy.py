@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
@@ -149,6 +150,14 @@ class NumpyBackend(Backend):
 
     def key(self, seed):
         return np.random.default_rng(seed)
+
+    def key_to_numpy(self, key):
+        return np.array(json.dumps(key.bit_generator.state))
+
+    def key_from_numpy(self, state):
+        key = np.random.default_rng()
+        key.bit_generator.state = json.loads(str(state))
+        return key
 
     def normal(self, key, shape):
         # Box-Muller: twice as fast as the Generator's own normals in float32 here.

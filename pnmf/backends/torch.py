@@ -166,6 +166,14 @@ class TorchBackend(Backend):
         generator.manual_seed(int(seed))
         return generator
 
+    def key_to_numpy(self, key):
+        return key.get_state().numpy().copy()
+
+    def key_from_numpy(self, state):
+        generator = torch.Generator(device=self._device)
+        generator.set_state(torch.from_numpy(np.asarray(state, dtype=np.uint8).copy()))
+        return generator
+
     def normal(self, key, shape):
         return torch.randn(shape, generator=key, device=self._device, dtype=self._dtype), key
 

@@ -1,0 +1,164 @@
+"""Data-parallel fits over rows: one process group, one all-reduce per step (DESIGN §7).
+
+Each process holds a block of rows of X (and their q(F)) and a replica of the loadings W.
+Every quantity the loadings' update and the stopping rule read is a sum over rows, so a
+step needs one all-reduce of one flat buffer: ``[value, w_numerator (D*L),
+expected_sum (L), ...]``. Every rank then applies the same update to the same numbers and
+W stays bitwise identical across ranks.
+
+Engines: ``torch.distributed`` (gloo on the CPU, NCCL on CUDA) for the NumPy and torch
+backends, ``mx.distributed`` (ring, MPI) for MLX. The user starts the processes the
+engine's usual way (``torchrun``, ``mlx.launch``); pnmf joins the group that is there.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import numpy as np
+
+from .backends.base import Array, Backend
+
+LAUNCH_HINT = (
+    "start the processes with `torchrun --nproc-per-node=2 script.py` (torch and NumPy backends: call "
+    "torch.distributed.init_process_group('gloo') or 'nccl' first, or let pnmf join the group torchrun "
+    "describes) or `mlx.launch -n 2 script.py` (MLX backend)"
+)
+
+
+class CollectiveError(RuntimeError):
+    """A collective operation failed: another process of the group died, raised or timed out."""
+
+
+class Group:
+    """The processes of a data-parallel fit: ``rank`` of ``size``, and sums across them."""
+
+    rank: int = 0
+    size: int = 1
+
+    def all_sum_host(self, buffer: np.ndarray) -> np.ndarray:
+        """The elementwise sum of a float64 NumPy buffer over every rank."""
+        raise NotImplementedError
+
+    def all_sum(self, b: Backend, *arrays: Array | None) -> list[Array | None]:
+        """Each array summed over every rank, in ONE all-reduce of one flat buffer; None stays None.
+
+        The default goes through a float64 host buffer; an engine that can reduce device
+        arrays overrides it.
+        """
+        present = [a for a in arrays if a is not None]
+        host = [np.asarray(b.to_numpy(a), dtype=np.float64) for a in present]
+        flat = self.all_sum_host(np.concatenate([h.reshape(-1) for h in host]))
+        parts, start = [], 0
+        for h in host:
+            part = flat[start : start + h.size].reshape(h.shape)
+            start += h.size
+            parts.append(b.scalar(float(part)) if h.ndim == 0 else b.asarray(part))
+        summed = iter(parts)
+        return [None if a is None else next(summed) for a in arrays]
+
+    def row_blocks(self, n_local: int, n_features: int, total: float) -> tuple[np.ndarray, float]:
+        """Every rank's number of rows and the sum of all counts, checked in one all-reduce.
+
+        Raises ValueError on every rank (so none is left waiting) when the ranks' shards
+        differ in their number of features or a rank holds no rows.
+        """
+        buffer = np.zeros(self.size + 3)
+        buffer[self.rank] = n_local
+        buffer[self.size :] = n_features, float(n_features) ** 2, total
+        summed = self.all_sum_host(buffer)
+        rows, feature_sum, feature_square_sum, grand_total = summed[: self.size], *summed[self.size :]
+        if feature_square_sum * self.size != feature_sum**2:
+            raise ValueError(
+                f"the ranks' shards have different numbers of features (this rank, {self.rank}, has "
+                f"{n_features}; their mean is {feature_sum / self.size:g}): every rank needs the same columns"
+            )
+        if np.any(rows == 0):
+            empty = [int(r) for r in np.flatnonzero(rows == 0)]
+            raise ValueError(f"rank(s) {empty} hold no rows: give every process at least one row")
+        return rows.astype(np.int64), float(grand_total)
+
+
+class TorchGroup(Group):
+    """``torch.distributed``'s default group (gloo, or NCCL for CUDA tensors)."""
+
+    def __init__(self, timeout: float | None):
+        import torch
+        import torch.distributed as dist
+
+        self.torch, self.dist = torch, dist
+        self.rank, self.size = dist.get_rank(), dist.get_world_size()
+        self.timeout = None if timeout is None else timedelta(seconds=timeout)
+        self.device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        if self.device == "cuda":
+            self.device = f"cuda:{torch.cuda.current_device()}"
+
+    def all_sum_host(self, buffer: np.ndarray) -> np.ndarray:
+        tensor = self.torch.from_numpy(np.ascontiguousarray(buffer, dtype=np.float64)).to(self.device)
+        try:
+            work = self.dist.all_reduce(tensor, async_op=True)
+            if self.timeout is None:
+                work.wait()
+            else:
+                work.wait(timeout=self.timeout)
+        except Exception as err:  # gloo and NCCL raise RuntimeError subclasses of their own
+            raise CollectiveError(
+                f"rank {self.rank} of {self.size}: an all-reduce failed ({type(err).__name__}: {err}); "
+                "another process of the fit probably died, raised or fell behind by more than the timeout: "
+                "its own output says why"
+            ) from err
+        return tensor.cpu().numpy()
+
+
+class MLXGroup(Group):
+    """``mx.distributed``'s group (ring over TCP, or MPI)."""
+
+    def __init__(self, group):
+        import mlx.core as mx
+
+        self.mx, self.group = mx, group
+        self.rank, self.size = group.rank(), group.size()
+
+    def all_sum_host(self, buffer: np.ndarray) -> np.ndarray:
+        mx = self.mx
+        try:
+            summed = mx.distributed.all_sum(mx.array(buffer, dtype=mx.float64), group=self.group, stream=mx.cpu)
+            return np.array(summed, dtype=np.float64)
+        except Exception as err:
+            raise CollectiveError(f"rank {self.rank} of {self.size}: an all-reduce failed: {err}") from err
+
+
+def join(backend: str, timeout: float | None = None) -> Group:
+    """The process group of a ``distributed=True`` fit on ``backend``; ValueError without one of size > 1.
+
+    torch.distributed is joined as it is; when it is not initialised but ``torchrun``'s
+    environment (WORLD_SIZE > 1) is there, pnmf initialises it (gloo, or NCCL when CUDA
+    is available).
+    """
+    if backend == "mlx":
+        import mlx.core as mx
+
+        if not mx.distributed.is_available():
+            raise ValueError(f"distributed=True on MLX needs mx.distributed, which this MLX build lacks; {LAUNCH_HINT}")
+        group = mx.distributed.init()
+        if group.size() < 2:
+            raise ValueError(f"distributed=True found an MLX group of size {group.size()}; {LAUNCH_HINT}")
+        return MLXGroup(group)
+    try:
+        import torch
+        import torch.distributed as dist
+    except ImportError as err:
+        raise ImportError(
+            f"distributed=True with backend={backend!r} needs torch.distributed: pip install torch"
+        ) from err
+    if not dist.is_available():
+        raise ValueError("distributed=True needs torch.distributed, which this torch build lacks")
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        engine = "nccl" if torch.cuda.is_available() else "gloo"
+        kwargs = {} if timeout is None else {"timeout": timedelta(seconds=timeout)}
+        dist.init_process_group(engine, **kwargs)
+    if not dist.is_initialized() or dist.get_world_size() < 2:
+        size = dist.get_world_size() if dist.is_initialized() else 1
+        raise ValueError(f"distributed=True found no process group of size > 1 (size {size}); {LAUNCH_HINT}")
+    return TorchGroup(timeout)

@@ -1,0 +1,197 @@
+"""The fit loop every fit shares: phases, stopping, progress, Ctrl-C and checkpoints.
+
+A trainer is a pure step on arrays (``init(mu, var, w) -> state``,
+``step(state, key) -> (state, key, elbo)``, ``params(state) -> (mu, var, w)``); this
+module runs one or more of them in sequence (a *phase* each) until the stopping rule fires
+or the iteration budget is spent. The all-reduce of a distributed fit happens inside the
+step, where the sums over rows are made (:func:`pnmf.elbo.evaluate`), so the loop only
+ever reads the ELBO every rank agrees on: every rank stops at the same iteration.
+
+Reading a value from the device waits for it, so the ELBO history is read every
+``CHECK_EVERY`` iterations (and whenever a checkpoint is written), and the stopping rule is
+checked at fixed iteration counts within a phase: where the reads fall does not change
+where a fit stops, so a resumed fit stops where an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .backends.base import Array, Backend
+
+CHECK_EVERY = 10  # iterations between reads of the ELBO history (each read waits for the device)
+WINDOW = {"lower-bound": 10, "expanded": 50, "simple": 50}  # moving-average window of the stopping rule
+
+
+@dataclass
+class Phase:
+    """A trainer run until its ELBO changes by less than ``tol`` (see :func:`has_converged`)."""
+
+    trainer: Any
+    tol: float
+    window: int = WINDOW["lower-bound"]
+    noisy: bool = False  # a Monte Carlo ELBO: the change must show beyond its noise
+
+    @classmethod
+    def of_mode(cls, trainer, mode: str, tol: float) -> Phase:
+        """The phase of a trainer on the ELBO of ``mode``, with that mode's window and noise."""
+        return cls(trainer, tol, WINDOW[mode], mode != "lower-bound")
+
+
+@dataclass
+class Result:
+    """Where a run ended: q(F), W, the ELBO history, and whether the last phase converged."""
+
+    mu: Array
+    var: Array
+    w: Array
+    history: np.ndarray
+    converged: bool
+
+
+def run(
+    b: Backend,
+    phases: list[Phase],
+    mu: Array,
+    var: Array,
+    w: Array,
+    *,
+    seed: int,
+    max_iter: int,
+    progress=None,
+    checkpoint=None,
+) -> Result:
+    """Run ``phases`` in turn from (mu, var, W), ``max_iter`` iterations at most in all.
+
+    A phase before the last that does not converge within the budget ends the run. A run
+    interrupted with Ctrl-C returns what it had reached, with a warning. ``checkpoint``
+    (a :class:`pnmf.io.Checkpoint`) is written every ``checkpoint.every`` iterations and,
+    when it holds a saved state, the run resumes from it.
+    """
+    progress = progress or Silent()
+    key = b.key(seed)
+    history: list[float] = []
+    converged = False
+    first_phase, saved = 0, None
+    if checkpoint is not None:
+        saved = checkpoint.load()
+        if saved is not None:
+            first_phase, history = saved["phase"], list(saved["history"])
+            progress.update(len(history), history[-1] if history else math.nan)
+    trainer = state = None
+    try:
+        for index in range(first_phase, len(phases)):
+            phase, last = phases[index], index == len(phases) - 1
+            trainer = phase.trainer
+            state = trainer.init(mu, var, w)
+            start = len(history)
+            if saved is not None:
+                state = {name: b.asarray(value) for name, value in saved["state"].items()}
+                key, start, saved = b.key_from_numpy(saved["key"]), saved["phase_start"], None
+            step = b.compile(trainer.step)
+            pending: list[Array] = []
+            converged = False
+            while len(history) + len(pending) < max_iter and not converged:
+                state, key, value = step(state, key)
+                b.launch(state, key)
+                pending.append(value)
+                done = len(history) + len(pending)
+                check = (done - start) % CHECK_EVERY == 0 or done == max_iter
+                save = checkpoint is not None and done % checkpoint.every == 0
+                if check or save:
+                    values = [float(b.to_numpy(v)) for v in pending]
+                    check_finite(b, values, trainer.params(state), len(history) + 1)
+                    history.extend(values)
+                    progress.update(len(values), values[-1])
+                    pending = []
+                if check:
+                    converged = has_converged(history[start:], phase.window, phase.tol, phase.noisy)
+                if save and not converged:
+                    checkpoint.save(
+                        index, start, {k: b.to_numpy(v) for k, v in state.items()}, b.key_to_numpy(key), history
+                    )
+            mu, var, w = trainer.params(state)
+            if not last and not converged:
+                break  # max_iter reached before the last phase
+    except KeyboardInterrupt:
+        warnings.warn(
+            f"fit interrupted after {len(history)} iterations; returning the parameters reached so far",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        converged = False
+        if trainer is not None:
+            mu, var, w = trainer.params(state)
+    finally:
+        progress.close()
+    return Result(mu, var, w, np.asarray(history), converged)
+
+
+def check_finite(b: Backend, values: list[float], params, first: int) -> None:
+    """Raise FloatingPointError naming the iteration and quantity that stopped being finite."""
+    hint = "try dtype='float64', a smaller learning_rate or ngd_lr, or check the counts"
+    for offset, value in enumerate(values):
+        if not math.isfinite(value):
+            raise FloatingPointError(f"the ELBO became {value} at iteration {first + offset}; {hint}")
+    for name, array in zip(("mean of q(F)", "variance of q(F)", "loadings"), params):
+        if not bool(b.to_numpy(b.all_finite(array))):
+            raise FloatingPointError(
+                f"the {name} became non-finite between iterations {first} and {first + len(values) - 1}; {hint}"
+            )
+
+
+def has_converged(history: list[float], window: int, tol: float, noisy: bool) -> bool:
+    """Whether the mean ELBO of the last ``window`` iterations differs from the window before
+    by less than ``tol`` (relative).
+
+    A Monte Carlo (``noisy``) history must show it beyond its noise: the change plus two
+    standard errors, the noise estimated from successive differences (which a slow trend
+    does not inflate), must be below ``tol``. A tolerance under the noise floor therefore
+    runs to ``max_iter`` rather than stopping at a lucky draw.
+    """
+    if tol <= 0 or len(history) < 2 * window:
+        return False
+    values = np.asarray(history[-2 * window :])
+    recent, previous = values[window:].mean(), values[:window].mean()
+    change = abs(recent - previous)
+    if noisy:
+        noise_sd = np.std(np.diff(values)) / np.sqrt(2.0)
+        change += 2.0 * noise_sd * np.sqrt(2.0 / window)
+    return bool(change <= tol * abs(recent))
+
+
+class Progress:
+    """A tqdm bar showing the running ELBO."""
+
+    def __init__(self, total: int, desc: str):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, unit="it", leave=False)
+
+    def update(self, n: int, elbo: float) -> None:
+        self.bar.update(n)
+        self.bar.set_postfix(elbo=f"{elbo:.6g}", refresh=False)
+
+    def close(self) -> None:
+        self.bar.refresh()  # show the final ELBO even when the fit was quicker than tqdm's refresh interval
+        self.bar.close()
+
+
+class Silent:
+    """No progress bar."""
+
+    def update(self, n: int, elbo: float) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(verbose: bool, total: int, desc: str):
+    """A progress bar when ``verbose``, else one that shows nothing."""
+    return Progress(total, desc) if verbose else Silent()
