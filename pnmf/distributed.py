@@ -14,6 +14,7 @@ engine's usual way (``torchrun``, ``mlx.launch``); pnmf joins the group that is 
 from __future__ import annotations
 
 import os
+import time
 from datetime import timedelta
 
 import numpy as np
@@ -89,7 +90,7 @@ class TorchGroup(Group):
 
         self.torch, self.dist = torch, dist
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
-        self.timeout = None if timeout is None else timedelta(seconds=timeout)
+        self.timeout = timeout
         self.device = "cuda" if dist.get_backend() == "nccl" else "cpu"
         if self.device == "cuda":
             self.device = f"cuda:{torch.cuda.current_device()}"
@@ -101,7 +102,7 @@ class TorchGroup(Group):
             if self.timeout is None:
                 work.wait()
             else:
-                work.wait(timeout=self.timeout)
+                self._wait(work)
         except Exception as err:  # gloo and NCCL raise RuntimeError subclasses of their own
             raise CollectiveError(
                 f"rank {self.rank} of {self.size}: an all-reduce failed ({type(err).__name__}: {err}); "
@@ -109,6 +110,17 @@ class TorchGroup(Group):
                 "its own output says why"
             ) from err
         return tensor.cpu().numpy()
+
+    def _wait(self, work) -> None:
+        """Wait for ``work`` at most ``timeout`` seconds (gloo's own wait keeps the group's timeout)."""
+        deadline = time.monotonic() + self.timeout
+        pause = 1e-5
+        while not work.is_completed():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no answer from the other processes within distributed_timeout={self.timeout} s")
+            time.sleep(pause)
+            pause = min(2 * pause, 1e-3)
+        work.wait()  # raises the collective's own error, if it failed
 
 
 class MLXGroup(Group):

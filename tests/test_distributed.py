@@ -1,0 +1,215 @@
+"""Data-parallel fits: gloo (and MLX ring) processes spawned from the test, against one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pnmf import PNMF, make_counts
+
+pytest.importorskip("torch.distributed")
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+DATA = dict(data=[120, 40, 4], data_seed=3)
+F64 = dict(n_components=4, dtype="float64", backend="numpy", random_state=0)
+
+
+def launch(tmp_path: Path, bounds: list[int], fits: list[dict], timeout: float = 120, only_rank_0=False, **job) -> list:
+    """Run the worker on len(bounds) - 1 ranks; return each rank's (return code, stderr).
+
+    ``only_rank_0``: wait for rank 0 alone, then kill the others.
+    """
+    world = len(bounds) - 1
+    job = dict(DATA, bounds=bounds, fits=fits, rendezvous=f"file://{tmp_path / 'rendezvous'}", **job)
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(rank), str(world), str(tmp_path / "job.json"), str(tmp_path)],
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for rank in range(world)
+    ]
+    results = []
+    for process in processes[:1] if only_rank_0 else processes:
+        try:
+            _, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for p in processes:
+                p.kill()
+            pytest.fail(f"a distributed test fit hung past {timeout} s")
+        results.append((process.returncode, err))
+    for process in processes:
+        process.kill()
+        process.wait()
+    return results
+
+
+def load(tmp_path: Path, index: int, world: int) -> list[dict]:
+    return [dict(np.load(tmp_path / f"{index}.rank-{rank}.npz")) for rank in range(world)]
+
+
+def single(params: dict, sparse: bool = False) -> PNMF:
+    x, _, _ = make_counts(*DATA["data"], random_state=DATA["data_seed"])
+    import scipy.sparse as sp
+
+    return PNMF(**params).fit(sp.csr_matrix(x) if sparse else x)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Smallest cosine between matching columns."""
+    return float(np.min((a * b).sum(0) / np.linalg.norm(a, axis=0) / np.linalg.norm(b, axis=0)))
+
+
+EXACT = [
+    dict(params=dict(F64, mode="lower-bound", training_mode="natural", tol=1e-5, max_iter=400)),
+    dict(params=dict(F64, mode="lower-bound", training_mode="standard", tol=0, max_iter=150, learning_rate=0.05)),
+    dict(params=dict(F64, mode="lower-bound", training_mode="natural", tol=1e-5, max_iter=400), sparse=True),
+    dict(params=dict(F64, mode="lower-bound", training_mode="natural", loadings_update="adam", tol=0, max_iter=100)),
+]
+MONTE_CARLO = [
+    dict(params=dict(F64, mode="expanded", training_mode="natural", tol=0, max_iter=300)),
+    dict(params=dict(F64, mode="simple", training_mode="standard", tol=0, max_iter=600, learning_rate=0.05)),
+    dict(params=dict(F64, mode="expanded", training_mode="standard", tol=0, max_iter=600), sparse=True),
+]
+
+
+@pytest.mark.parametrize("bounds", [[0, 60, 120], [0, 1, 70, 120]], ids=["2 even", "3 uneven, one row"])
+def test_fit_over_processes_is_the_single_process_fit(tmp_path, bounds):
+    world = len(bounds) - 1
+    no_reduce = dict(EXACT[0], no_reduce=True)
+    codes = launch(tmp_path, bounds, [*EXACT, *MONTE_CARLO, no_reduce])
+    assert all(code == 0 for code, _ in codes), [err[-2000:] for _, err in codes]
+
+    for index, fit in enumerate(EXACT):
+        ranks = load(tmp_path, index, world)
+        reference = single(fit["params"], fit.get("sparse", False))
+        for r in ranks:  # global results, the same on every rank, bitwise for the loadings
+            assert np.array_equal(r["loadings"], ranks[0]["loadings"])
+            assert np.array_equal(r["history"], ranks[0]["history"])
+            assert int(r["n_iter"]) == reference.n_iter_
+        np.testing.assert_allclose(ranks[0]["loadings"], reference.loadings_, rtol=1e-8)
+        np.testing.assert_allclose(np.vstack([r["mean"] for r in ranks]), reference.mean_, rtol=1e-8, atol=1e-12)
+        np.testing.assert_allclose(ranks[0]["elbo"], reference.elbo_, rtol=1e-10)
+        # transform works on each rank's rows; its stopping rule reads their own ELBO, so a
+        # block of rows stops at another iteration than all rows together.
+        x = make_counts(*DATA["data"], random_state=DATA["data_seed"])[0]
+        local_factors = np.vstack([r["transform"] for r in ranks])
+        np.testing.assert_allclose(local_factors, reference.transform(x), rtol=1e-5)
+
+    for index, fit in enumerate(MONTE_CARLO, start=len(EXACT)):
+        ranks = load(tmp_path, index, world)
+        reference = single(fit["params"], fit.get("sparse", False))
+        assert all(np.array_equal(r["loadings"], ranks[0]["loadings"]) for r in ranks)
+        assert float(ranks[0]["elbo"]) == pytest.approx(reference.elbo_, rel=1e-3)
+        assert cosine(ranks[0]["loadings"], reference.loadings_) >= 0.99
+
+    # Without the all-reduce each rank fits its own rows: the same test fails.
+    ranks = load(tmp_path, len(EXACT) + len(MONTE_CARLO), world)
+    reference = single(EXACT[0]["params"])
+    assert not np.allclose(ranks[0]["loadings"], reference.loadings_, rtol=1e-3)
+
+
+def test_every_rank_stops_at_the_same_iteration(tmp_path):
+    # Monte Carlo noise differs between ranks; the stopping rule reads only the reduced ELBO.
+    params = dict(F64, mode="expanded", training_mode="standard", tol=1e-3, max_iter=3000, learning_rate=0.05)
+    codes = launch(tmp_path, [0, 50, 120], [dict(params=params)])
+    assert all(code == 0 for code, _ in codes), [err[-2000:] for _, err in codes]
+    ranks = load(tmp_path, 0, 2)
+    assert bool(ranks[0]["converged"]) and int(ranks[0]["n_iter"]) < 3000
+    assert {int(r["n_iter"]) for r in ranks} == {int(ranks[0]["n_iter"])}
+
+
+def test_shards_with_different_features_raise_on_every_rank_before_any_step(tmp_path):
+    params = dict(F64, mode="lower-bound", training_mode="natural")
+    codes = launch(tmp_path, [0, 60, 120], [dict(params=params)], drop_column=[1])
+    for code, err in codes:
+        assert code != 0
+        assert "ValueError" in err and "different numbers of features" in err
+    assert not list(tmp_path.glob("*.npz"))
+
+
+@pytest.mark.parametrize("fault", ["die", "hang"])
+def test_a_failed_rank_stops_the_others_with_a_clear_error(tmp_path, fault):
+    timeout = 4.0
+    params = dict(F64, mode="lower-bound", training_mode="natural", distributed_timeout=timeout)
+    fits = [dict(params=params), dict(params=params, **{fault: 1})]
+    started = time.monotonic()
+    processes_done = launch(tmp_path, [0, 60, 120], fits, timeout=60, only_rank_0=fault == "hang")
+    code, err = processes_done[0]
+    assert code != 0
+    assert "CollectiveError" in err and "all-reduce failed" in err
+    assert (tmp_path / "0.rank-0.npz").exists() and not (tmp_path / "1.rank-0.npz").exists()
+    if fault == "die":
+        assert processes_done[1][0] == 3
+    assert time.monotonic() - started < 60
+
+
+def test_distributed_without_a_group_says_how_to_launch():
+    x, _, _ = make_counts(20, 10, 2, random_state=0)
+    with pytest.raises(ValueError, match="torchrun"):
+        PNMF(2, distributed=True, backend="numpy").fit(x)
+
+
+def test_distributed_rejects_svd_init_and_batches():
+    x, _, _ = make_counts(20, 10, 2, random_state=0)
+    with pytest.raises(ValueError, match="init='nndsvda' needs every row"):
+        PNMF(2, distributed=True, init="nndsvda").fit(x)
+    with pytest.raises(ValueError, match="batch_size"):
+        PNMF(2, distributed=True, training_mode="natural", batch_size=5).fit(x)
+
+
+@pytest.mark.skipif(shutil.which("mlx.launch") is None, reason="mlx.launch is not installed (pip install mlx)")
+def test_mlx_ring_fit_over_two_processes_is_the_single_process_fit(tmp_path):
+    pytest.importorskip("mlx.core")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    params = dict(
+        n_components=4,
+        backend="mlx",
+        device="cpu",
+        mode="lower-bound",
+        training_mode="natural",
+        random_state=0,
+        tol=1e-5,
+        max_iter=400,
+    )
+    job = dict(DATA, bounds=[0, 60, 120], fits=[dict(params=params)], engine="mlx")
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    # mlx.launch passes no rank argument: the worker reads it from the group.
+    script = tmp_path / "mlx_worker.py"
+    script.write_text(
+        "import sys, mlx.core as mx\n"
+        "group = mx.distributed.init(strict=True, backend='ring')\n"
+        f"sys.argv = ['w', str(group.rank()), str(group.size()), {str(tmp_path / 'job.json')!r}, {str(tmp_path)!r}]\n"
+        f"sys.path.insert(0, {str(WORKER.parent)!r})\n"
+        "import distributed_worker\n"
+        "distributed_worker.main()\n"
+    )
+    done = subprocess.run(
+        ["mlx.launch", "-n", "2", "--backend", "ring", "--starting-port", str(port), "--", sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    # mlx.launch exits 0 even when a rank fails: the results must be there.
+    assert done.returncode == 0 and (tmp_path / "0.rank-1.npz").exists(), done.stderr[-3000:]
+    ranks = load(tmp_path, 0, 2)
+    reference = single(params)
+    assert np.array_equal(ranks[0]["loadings"], ranks[1]["loadings"])
+    # float32 on MLX: the reduction order differs from the single process's sums.
+    np.testing.assert_allclose(ranks[0]["loadings"], reference.loadings_, rtol=2e-3, atol=1e-6)
+    assert float(ranks[0]["elbo"]) == pytest.approx(reference.elbo_, rel=1e-4)
