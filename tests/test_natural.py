@@ -145,4 +145,8 @@ def test_float32_lower_bound_fit_ends_where_float64_does(name):
     reference = PNMF(5, backend="numpy", dtype="float64", **params).fit(x)
     model = PNMF(5, backend=name, device="cpu", dtype="float32", **params).fit(x)
     assert model.converged_
-    assert lower_bound_at(x, model) >= reference.elbo_ - 5e-5 * abs(reference.elbo_)
+    # Near the optimum the steps of mu and W fall below float32's resolution and round away:
+    # float32 parameters settle 2.5e-5 (NumPy) to 5.2e-5 (MLX on the CPU) below float64's
+    # optimum on this machine. A stall from ELBO rounding in the checked steps (as with
+    # torch.mv's float32 dot) stopped fits at about half of their steps, far lower.
+    assert lower_bound_at(x, model) >= reference.elbo_ - 1e-4 * abs(reference.elbo_)
