@@ -1,9 +1,11 @@
 """``python -m pnmf.benchmarks``: the natural-gradient benchmark on the seed setting
-(``--suite speed``: digits against scikit-learn, sparse matrices, scaling in nnz)."""
+(``--suite speed``: digits against scikit-learn, sparse matrices, scaling in nnz;
+``--suite scale``: one process against two gloo processes on a sparse matrix)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from ..backends import BACKENDS, available, get_backend
@@ -22,8 +24,9 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--suite",
         default="natural",
-        choices=["natural", "speed"],
-        help="natural: the natural-gradient benchmark; speed: digits, sparse and scaling timings",
+        choices=["natural", "speed", "scale"],
+        help="natural: the natural-gradient benchmark; speed: digits, sparse and scaling timings; "
+        "scale: 1 process against 2 distributed processes",
     )
     parser.add_argument(
         "--quick", action="store_true", help="a short run (1500 iterations; about a minute with --backend all)"
@@ -48,6 +51,21 @@ def main(argv=None) -> list:
     else:
         get_backend(args.backend)  # a clear ImportError if it is missing
         backends = [args.backend]
+    if args.suite == "scale":
+        from . import scale
+
+        backend = "torch" if args.backend == "auto" and "torch" in available() else backends[0]
+        if backend == "mlx":
+            raise SystemExit("--suite scale runs torch.distributed: choose --backend torch or numpy")
+        print(f"pnmf scale suite on {ng.machine()}; backend: {backend}")
+        record = scale.run(backend)
+        record["machine"] = ng.machine()
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = args.out / f"scale_{backend}.json"
+        path.write_text(json.dumps(record, indent=2))
+        print(scale.report(record))
+        print(f"\nwrote {path}")
+        return record
     if args.suite == "speed":
         print(f"pnmf speed suite on {ng.machine()}; backends: {', '.join(backends)}")
         record = speed.run(backends, args.out, quick=args.quick, peer_python=args.peer_python)

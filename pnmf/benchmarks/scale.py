@@ -1,0 +1,136 @@
+"""Scale suite: ``python -m pnmf.benchmarks --suite scale``.
+
+Time per iteration of a ``lower-bound`` natural fit of the 50,000 x 10,000 sparse set
+(1%, 5e6 non-zeros, 20 components) in one process with 2 threads against the same fit
+over 2 processes with 1 thread each (``distributed=True`` over torch.distributed's gloo,
+rows split in halves), the share of the distributed iteration spent in the all-reduce,
+and the per-step payload. The all-reduce's time is measured around the call, so it
+includes waiting for the slower rank. Each iteration time is (T(31) - T(11)) / 20 from fits of 11
+and 31 iterations, so set-up and the final pass cancel; every fit runs in a fresh process.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import resource
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+
+from .speed import SPARSE_COMPONENTS, SPARSE_DENSITY, SPARSE_SHAPE, sparse_counts
+
+ITERATIONS = (11, 31)
+
+
+def _timed_fits(x, backend: str, distributed: bool) -> tuple[float, float, float]:
+    """Seconds of fits of ITERATIONS[0] and ITERATIONS[1] iterations, and of the longer one's all-reduces."""
+    from .. import PNMF
+    from ..distributed import TorchGroup
+
+    spent = [0.0]
+    reduce = TorchGroup.all_sum_host
+
+    def timed_reduce(self, buffer):
+        start = time.perf_counter()
+        result = reduce(self, buffer)
+        spent[0] += time.perf_counter() - start
+        return result
+
+    TorchGroup.all_sum_host = timed_reduce
+    params = dict(mode="lower-bound", training_mode="natural", backend=backend, tol=0, random_state=0)
+    PNMF(SPARSE_COMPONENTS, max_iter=1, distributed=distributed, **params).fit(x)  # warm up
+    times = []
+    for n in ITERATIONS:
+        spent[0] = 0.0
+        start = time.perf_counter()
+        PNMF(SPARSE_COMPONENTS, max_iter=n, distributed=distributed, **params).fit(x)
+        times.append(time.perf_counter() - start)
+    return times[0], times[1], spent[0]
+
+
+def _single(queue, backend: str) -> None:
+    x = sparse_counts(*SPARSE_SHAPE, int(SPARSE_SHAPE[0] * SPARSE_SHAPE[1] * SPARSE_DENSITY))
+    short, long, _ = _timed_fits(x, backend, distributed=False)
+    queue.put(
+        {"short_s": short, "long_s": long, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    )
+
+
+def _rank(queue, backend: str, rank: int, world: int, rendezvous: str) -> None:
+    import torch
+    import torch.distributed as dist
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world, timeout=timedelta(seconds=300))
+    x = sparse_counts(*SPARSE_SHAPE, int(SPARSE_SHAPE[0] * SPARSE_SHAPE[1] * SPARSE_DENSITY))
+    rows = x.shape[0] // world
+    local = x[rank * rows : (rank + 1) * rows if rank < world - 1 else x.shape[0]]
+    with threadpool_limits(1):
+        short, long, reduce_s = _timed_fits(local, backend, distributed=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    queue.put({"rank": rank, "short_s": short, "long_s": long, "allreduce_s": reduce_s, "peak_rss_gb": peak})
+    dist.destroy_process_group()
+
+
+def run(backend: str, world: int = 2) -> dict:
+    """Time one process (all threads) against ``world`` processes of one thread each."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_single, args=(queue, backend))
+    process.start()
+    single = queue.get()
+    process.join()
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    with tempfile.TemporaryDirectory() as folder:
+        rendezvous = f"file://{Path(folder) / 'rendezvous'}"
+        ranks = [context.Process(target=_rank, args=(queue, backend, r, world, rendezvous)) for r in range(world)]
+        for p in ranks:
+            p.start()
+        results = sorted((queue.get() for _ in ranks), key=lambda r: r["rank"])
+        for p in ranks:
+            p.join()
+    steps = ITERATIONS[1] - ITERATIONS[0]
+    one = (single["long_s"] - single["short_s"]) / steps
+    many = max((r["long_s"] - r["short_s"]) / steps for r in results)
+    # The longer fit's all-reduces: its steps plus the initialisation's and the final ELBO's few.
+    reduce_per_iter = max(r["allreduce_s"] for r in results) / ITERATIONS[1]
+    payload = SPARSE_SHAPE[1] * SPARSE_COMPONENTS + 2 * SPARSE_COMPONENTS + 1
+    return {
+        "backend": backend,
+        "shape": list(SPARSE_SHAPE),
+        "nnz": int(SPARSE_SHAPE[0] * SPARSE_SHAPE[1] * SPARSE_DENSITY),
+        "n_components": SPARSE_COMPONENTS,
+        "one_process_s_per_iter": one,
+        "processes": world,
+        "distributed_s_per_iter": many,
+        "ratio": many / one,
+        "allreduce_s_per_iter": reduce_per_iter,
+        "allreduce_share": reduce_per_iter / many,
+        "payload_floats": payload,
+        "payload_mb": payload * 8 / 1e6,
+        "one_process_peak_rss_gb": single["peak_rss_gb"],
+        "rank_peak_rss_gb": [r["peak_rss_gb"] for r in results],
+    }
+
+
+def report(record: dict) -> str:
+    """The scale suite's result as a few lines of text."""
+    return "\n".join(
+        [
+            f"{record['shape'][0]:,} x {record['shape'][1]:,} sparse, {record['nnz']:,} non-zeros, "
+            f"{record['n_components']} components, lower-bound natural, backend {record['backend']}",
+            f"1 process x 2 threads:  {record['one_process_s_per_iter'] * 1e3:.1f} ms per iteration "
+            f"(peak RSS {record['one_process_peak_rss_gb']:.2f} GB)",
+            f"{record['processes']} processes x 1 thread: {record['distributed_s_per_iter'] * 1e3:.1f} ms per "
+            f"iteration = {record['ratio']:.2f}x (peak RSS per rank "
+            + ", ".join(f"{g:.2f}" for g in record["rank_peak_rss_gb"])
+            + " GB)",
+            f"all-reduce: {record['allreduce_s_per_iter'] * 1e3:.2f} ms per iteration "
+            f"({100 * record['allreduce_share']:.1f}% of it), {record['payload_floats']:,} float64 "
+            f"({record['payload_mb']:.2f} MB) per step",
+        ]
+    )
