@@ -132,6 +132,22 @@ class MLXGroup(Group):
         self.mx, self.group = mx, group
         self.rank, self.size = group.rank(), group.size()
 
+    def all_sum(self, b: Backend, *arrays: Array | None) -> list[Array | None]:
+        """One ``mx.distributed.all_sum`` of the arrays' concatenation, in the backend's dtype.
+
+        It stays an MLX operation, so a compiled step (``mx.compile``) keeps it inside; MLX
+        GPUs have no float64, so the buffer there is float32.
+        """
+        mx = self.mx
+        present = [a for a in arrays if a is not None]
+        summed = mx.distributed.all_sum(mx.concatenate([a.reshape(-1) for a in present]), group=self.group)
+        parts, start = [], 0
+        for a in present:
+            parts.append(summed[start : start + a.size].reshape(a.shape))
+            start += a.size
+        parts = iter(parts)
+        return [None if a is None else next(parts) for a in arrays]
+
     def all_sum_host(self, buffer: np.ndarray) -> np.ndarray:
         mx = self.mx
         try:
