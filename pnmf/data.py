@@ -59,3 +59,47 @@ def poisson_deviance(x, rate: np.ndarray) -> float:
     positive = values > 0
     log_term = values[positive] * np.log(values[positive] / np.maximum(at_counts[positive], 1e-300))
     return float(2.0 * (log_term.sum() - values.sum() + rate.sum()))
+
+
+class DiskRows:
+    """Counts kept on disk, read a block of rows at a time.
+
+    ``data`` is anything that slices by rows into a NumPy array or a scipy.sparse matrix
+    without reading the rest: the ``X`` of an AnnData opened with ``backed="r"``, an
+    ``anndata.io.sparse_dataset``, an h5py or zarr dataset. A mini-batch fit
+    (``PNMF(batch_size=...)``) given such counts reads only the rows of its current batch;
+    ``PNMF.fit`` wraps AnnData, h5py and zarr datasets in this class by itself. Every block
+    read is checked as in-memory counts are (finite, non-negative).
+    """
+
+    def __init__(self, data, block_rows: int = 10_000):
+        self.data = data
+        self.shape = tuple(int(s) for s in data.shape)
+        if len(self.shape) != 2 or min(self.shape) < 1:
+            raise ValueError(f"counts on disk must be a non-empty 2-d matrix; got shape {self.shape}")
+        self.block_rows = block_rows
+        self.sparse = sp.issparse(self[0:1])
+
+    def __getitem__(self, rows) -> np.ndarray | sp.csr_matrix:
+        """The rows ``rows`` (a slice, or sorted row indices) read from disk and checked."""
+        from sklearn.utils.validation import check_array, check_non_negative
+
+        block = self.data[rows]
+        block = sp.csr_matrix(block) if sp.issparse(block) else np.asarray(block)
+        block = check_array(block, accept_sparse="csr", dtype=(np.float64, np.float32), ensure_min_samples=0)
+        check_non_negative(block, "PNMF (counts must be non-negative)")
+        return block
+
+    def blocks(self):
+        """Every row, ``block_rows`` at a time."""
+        for start in range(0, self.shape[0], self.block_rows):
+            yield self[start : start + self.block_rows]
+
+    def sum(self) -> float:
+        """The sum of every count, read a block at a time."""
+        return sum(float(block.sum()) for block in self.blocks())
+
+
+def on_disk(x) -> bool:
+    """Whether x is a dataset of AnnData (backed), h5py or zarr, which ``DiskRows`` reads by rows."""
+    return isinstance(x, DiskRows) or type(x).__module__.split(".")[0] in ("anndata", "h5py", "zarr")

@@ -157,6 +157,13 @@ class MLXGroup(Group):
             raise CollectiveError(f"rank {self.rank} of {self.size}: an all-reduce failed: {err}") from err
 
 
+def shard(n_rows: int, group: Group) -> slice:
+    """This rank's block of ``n_rows`` rows split evenly in rank order (the first blocks one row longer)."""
+    base, extra = divmod(n_rows, group.size)
+    start = group.rank * base + min(group.rank, extra)
+    return slice(start, start + base + (group.rank < extra))
+
+
 def join(backend: str, timeout: float | None = None) -> Group:
     """The process group of a ``distributed=True`` fit on ``backend``; ValueError without one of size > 1.
 

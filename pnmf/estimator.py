@@ -19,6 +19,7 @@ from sklearn.utils.validation import check_is_fitted, check_non_negative, valida
 
 from . import distributed, io, loop
 from .backends import BACKENDS, get_backend
+from .data import DiskRows, on_disk
 from .elbo import MEAN_BOUND, MODES, Noise, as_counts, evaluate
 from .init import INITS, initialize
 from .loop import Phase
@@ -312,18 +313,34 @@ class PNMF(TransformerMixin, BaseEstimator):
         The training posterior itself is in ``mean_`` and ``var_``; ``fit_transform`` and
         ``fit(X).transform(X)`` give the same factors, as scikit-learn expects.
         """
+        if on_disk(X):  # the fit's last pass inferred q(F) of every row, a batch at a time
+            return np.exp(self.fit(X).mean_ + 0.5 * self.var_)
         return self.fit(X).transform(X)
 
     def _fit(self, X) -> None:
         self._validate_params()
-        X = self._validate_data(X, reset=True)
-        b = get_backend(self.backend, self.device, self.dtype, sparse=sp.issparse(X))
+        if on_disk(X):
+            X = X if isinstance(X, DiskRows) else DiskRows(X)
+            if self.batch_size is None:
+                raise ValueError(
+                    "counts on disk (a backed AnnData's X, an h5py or zarr dataset) are read a batch of rows at a "
+                    "time: set batch_size=, or read them into memory first"
+                )
+            self.n_features_in_ = X.shape[1]
+            if self.batch_size >= X.shape[0]:
+                X = X[0 : X.shape[0]]
+        else:
+            X = self._validate_data(X, reset=True)
+        sparse = X.sparse if isinstance(X, DiskRows) else sp.issparse(X)
+        b = get_backend(self.backend, self.device, self.dtype, sparse=sparse)
         group = distributed.join(b.name, self.distributed_timeout) if self.distributed else None
         with b.threads(self._thread_limit(X)):
             self._fit_on(b, X, group)
 
     def _thread_limit(self, X) -> int | None:
         """1 for small problems (see SMALL_WORK), else None: the frameworks' own choice."""
+        if isinstance(X, DiskRows):
+            return None
         entries = X.nnz if sp.issparse(X) else X.size
         samples = 1 if self.mode == "lower-bound" else self.E
         return 1 if entries * samples <= SMALL_WORK else None
@@ -343,18 +360,18 @@ class PNMF(TransformerMixin, BaseEstimator):
 
     def _fit_on(self, b, X, group) -> None:
         rng = check_random_state(self.random_state)
-        h, w = initialize(X, self.n_components, self.init, rng, group)
+        minibatch = self.batch_size is not None and self.batch_size < X.shape[0]
+        # Mini-batch fits keep no q(F) of the rows between steps: only W is drawn here.
+        h, w = initialize(X, self.n_components, self.init, rng, group, keep_rows=not minibatch)
         seed = int(rng.randint(np.iinfo(np.int32).max))
-        mean, var = np.log(h) - 0.5 * self.init_var, np.full(h.shape, self.init_var)
         show = self.verbose and (group is None or group.rank == 0)
-        if self.batch_size is not None and self.batch_size < X.shape[0]:
-            trainer = MinibatchTrainer(X, b, self, seed)
+        if minibatch:
             host = get_backend("numpy", dtype="float64")
             result = loop.run(
                 host,
-                [Phase(trainer, self.tol, loop.WINDOW["expanded"], noisy=True)],
-                mean,
-                var,
+                [Phase(MinibatchTrainer(X, b, self, seed), self.tol, loop.WINDOW["expanded"], noisy=True)],
+                None,
+                None,
                 w,
                 seed=seed,
                 max_iter=self.max_iter,
@@ -362,7 +379,7 @@ class PNMF(TransformerMixin, BaseEstimator):
                 checkpoint=self._checkpoint(X, group),
             )
             self.loadings_ = np.asarray(result.w, dtype=np.float64)
-            self.mean_, self.var_, self.elbo_ = self._infer_rows(X, b, result.mu, result.var)
+            self.mean_, self.var_, self.elbo_ = self._infer_rows(X, b)
         else:
             # Each rank draws its own Monte Carlo noise; rank 0 (or a single process) uses seed.
             noise_seed = seed if group is None else (seed + 1_000_003 * group.rank) % np.iinfo(np.int32).max
@@ -371,8 +388,8 @@ class PNMF(TransformerMixin, BaseEstimator):
                 result = loop.run(
                     b,
                     self._phases(counts),
-                    b.asarray(mean),
-                    b.asarray(var),
+                    b.asarray(np.log(h) - 0.5 * self.init_var),
+                    b.asarray(np.full(h.shape, self.init_var)),
                     b.asarray(w),
                     seed=noise_seed,
                     max_iter=self.max_iter,
@@ -410,19 +427,30 @@ class PNMF(TransformerMixin, BaseEstimator):
         )
         return counts, result.mu, result.var, w
 
-    def _infer_rows(self, X, b, mean, var):
-        """q(F) of every row with the loadings fixed, a batch at a time; and the full-data ELBO."""
+    def _row_start(self, x, loadings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A start for q(F) of the rows of x with the loadings fixed: every component at the
+        level that matches the row's total count, variance ``init_var``."""
+        row_sums = np.asarray(x.sum(axis=1), dtype=np.float64).ravel()
+        level = np.maximum(row_sums / max(float(loadings.sum()), 1e-30), 1e-8)
+        mu0 = np.repeat(np.log(level)[:, None], loadings.shape[1], axis=1) - 0.5 * self.init_var
+        mu0 = np.clip(mu0, -MEAN_BOUND, MEAN_BOUND)
+        return mu0, np.full(mu0.shape, self.init_var)
+
+    def _infer_rows(self, X, b):
+        """q(F) of every row with the loadings fixed, a batch of rows at a time (each read
+        only when its turn comes); and the full-data ELBO."""
         seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
-        mean, var, elbo = mean.copy(), var.copy(), 0.0
+        mean, var, elbo = np.empty((X.shape[0], self.n_components)), np.empty((X.shape[0], self.n_components)), 0.0
         for start in range(0, X.shape[0], self.batch_size):
             rows = slice(start, start + self.batch_size)
+            x = X[rows]
             with b.scope():
                 counts, mu, local_var, w_device = self._local_posterior(
-                    b, X[rows], mean[rows], var[rows], self.loadings_, seed, max_iter=self.max_iter
+                    b, x, *self._row_start(x, self.loadings_), self.loadings_, seed, max_iter=self.max_iter
                 )
                 elbo += self._final_elbo(counts, mu, local_var, w_device, seed)
                 mean[rows], var[rows] = b.to_numpy(mu), b.to_numpy(local_var)
-        return mean.astype(np.float64), var.astype(np.float64), elbo
+        return mean, var, elbo
 
     # -- inference with the loadings fixed ------------------------------------------------
     def _infer(self, X):
@@ -436,14 +464,9 @@ class PNMF(TransformerMixin, BaseEstimator):
         X = self._validate_data(X, reset=False)
         b = get_backend(self.backend_, self.device_, self.dtype)
         seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
-        row_sums = np.asarray(X.sum(axis=1)).ravel()
-        # Start every component at the level that matches the row's total count.
-        level = np.maximum(row_sums / max(self.loadings_.sum(), 1e-30), 1e-8)
-        mu0 = np.repeat(np.log(level)[:, None], self.n_components, axis=1) - 0.5 * self.init_var
-        mu0 = np.clip(mu0, -MEAN_BOUND, MEAN_BOUND)
         with b.scope(), b.threads(self._thread_limit(X)):
             counts, mu, var, w = self._local_posterior(
-                b, X, mu0, np.full(mu0.shape, self.init_var), self.loadings_, seed, desc="PNMF transform"
+                b, X, *self._row_start(X, self.loadings_), self.loadings_, seed, desc="PNMF transform"
             )
             elbo = self._final_elbo(counts, mu, var, w, seed)
             return b.to_numpy(mu).astype(np.float64), b.to_numpy(var).astype(np.float64), elbo

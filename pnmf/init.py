@@ -14,14 +14,17 @@ ROW_BLOCK = 1 << 16
 
 
 def initialize(
-    x, n_components: int, init: str, rng: np.random.RandomState, group=None
-) -> tuple[np.ndarray, np.ndarray]:
+    x, n_components: int, init: str, rng: np.random.RandomState, group=None, keep_rows: bool = True
+) -> tuple[np.ndarray | None, np.ndarray]:
     """Non-negative H (N, L) and W (D, L) with X ~ H @ W.T, H's columns of mean 1.
 
     'random': |normal| entries scaled to the mean count (as scikit-learn's NMF).
     'nndsvd': non-negative double SVD (Boutsidis & Gallopoulos, 2008).
     'nndsvda': NNDSVD with its zeros filled by the mean count (better for counts).
     Components beyond the rank of X start at random.
+
+    ``keep_rows=False`` returns (None, W): H is drawn a block of rows at a time for its
+    column means alone ('random' only), so memory does not grow with the rows.
 
     With a process ``group`` (:mod:`pnmf.distributed`), x is this rank's block of rows:
     the mean count and H's column means are those of all ranks' rows, and a row's start
@@ -39,6 +42,15 @@ def initialize(
     n_total, first = int(rows.sum()), int(rows[:rank].sum())
     average = max(total / (n_total * d), 1e-3)
     scale = np.sqrt(average / n_components)
+    if not keep_rows:
+        if init != "random" or group is not None:
+            raise ValueError(f"init={init!r} needs every row in memory; use init='random' for fits in batches")
+        column_sum = np.zeros(n_components)
+        for start in range(0, n_total, ROW_BLOCK):
+            block = scale * np.abs(rng.standard_normal((min(ROW_BLOCK, n_total - start), n_components)))
+            column_sum += np.maximum(block, FLOOR * average).sum(axis=0)
+        w = np.maximum(scale * np.abs(rng.standard_normal((d, n_components))), FLOOR * average)
+        return None, w * (column_sum / n_total)
     h = scale * np.abs(_row_block_normals(rng, first, n, n_total, n_components))
     w = scale * np.abs(rng.standard_normal((d, n_components)))
     if init != "random":

@@ -95,6 +95,11 @@ CHECKPOINT_FORMAT = "pnmf-checkpoint"
 def data_fingerprint(x) -> str:
     """A digest of counts x (dense or scipy.sparse): its shape, dtype and values."""
     digest = hashlib.blake2b(digest_size=16)
+    if hasattr(x, "blocks"):  # counts on disk (pnmf.data.DiskRows), read a block at a time
+        digest.update(repr(("disk", x.shape)).encode())
+        for block in x.blocks():
+            digest.update(data_fingerprint(block).encode())
+        return digest.hexdigest()
     digest.update(repr((type(x).__name__, x.shape, str(x.dtype))).encode())
     if sp.issparse(x):
         x = sp.csr_matrix(x)

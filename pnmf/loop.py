@@ -139,7 +139,7 @@ def check_finite(b: Backend, values: list[float], params, first: int) -> None:
         if not math.isfinite(value):
             raise FloatingPointError(f"the ELBO became {value} at iteration {first + offset}; {hint}")
     for name, array in zip(("mean of q(F)", "variance of q(F)", "loadings"), params):
-        if not bool(b.to_numpy(b.all_finite(array))):
+        if array is not None and not bool(b.to_numpy(b.all_finite(array))):
             raise FloatingPointError(
                 f"the {name} became non-finite between iterations {first} and {first + len(values) - 1}; {hint}"
             )

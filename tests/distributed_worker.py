@@ -20,6 +20,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch.distributed as dist
 
+import pnmf
 from pnmf import PNMF, make_counts
 from pnmf.distributed import Group
 
@@ -45,7 +46,15 @@ def main() -> None:
         if fit.get("no_reduce"):
             Group.all_sum = lambda self, b, *arrays: list(arrays)  # the all-reduce switched off
         data = sp.csr_matrix(local) if fit.get("sparse") else local
-        model = PNMF(distributed=True, **fit["params"]).fit(data)
+        if fit.get("h5ad"):  # every rank opens the same file and reads its own rows
+            import anndata
+
+            adata = anndata.read_h5ad(fit["h5ad"], backed="r")
+            model = pnmf.fit_anndata(adata, distributed=True, **fit["params"])
+            start, stop = adata.uns["pnmf"]["rows"]
+            data = sp.csr_matrix(x[start:stop])
+        else:
+            model = PNMF(distributed=True, **fit["params"]).fit(data)
         np.savez(
             out / f"{index}.rank-{rank}.npz",
             loadings=model.loadings_,

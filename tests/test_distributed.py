@@ -88,7 +88,14 @@ MONTE_CARLO = [
 def test_fit_over_processes_is_the_single_process_fit(tmp_path, bounds):
     world = len(bounds) - 1
     no_reduce = dict(EXACT[0], no_reduce=True)
-    codes = launch(tmp_path, bounds, [*EXACT, *MONTE_CARLO, no_reduce])
+    # The same .h5ad opened backed by every rank, each fitting its own even share of rows.
+    anndata = pytest.importorskip("anndata")
+    import scipy.sparse as sp
+
+    x = make_counts(*DATA["data"], random_state=DATA["data_seed"])[0]
+    anndata.AnnData(sp.csr_matrix(x)).write_h5ad(tmp_path / "x.h5ad")
+    backed = dict(EXACT[2], h5ad=str(tmp_path / "x.h5ad"))
+    codes = launch(tmp_path, bounds, [*EXACT, *MONTE_CARLO, backed, no_reduce])  # no_reduce stays last
     assert all(code == 0 for code, _ in codes), [err[-2000:] for _, err in codes]
 
     for index, fit in enumerate(EXACT):
@@ -115,9 +122,15 @@ def test_fit_over_processes_is_the_single_process_fit(tmp_path, bounds):
         assert cosine(ranks[0]["loadings"], reference.loadings_) >= 0.99
 
     # Without the all-reduce each rank fits its own rows: the same test fails.
-    ranks = load(tmp_path, len(EXACT) + len(MONTE_CARLO), world)
+    ranks = load(tmp_path, len(EXACT) + len(MONTE_CARLO) + 1, world)
     reference = single(EXACT[0]["params"])
     assert not np.allclose(ranks[0]["loadings"], reference.loadings_, rtol=1e-3)
+
+    # fit_anndata on a backed file: each rank's even share, the single-process fit's loadings.
+    ranks = load(tmp_path, len(EXACT) + len(MONTE_CARLO), world)
+    reference = single(EXACT[2]["params"], sparse=True)
+    np.testing.assert_allclose(ranks[0]["loadings"], reference.loadings_, rtol=1e-8)
+    np.testing.assert_allclose(np.vstack([r["mean"] for r in ranks]), reference.mean_, rtol=1e-8, atol=1e-12)
 
 
 def test_every_rank_stops_at_the_same_iteration(tmp_path):

@@ -1,0 +1,82 @@
+"""Counts on disk: mini-batch fits read one batch of rows at a time and equal in-memory fits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import pnmf
+from pnmf import PNMF, make_counts
+from pnmf.data import DiskRows
+
+ad = pytest.importorskip("anndata")
+h5py = pytest.importorskip("h5py")
+
+PARAMS = dict(mode="lower-bound", training_mode="natural", backend="numpy", random_state=0, batch_size=100, max_iter=60)
+
+
+class CountingRows:
+    """A matrix that records how many rows each read takes."""
+
+    def __init__(self, x):
+        self.x, self.shape, self.reads = x, x.shape, []
+
+    def __getitem__(self, rows):
+        self.reads.append(len(range(*rows.indices(self.shape[0]))) if isinstance(rows, slice) else len(rows))
+        return self.x[rows]
+
+
+@pytest.fixture(scope="module")
+def counts():
+    x, _, _ = make_counts(1000, 40, 4, random_state=3)
+    return sp.csr_matrix(x.astype(np.float32))
+
+
+def test_a_backed_anndata_fit_reads_batches_and_equals_the_in_memory_fit(tmp_path, counts):
+    path = tmp_path / "counts.h5ad"
+    ad.AnnData(counts).write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    model = pnmf.fit_anndata(backed, 4, **PARAMS)
+    memory = PNMF(4, **PARAMS).fit(counts)
+    np.testing.assert_array_equal(model.loadings_, memory.loadings_)
+    assert model.elbo_ == memory.elbo_
+    np.testing.assert_allclose(backed.obsm["X_pnmf"], np.exp(memory.mean_ + 0.5 * memory.var_))
+    assert backed.isbacked and backed.varm["PNMF"].shape == (40, 4)
+
+
+def test_a_fit_on_disk_never_reads_more_than_a_batch_or_block_of_rows(counts):
+    source = CountingRows(counts)
+    model = PNMF(4, **PARAMS).fit(DiskRows(source, block_rows=64))
+    assert max(source.reads) <= 100 and len(source.reads) > 60
+    memory = PNMF(4, **PARAMS).fit(counts)
+    np.testing.assert_allclose(model.loadings_, memory.loadings_, rtol=1e-6)
+
+
+def test_dense_h5py_counts_fit_in_batches(tmp_path, counts):
+    with h5py.File(tmp_path / "dense.h5", "w") as handle:
+        handle["x"] = counts.toarray()
+    with h5py.File(tmp_path / "dense.h5", "r") as handle:
+        model = PNMF(4, **PARAMS).fit(handle["x"])
+    memory = PNMF(4, **PARAMS).fit(counts.toarray())
+    np.testing.assert_array_equal(model.loadings_, memory.loadings_)
+
+
+def test_bad_counts_on_disk_are_named_when_read(tmp_path, counts):
+    bad = counts.toarray()
+    bad[500, 3] = -1.0
+    with h5py.File(tmp_path / "bad.h5", "w") as handle:
+        handle["x"] = bad
+    with h5py.File(tmp_path / "bad.h5", "r") as handle:
+        with pytest.raises(ValueError, match="non-negative"):
+            PNMF(4, **PARAMS).fit(handle["x"])
+        with pytest.raises(ValueError, match="batch_size"):
+            PNMF(4).fit(handle["x"])
+
+
+def test_a_backed_anndata_without_batches_is_read_whole(tmp_path, counts):
+    path = tmp_path / "counts.h5ad"
+    ad.AnnData(counts).write_h5ad(path)
+    params = {k: v for k, v in PARAMS.items() if k != "batch_size"}
+    model = pnmf.fit_anndata(ad.read_h5ad(path, backed="r"), 4, **params)
+    np.testing.assert_array_equal(model.loadings_, PNMF(4, **params).fit(counts).loadings_)
