@@ -314,7 +314,8 @@ class PNMF(TransformerMixin, BaseEstimator):
         ``fit(X).transform(X)`` give the same factors, as scikit-learn expects.
         """
         if on_disk(X):  # the fit's last pass inferred q(F) of every row, a batch at a time
-            return np.exp(self.fit(X).mean_ + 0.5 * self.var_)
+            self.fit(X)
+            return _expected_exp(self.mean_, self.var_)
         return self.fit(X).transform(X)
 
     def _fit(self, X) -> None:
@@ -478,7 +479,7 @@ class PNMF(TransformerMixin, BaseEstimator):
         ``max_iter``, stopping at ``tol``), starting from the level of the row's total count.
         """
         mean, var, _ = self._infer(X)
-        return np.exp(mean + 0.5 * var)
+        return _expected_exp(mean, var)
 
     def inverse_transform(self, H):
         """Rate ``H @ components_`` (n_samples, n_features): with H from transform, the posterior-mean rate."""
@@ -505,3 +506,10 @@ class PNMF(TransformerMixin, BaseEstimator):
     def score(self, X, y=None) -> float:
         """ELBO of X under the fitted loadings (q(F) of its rows inferred by ``transform``)."""
         return self._infer(X)[2]
+
+
+def _expected_exp(mean: np.ndarray, var: np.ndarray) -> np.ndarray:
+    """E_q[exp F] = exp(mean + var / 2), in one new array (rows by the million stay affordable)."""
+    out = 0.5 * var
+    out += mean
+    return np.exp(out, out=out)

@@ -59,6 +59,7 @@ def main(argv=None) -> list:
             raise SystemExit("--suite scale runs torch.distributed: choose --backend torch or numpy")
         print(f"pnmf scale suite on {ng.machine()}; backend: {backend}")
         record = scale.run(backend)
+        record["out_of_core"] = scale.out_of_core(backend)
         record["machine"] = ng.machine()
         args.out.mkdir(parents=True, exist_ok=True)
         path = args.out / f"scale_{backend}.json"

@@ -4,7 +4,9 @@ Time per iteration of a ``lower-bound`` natural fit of the 50,000 x 10,000 spars
 (1%, 5e6 non-zeros, 20 components) in one process with 2 threads against the same fit
 over 2 processes with 1 thread each (``distributed=True`` over torch.distributed's gloo,
 rows split in halves), the share of the distributed iteration spent in the all-reduce,
-and the per-step payload. The all-reduce's time is measured around the call, so it
+and the per-step payload; then an out-of-core mini-batch fit of a 1,000,000 x 5,000 .h5ad
+at 1% (5e7 non-zeros) opened with ``backed="r"``: its time and peak RSS against the size
+X takes in memory. The all-reduce's time is measured around the call, so it
 includes waiting for the slower rank. Each iteration time is (T(31) - T(11)) / 20 from fits of 11
 and 31 iterations, so set-up and the final pass cancel; every fit runs in a fresh process.
 """
@@ -22,6 +24,26 @@ from pathlib import Path
 from .speed import SPARSE_COMPONENTS, SPARSE_DENSITY, SPARSE_SHAPE, sparse_counts
 
 ITERATIONS = (11, 31)
+DISK_SHAPE = (1_000_000, 5_000)
+DISK_DENSITY = 0.01
+DISK_COMPONENTS = 10
+DISK_BATCH = 20_000
+DISK_STEPS = 100
+
+
+def _result(queue, processes) -> dict:
+    """The next result on ``queue``; RuntimeError when a process ended without one."""
+    import queue as queues
+
+    while True:
+        try:
+            return queue.get(timeout=5)
+        except queues.Empty as empty:
+            dead = [p for p in processes if p.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(
+                    f"a benchmark process failed (exit code {dead[0].exitcode}); its output says why"
+                ) from empty
 
 
 def _timed_fits(x, backend: str, distributed: bool) -> tuple[float, float, float]:
@@ -81,7 +103,7 @@ def run(backend: str, world: int = 2) -> dict:
     queue = context.Queue()
     process = context.Process(target=_single, args=(queue, backend))
     process.start()
-    single = queue.get()
+    single = _result(queue, [process])
     process.join()
 
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -90,7 +112,7 @@ def run(backend: str, world: int = 2) -> dict:
         ranks = [context.Process(target=_rank, args=(queue, backend, r, world, rendezvous)) for r in range(world)]
         for p in ranks:
             p.start()
-        results = sorted((queue.get() for _ in ranks), key=lambda r: r["rank"])
+        results = sorted((_result(queue, ranks) for _ in ranks), key=lambda r: r["rank"])
         for p in ranks:
             p.join()
     steps = ITERATIONS[1] - ITERATIONS[0]
@@ -133,4 +155,87 @@ def report(record: dict) -> str:
             f"({100 * record['allreduce_share']:.1f}% of it), {record['payload_floats']:,} float64 "
             f"({record['payload_mb']:.2f} MB) per step",
         ]
+        + (_disk_report(record["out_of_core"]) if "out_of_core" in record else [])
     )
+
+
+def _disk_report(disk: dict) -> list[str]:
+    return [
+        f"out of core: {disk['shape'][0]:,} x {disk['shape'][1]:,} .h5ad (backed), {disk['nnz']:,} non-zeros, "
+        f"{disk['n_components']} components, {disk['steps']} steps of {disk['batch_size']:,} rows and the final "
+        f"pass: {disk['seconds']:.0f} s; peak RSS {disk['peak_rss_gb']:.2f} GB (after imports "
+        f"{disk['rss_after_imports_gb']:.2f} GB, after opening the file {disk['rss_after_open_gb']:.2f} GB; "
+        f"the per-row outputs {disk['outputs_gb']:.2f} GB) against X's {disk['x_in_memory_gb']:.2f} GB in memory "
+        f"({disk['peak_rss_gb'] / disk['x_in_memory_gb']:.2f}x)"
+    ]
+
+
+def _write_h5ad(path: str) -> None:
+    import anndata
+
+    x = sparse_counts(*DISK_SHAPE, int(DISK_SHAPE[0] * DISK_SHAPE[1] * DISK_DENSITY))
+    anndata.AnnData(x).write_h5ad(path)
+
+
+def _disk_fit(queue, path: str, backend: str) -> None:
+    import anndata
+    import h5py
+
+    from .. import fit_anndata
+
+    if backend == "torch":
+        import torch  # noqa: F401  (its memory belongs to the baseline, not to the fit)
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    with h5py.File(path, "r") as handle:
+        group = handle["X"]
+        in_memory = sum(group[name].size * group[name].dtype.itemsize for name in ("data", "indices", "indptr"))
+        nnz = int(group["data"].size)
+    adata = anndata.read_h5ad(path, backed="r")
+    opened = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    start = time.perf_counter()
+    model = fit_anndata(
+        adata,
+        DISK_COMPONENTS,
+        mode="lower-bound",
+        training_mode="natural",
+        backend=backend,
+        batch_size=DISK_BATCH,
+        max_iter=DISK_STEPS,
+        random_state=0,
+    )
+    seconds = time.perf_counter() - start
+    queue.put(
+        {
+            "shape": list(DISK_SHAPE),
+            "nnz": nnz,
+            "n_components": DISK_COMPONENTS,
+            "batch_size": DISK_BATCH,
+            "steps": int(model.n_iter_),
+            "seconds": seconds,
+            "x_in_memory_gb": in_memory / 2**30,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "rss_after_imports_gb": baseline,
+            "rss_after_open_gb": opened,
+            # mean_, var_ and the factors: (n_rows, n_components) float64 each
+            "outputs_gb": 3 * DISK_SHAPE[0] * DISK_COMPONENTS * 8 / 2**30,
+            "elbo": float(model.elbo_),
+        }
+    )
+
+
+def out_of_core(backend: str) -> dict:
+    """A mini-batch fit of an .h5ad on disk in a fresh process: its time and peak memory."""
+    context = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory() as folder:
+        path = str(Path(folder) / "counts.h5ad")
+        writer = context.Process(target=_write_h5ad, args=(path,))
+        writer.start()
+        writer.join()
+        if writer.exitcode != 0:
+            raise RuntimeError(f"writing the .h5ad failed (exit code {writer.exitcode})")
+        queue = context.Queue()
+        process = context.Process(target=_disk_fit, args=(queue, path, backend))
+        process.start()
+        result = _result(queue, [process])
+        process.join()
+    return result
