@@ -220,3 +220,33 @@ def test_torch_own_fused_path_equals_the_interface_version(second):
         np.testing.assert_allclose(
             b.to_numpy(b.dense_slope(*slope_args)), b.to_numpy(Backend.dense_slope(b, *slope_args)), rtol=1e-12
         )
+
+
+def test_csr_transpose_order_is_the_transpose():
+    from pnmf.backends.base import csr_transpose_order
+
+    x = sp.random(300, 70, density=0.1, format="csr", random_state=5)
+    x.data = np.arange(1.0, x.nnz + 1.0)
+    x.indptr[100:110] = x.indptr[100]  # some empty rows
+    x = sp.csr_matrix((x.data[: x.indptr[-1]], x.indices[: x.indptr[-1]], x.indptr), shape=x.shape)
+    indptr_t, indices_t, order = csr_transpose_order(x)
+    transpose = x.T.tocsr()
+    transpose.sort_indices()
+    np.testing.assert_array_equal(indptr_t, transpose.indptr)
+    np.testing.assert_array_equal(indices_t, transpose.indices)
+    np.testing.assert_array_equal(x.data[order], transpose.data)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [[0, 1, 2, 5, 1000, 3, 3], [0.5, 2.0, 3.25], [[3, 0], [1, 7]], [], [2e6, 1.0], [4.0, 0.0, 1e-9]],
+    ids=["integers", "fractions", "matrix", "empty", "beyond the table", "almost whole"],
+)
+def test_lgamma_sum_is_the_sum_of_lgamma(values):
+    from scipy.special import gammaln
+
+    from pnmf.elbo import lgamma_sum
+
+    x = np.asarray(values, dtype=np.float64)
+    assert lgamma_sum(x) == pytest.approx(float(gammaln(x + 1.0).sum()), rel=1e-13, abs=1e-13)
+    assert lgamma_sum(x.astype(np.float32)) == pytest.approx(float(gammaln(x.astype(np.float32) + 1.0).sum()), rel=1e-6)
