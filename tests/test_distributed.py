@@ -168,6 +168,19 @@ def test_a_failed_rank_stops_the_others_with_a_clear_error(tmp_path, fault):
     assert time.monotonic() - started < 60
 
 
+@pytest.mark.parametrize("n_rows, size", [(10, 3), (2, 2), (1001, 4), (7, 7)])
+def test_shards_split_the_rows_evenly_in_rank_order(n_rows, size):
+    from types import SimpleNamespace
+
+    from pnmf.distributed import shard
+
+    blocks = [shard(n_rows, SimpleNamespace(rank=r, size=size)) for r in range(size)]
+    assert blocks[0].start == 0 and blocks[-1].stop == n_rows
+    assert all(a.stop == b.start for a, b in zip(blocks, blocks[1:]))
+    lengths = [b.stop - b.start for b in blocks]
+    assert max(lengths) - min(lengths) <= 1 and sorted(lengths, reverse=True) == lengths
+
+
 def test_distributed_without_a_group_says_how_to_launch():
     x, _, _ = make_counts(20, 10, 2, random_state=0)
     with pytest.raises(ValueError, match="torchrun"):
