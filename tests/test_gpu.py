@@ -1,0 +1,117 @@
+"""The GPU paths (``pytest -m gpu``): torch on CUDA and MLX on its GPU (Metal, or CUDA with
+``mlx[cuda13]``) against the float64 NumPy reference on the CPU. Without a GPU every test
+here skips, saying why."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from pnmf import PNMF, make_counts
+from pnmf.backends import get_backend
+
+from .conftest import as_numpy, evaluate_on, lower_bound_at, small_problem
+
+pytestmark = pytest.mark.gpu
+
+
+def gpu_devices() -> list[tuple[str, str]]:
+    """(backend, device) of every GPU a framework here can use.
+
+    PNMF_GPU_TEST_DEVICES="torch:cpu,mlx:cpu" runs these tests on the devices named
+    instead, to check the tests themselves where there is no GPU.
+    """
+    override = os.environ.get("PNMF_GPU_TEST_DEVICES")
+    if override:
+        return [tuple(item.split(":", 1)) for item in override.split(",")]
+    found = []
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        if torch.cuda.is_available():
+            found.append(("torch", "cuda"))
+        elif torch.backends.mps.is_available():
+            found.append(("torch", "mps"))
+    if importlib.util.find_spec("mlx") is not None:
+        import mlx.core as mx
+
+        if mx.is_available(mx.gpu):
+            found.append(("mlx", "gpu"))
+    return found
+
+
+DEVICES = gpu_devices()
+NO_GPU = "no GPU here: torch sees no CUDA or MPS device and MLX no GPU (pip install 'mlx[cuda13]' on NVIDIA)"
+
+
+@pytest.fixture(params=DEVICES or [pytest.param(None, marks=pytest.mark.skip(reason=NO_GPU))], ids=str)
+def gpu(request):
+    """A float32 backend on a GPU."""
+    name, device = request.param
+    return get_backend(name, device=device, dtype="float32")
+
+
+MODES = ["simple", "expanded", "lower-bound"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_elbo_and_gradients_match_the_float64_cpu_reference(gpu, mode, sparse):
+    x, mu, var, w, eps = small_problem(seed=3, n=40, d=25, n_components=4, n_samples=6)
+    data = sp.csr_matrix(x) if sparse else x
+    noise = eps if mode != "lower-bound" else None
+    reference = as_numpy(cpu := get_backend("numpy", dtype="float64"), evaluate_on(cpu, data, mu, var, w, mode, noise))
+    on_gpu = as_numpy(gpu, evaluate_on(gpu, data, mu, var, w, mode, noise))
+    assert float(on_gpu[0]) == pytest.approx(float(reference[0]), rel=1e-5)
+    for got, want in zip(on_gpu[1:], reference[1:]):
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("training", ["natural", "standard"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_a_gpu_fit_is_the_cpu_fit(gpu, training, mode, sparse, tmp_path):
+    x, _, _ = make_counts(200, 100, 5, random_state=42)
+    data = sp.csr_matrix(x) if sparse else x
+    params = dict(mode=mode, training_mode=training, random_state=0, max_iter=300 if training == "natural" else 2000)
+    cpu = PNMF(5, backend="numpy", dtype="float64", **params).fit(data)
+    model = PNMF(5, backend=gpu.name, device=gpu.device, **params).fit(data)
+    assert model.backend_ == gpu.name and model.device_ == gpu.device
+    assert model.elbo_ == pytest.approx(cpu.elbo_, rel=2e-3)
+    on_cpu = PNMF.load(model.save(tmp_path / "model.npz"), backend="numpy")
+    factors = on_cpu.transform(data)
+    np.testing.assert_allclose(model.transform(data), factors, rtol=5e-3, atol=1e-3 * factors.max())
+
+
+def test_checked_natural_steps_do_not_stall_on_the_device(gpu):
+    """Float32 sums on the device must not stop checked lower-bound steps early."""
+    x, _, _ = make_counts(200, 100, 5, random_state=42)
+    params = dict(mode="lower-bound", training_mode="natural", tol=1e-6, max_iter=3000, random_state=42)
+    reference = PNMF(5, backend="numpy", dtype="float64", **params).fit(x)
+    model = PNMF(5, backend=gpu.name, device=gpu.device, **params).fit(x)
+    assert model.converged_
+    assert lower_bound_at(x, model) >= reference.elbo_ - 1e-4 * abs(reference.elbo_)
+
+
+def test_saved_on_the_gpu_loads_on_the_cpu_and_back(gpu, tmp_path):
+    x, _, _ = make_counts(100, 40, 3, random_state=1)
+    model = PNMF(3, backend=gpu.name, device=gpu.device, mode="lower-bound", training_mode="natural").fit(x)
+    path = model.save(tmp_path / "model.npz")
+    on_cpu = PNMF.load(path, backend="numpy")
+    back = PNMF.load(path, backend=gpu.name, device=gpu.device)
+    np.testing.assert_array_equal(on_cpu.loadings_, model.loadings_)
+    np.testing.assert_array_equal(back.loadings_, model.loadings_)
+    assert back.device_ == gpu.device
+    factors = on_cpu.transform(x)
+    np.testing.assert_allclose(back.transform(x), factors, rtol=1e-3, atol=1e-3 * factors.max())
+
+
+def test_auto_picks_a_gpu():
+    if not DEVICES or os.environ.get("PNMF_GPU_TEST_DEVICES"):
+        pytest.skip(NO_GPU if not DEVICES else "the devices were named by PNMF_GPU_TEST_DEVICES")
+    chosen = get_backend("auto")
+    assert (chosen.name, chosen.device.split(":")[0]) in DEVICES or chosen.device.startswith("cuda")
