@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -88,3 +89,19 @@ def test_peer_timing_alternates_rounds_and_keeps_each_sides_best(tmp_path, monke
     for o in result["ours"]:
         assert o["ratio_to_peer"] == pytest.approx(o["s_per_iter"] / result["peer_s_per_iter"])
     assert "ratio to PyPI pnmf" in speed.report({"peer": result, "digits": [], "sparse": [], "scaling": []})
+
+
+def test_the_gpu_check_runs_its_tests_and_suite_where_there_is_no_gpu(tmp_path):
+    # On a CPU the GPU tests skip and the suite runs at its quick sizes on the CPU.
+    import subprocess
+
+    env = dict(os.environ, PYTHON=sys.executable, PNMF_GPU_CHECK_ARGS="--quick", PNMF_WHEELS=str(tmp_path / "none"))
+    script = Path(__file__).parents[1] / "benchmarks" / "gpu_check.sh"
+    done = subprocess.run(["bash", str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    record = json.loads((tmp_path / "gpu.json").read_text())
+    on_cpu = [r for r in record["runs"] if r["device"] == "cpu"]
+    assert record["quick"] and len(on_cpu) == 1
+    assert on_cpu[0]["sparse"]["s_per_iter"] > 0 and on_cpu[0]["dense"]["converged"]
+    assert "skipped" in (tmp_path / "gpu_tests.txt").read_text()
+    assert "tests exit 0, suite exit 0" in (tmp_path / "gpu_summary.txt").read_text()

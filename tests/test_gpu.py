@@ -4,14 +4,13 @@ here skips, saying why."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from pnmf import PNMF, make_counts
+from pnmf import PNMF, backends, make_counts
 from pnmf.backends import get_backend
 
 from .conftest import as_numpy, evaluate_on, lower_bound_at, small_problem
@@ -28,20 +27,7 @@ def gpu_devices() -> list[tuple[str, str]]:
     override = os.environ.get("PNMF_GPU_TEST_DEVICES")
     if override:
         return [tuple(item.split(":", 1)) for item in override.split(",")]
-    found = []
-    if importlib.util.find_spec("torch") is not None:
-        import torch
-
-        if torch.cuda.is_available():
-            found.append(("torch", "cuda"))
-        elif torch.backends.mps.is_available():
-            found.append(("torch", "mps"))
-    if importlib.util.find_spec("mlx") is not None:
-        import mlx.core as mx
-
-        if mx.is_available(mx.gpu):
-            found.append(("mlx", "gpu"))
-    return found
+    return backends.gpu_devices()
 
 
 DEVICES = gpu_devices()

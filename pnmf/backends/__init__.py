@@ -68,6 +68,25 @@ def _auto(sparse: bool = False) -> tuple[str, str | None]:
     return "numpy", "cpu"
 
 
+def gpu_devices() -> list[tuple[str, str]]:
+    """(backend, device) of every GPU an installed framework can use: torch on CUDA or MPS,
+    MLX on its GPU (Metal, or CUDA with ``mlx[cuda13]``)."""
+    names, found = available(), []
+    if "torch" in names:
+        import torch
+
+        if torch.cuda.is_available():
+            found.append(("torch", "cuda"))
+        elif torch.backends.mps.is_available():
+            found.append(("torch", "mps"))
+    if "mlx" in names:
+        import mlx.core as mx
+
+        if mx.is_available(mx.gpu):
+            found.append(("mlx", "gpu"))
+    return found
+
+
 def get_backend(name: str = "auto", device: str | None = None, dtype: str = "float32", sparse: bool = False) -> Backend:
     """The backend ``name`` ('auto', 'numpy', 'torch', 'mlx') on ``device`` with ``dtype``.
 
@@ -83,4 +102,4 @@ def get_backend(name: str = "auto", device: str | None = None, dtype: str = "flo
     return getattr(_module(name), _CLASSES[name][1])(device=device, dtype=dtype)
 
 
-__all__ = ["BACKENDS", "Backend", "available", "get_backend"]
+__all__ = ["BACKENDS", "Backend", "available", "get_backend", "gpu_devices"]

@@ -1,6 +1,7 @@
 """``python -m pnmf.benchmarks``: the natural-gradient benchmark on the seed setting
 (``--suite speed``: digits against scikit-learn, sparse matrices, scaling in nnz;
-``--suite scale``: one process against two gloo processes on a sparse matrix)."""
+``--suite scale``: one process against two gloo processes on a sparse matrix;
+``--suite gpu``: every GPU here against cuSPARSE and the CPU)."""
 
 from __future__ import annotations
 
@@ -24,9 +25,9 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--suite",
         default="natural",
-        choices=["natural", "speed", "scale"],
+        choices=["natural", "speed", "scale", "gpu"],
         help="natural: the natural-gradient benchmark; speed: digits, sparse and scaling timings; "
-        "scale: 1 process against 2 distributed processes",
+        "scale: 1 process against 2 distributed processes; gpu: every GPU here against cuSPARSE and the CPU",
     )
     parser.add_argument(
         "--quick", action="store_true", help="a short run (1500 iterations; about a minute with --backend all)"
@@ -66,6 +67,17 @@ def main(argv=None) -> list:
         path.write_text(json.dumps(record, indent=2))
         print(scale.report(record))
         print(f"\nwrote {path}")
+        return record
+    if args.suite == "gpu":
+        from . import gpu
+
+        record = gpu.run(quick=args.quick, peer_python=args.peer_python)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "gpu.json").write_text(json.dumps(record, indent=1))
+        summary = gpu.report(record)
+        (args.out / "gpu_summary.txt").write_text(summary + "\n")
+        print(summary)
+        print(f"\nwrote {args.out / 'gpu.json'} and {args.out / 'gpu_summary.txt'}")
         return record
     if args.suite == "speed":
         print(f"pnmf speed suite on {ng.machine()}; backends: {', '.join(backends)}")

@@ -1,0 +1,230 @@
+"""GPU suite: ``python -m pnmf.benchmarks --suite gpu``.
+
+On every GPU a framework here can use (torch on CUDA or MPS, MLX on its GPU), in one run:
+
+* seed setting (200 x 100, 5 components, ``expanded``, E = 10): time per iteration of
+  natural and standard training (fits of 20 and 220 iterations); with ``--peer-python``
+  also PyPI ``pnmf`` 0.1.0 run from its own environment;
+* dense 20,000 x 2,000 Poisson counts, 20 components, ``lower-bound`` natural: time per
+  iteration, and time and iterations to converge;
+* sparse 1,000,000 x 20,000 at 0.5% (1e8 non-zeros), 20 components, ``lower-bound``
+  natural: time per iteration ((T(31) - T(11)) / 20), set-up, time to converge and peak
+  device memory, against the floor of two cuSPARSE products of the same shapes
+  (``torch.sparse.mm``: X @ M and X.T @ M2, 20 columns) timed in the same run;
+* the dense and sparse fits again with torch on the machine's CPU, 2 threads, for the ratio.
+
+``--quick`` shrinks every size (for a check of the suite itself, which then also runs
+where there is no GPU, on the CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import numpy as np
+
+from .. import PNMF, make_counts
+from ..backends import get_backend, gpu_devices
+from .speed import best_time, sparse_counts
+
+FULL = {"dense": (20_000, 2_000), "sparse": (1_000_000, 20_000), "density": 0.005, "components": 20}
+QUICK = {"dense": (2_000, 300), "sparse": (20_000, 2_000), "density": 0.005, "components": 10}
+CPU_THREADS = 2
+
+
+def synchronize(name: str, device: str) -> None:
+    """Wait for the device's queued work (a fit's results are read back, so fits need none)."""
+    if name == "torch" and device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def peak_memory(name: str, device: str, reset: bool = False) -> float | None:
+    """Peak device memory in GB since the last reset (None where the framework does not say)."""
+    if name == "torch" and device.startswith("cuda"):
+        import torch
+
+        if reset:
+            torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.max_memory_allocated() / 2**30
+    if name == "mlx" and device == "gpu":
+        import mlx.core as mx
+
+        if reset:
+            mx.reset_peak_memory()
+        return mx.get_peak_memory() / 2**30
+    return None
+
+
+def per_iteration(x, name: str, device: str, n_components: int, iterations=(11, 31), repeats=2, **params) -> dict:
+    """Seconds per iteration and set-up, from the best of ``repeats`` fits of each length."""
+    params = dict(backend=name, device=device, tol=0, random_state=0, **params)
+    PNMF(n_components, max_iter=2, **params).fit(x)  # warm up: kernels, caches, compilation
+    short, long = (best_time(lambda n=n: PNMF(n_components, max_iter=n, **params).fit(x), repeats) for n in iterations)
+    step = (long - short) / (iterations[1] - iterations[0])
+    return {"s_per_iter": step, "setup_s": short - (iterations[0] - 1) * step}
+
+
+def converge(x, name: str, device: str, n_components: int, max_iter: int = 2000) -> dict:
+    """A fit at the default tolerance: seconds, iterations, ELBO and peak device memory."""
+    peak_memory(name, device, reset=True)
+    start = time.perf_counter()
+    model = PNMF(
+        n_components,
+        mode="lower-bound",
+        training_mode="natural",
+        backend=name,
+        device=device,
+        random_state=0,
+        max_iter=max_iter,
+    ).fit(x)
+    seconds = time.perf_counter() - start
+    return {
+        "s": seconds,
+        "n_iter": int(model.n_iter_),
+        "converged": bool(model.converged_),
+        "elbo": float(model.elbo_),
+        "peak_device_gb": peak_memory(name, device),
+    }
+
+
+def cusparse_floor(x, n_components: int) -> float | None:
+    """Seconds for X @ M and X.T @ M2 with ``torch.sparse.mm`` on CUDA (best of 5), or None."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    device = torch.device("cuda")
+    xt = x.T.tocsr()
+    as_csr = lambda m: torch.sparse_csr_tensor(  # noqa: E731
+        torch.from_numpy(m.indptr.astype(np.int64)),
+        torch.from_numpy(m.indices.astype(np.int64)),
+        torch.from_numpy(m.data.astype(np.float32)),
+        size=m.shape,
+        device=device,
+    )
+    a, at = as_csr(x), as_csr(xt)
+    m = torch.rand(x.shape[1], n_components, device=device)
+    m2 = torch.rand(x.shape[0], n_components, device=device)
+
+    def products():
+        torch.sparse.mm(a, m)
+        torch.sparse.mm(at, m2)
+        torch.cuda.synchronize()
+
+    products()
+    return best_time(products, 5)
+
+
+def run(quick: bool = False, peer_python: str | None = None, progress=print) -> dict:
+    """Every measurement above on every GPU here (on the CPU too with ``quick`` when there is none)."""
+    from .natural_gradient import machine
+
+    sizes = QUICK if quick else FULL
+    devices = gpu_devices()
+    if not devices and not quick:
+        raise SystemExit("--suite gpu found no GPU (torch sees no CUDA or MPS, MLX no GPU); --quick runs it on the CPU")
+    devices = devices or [("torch", "cpu")]
+    record = {"machine": machine(), "quick": quick, "devices": [f"{n}:{d}" for n, d in devices], "runs": []}
+    seed, _, _ = make_counts(200, 100, 5, random_state=42)
+    dense, _, _ = make_counts(*sizes["dense"], sizes["components"], random_state=0)
+    rows, cols = sizes["sparse"]
+    sparse = sparse_counts(rows, cols, int(rows * cols * sizes["density"]))
+    components = sizes["components"]
+    record["sparse_nnz"] = int(sparse.nnz)
+    if peer_python:
+        from .speed import peer_run
+
+        progress("seed setting against PyPI pnmf 0.1.0 ...")
+        record["peer"] = peer_run(peer_python, sorted({name for name, _ in devices}))
+    targets = list(devices) + ([("torch", "cpu")] if ("torch", "cpu") not in devices else [])
+    for name, device in targets:
+        on_cpu = device == "cpu"
+        with cpu_threads(CPU_THREADS) if on_cpu else contextlib.nullcontext():
+            entry = {"backend": name, "device": get_backend(name, device).device}
+            if not on_cpu:
+                progress(f"[{name}:{device}] seed setting ...")
+                entry["seed"] = {
+                    training: per_iteration(
+                        seed, name, device, 5, iterations=(20, 220), mode="expanded", training_mode=training, E=10
+                    )["s_per_iter"]
+                    for training in ("natural", "standard")
+                }
+            progress(f"[{name}:{device}] dense {sizes['dense'][0]:,} x {sizes['dense'][1]:,} ...")
+            entry["dense"] = per_iteration(dense, name, device, components, mode="lower-bound", training_mode="natural")
+            entry["dense"].update(converge(dense, name, device, components))
+            progress(f"[{name}:{device}] sparse {rows:,} x {cols:,}, {sparse.nnz:,} non-zeros ...")
+            # Few iterations on the CPU: one takes seconds at 1e8 non-zeros.
+            iterations, repeats = ((3, 8), 1) if on_cpu else ((11, 31), 2)
+            entry["sparse"] = per_iteration(
+                sparse, name, device, components, iterations, repeats, mode="lower-bound", training_mode="natural"
+            )
+            if not on_cpu:
+                entry["sparse"].update(converge(sparse, name, device, components, max_iter=1000))
+        record["runs"].append(entry)
+    progress("cuSPARSE floor ...")
+    record["cusparse_floor_s"] = cusparse_floor(sparse, components)
+    return record
+
+
+@contextlib.contextmanager
+def cpu_threads(count: int):
+    """torch's own thread count and the BLAS pools limited to ``count`` threads."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        with threadpool_limits(count):
+            yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def report(record: dict) -> str:
+    """The GPU suite's record as text: one block per device, ratios to the floor, the CPU and torch."""
+    lines = [f"pnmf GPU suite on {record['machine']}{' (quick sizes)' if record['quick'] else ''}"]
+    floor = record.get("cusparse_floor_s")
+    by_device = {f"{r['backend']}:{r['device']}": r for r in record["runs"]}
+    cpu = by_device.get("torch:cpu")
+    torch_gpu = next((r for r in record["runs"] if r["backend"] == "torch" and r["device"] != "cpu"), None)
+    for key, entry in by_device.items():
+        lines.append(f"\n{key}")
+        faster = cpu is not None and entry is not cpu
+        if "seed" in entry:
+            natural, standard = entry["seed"]["natural"], entry["seed"]["standard"]
+            lines.append(
+                f"  seed setting: {natural * 1e3:.3f} ms (natural), {standard * 1e3:.3f} ms (standard) per iteration"
+            )
+        d = entry["dense"]
+        text = f"  dense: {d['s_per_iter'] * 1e3:.2f} ms per iteration"
+        text += f"; converged in {d['n_iter']} iterations, {d['s']:.2f} s"
+        if faster:
+            text += f"; {cpu['dense']['s_per_iter'] / d['s_per_iter']:.1f}x faster per iteration than the CPU"
+        lines.append(text)
+        s = entry["sparse"]
+        text = f"  sparse ({record['sparse_nnz']:,} non-zeros): {s['s_per_iter'] * 1e3:.1f} ms per iteration"
+        text += f", set-up {s['setup_s']:.2f} s"
+        if floor and entry is not cpu:
+            text += f"; {s['s_per_iter'] / floor:.2f}x the cuSPARSE floor ({floor * 1e3:.1f} ms)"
+        if "n_iter" in s:
+            text += f"; converged in {s['n_iter']} iterations, {s['s']:.1f} s"
+        if s.get("peak_device_gb") is not None:
+            text += f"; peak device memory {s['peak_device_gb']:.2f} GB"
+        if faster:
+            speedup = cpu["sparse"]["s_per_iter"] / s["s_per_iter"]
+            text += f"; {speedup:.1f}x faster per iteration than {CPU_THREADS} CPU threads"
+        if entry["backend"] == "mlx" and torch_gpu:
+            text += f"; {s['s_per_iter'] / torch_gpu['sparse']['s_per_iter']:.2f}x torch's time"
+        lines.append(text)
+    if "peer" in record:
+        peer = record["peer"]
+        lines.append(f"\nPyPI pnmf 0.1.0: {peer['peer_s_per_iter'] * 1e3:.3f} ms per iteration on the seed setting")
+        for o in peer["ours"]:
+            lines.append(
+                f"  ours, {o['backend']} {o['training']}: {o['s_per_iter'] * 1e3:.3f} ms ({o['ratio_to_peer']:.2f}x)"
+            )
+    return "\n".join(lines)
