@@ -26,7 +26,7 @@ import numpy as np
 
 from .. import PNMF, make_counts
 from ..backends import get_backend, gpu_devices
-from .speed import best_time, sparse_counts
+from .speed import best_time, fit_times, sparse_counts
 
 FULL = {"dense": (20_000, 2_000), "sparse": (1_000_000, 20_000), "density": 0.005, "components": 20}
 QUICK = {"dense": (2_000, 300), "sparse": (20_000, 2_000), "density": 0.005, "components": 10}
@@ -60,9 +60,7 @@ def peak_memory(name: str, device: str, reset: bool = False) -> float | None:
 
 def per_iteration(x, name: str, device: str, n_components: int, iterations=(11, 31), repeats=2, **params) -> dict:
     """Seconds per iteration and set-up, from the best of ``repeats`` fits of each length."""
-    params = dict(backend=name, device=device, tol=0, random_state=0, **params)
-    PNMF(n_components, max_iter=2, **params).fit(x)  # warm up: kernels, caches, compilation
-    short, long = (best_time(lambda n=n: PNMF(n_components, max_iter=n, **params).fit(x), repeats) for n in iterations)
+    short, long = fit_times(x, n_components, iterations, repeats, backend=name, device=device, **params)
     step = (long - short) / (iterations[1] - iterations[0])
     return {"s_per_iter": step, "setup_s": short - (iterations[0] - 1) * step}
 

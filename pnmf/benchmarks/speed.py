@@ -60,6 +60,15 @@ def best_time(fn, repeats: int = 3) -> float:
     return min(times)
 
 
+def fit_times(x, n_components: int, iterations=(2, 8), repeats: int = 2, **params) -> tuple[float, float]:
+    """Seconds of fits of ``iterations[0]`` and ``iterations[1]`` iterations (``tol=0``), each the
+    best of ``repeats``, after a warm-up fit; ``params`` go to ``PNMF``."""
+    params = dict(tol=0, random_state=0, **params)
+    PNMF(n_components, max_iter=1, **params).fit(x)  # warm up
+    first, last = (best_time(lambda n=n: PNMF(n_components, max_iter=n, **params).fit(x), repeats) for n in iterations)
+    return first, last
+
+
 def seconds_per_iteration(
     x,
     backend: str,
@@ -72,9 +81,9 @@ def seconds_per_iteration(
 ) -> float:
     """(T(n2) - T(n1)) / (n2 - n1) for fits of n1 and n2 iterations, each the best of
     ``repeats``: the set-up (conversion, initialisation, final pass) cancels."""
-    params = dict(mode=mode, training_mode=training, backend=backend, tol=0, E=E, random_state=0)
-    PNMF(n_components, max_iter=1, **params).fit(x)  # warm up
-    first, last = (best_time(lambda n=n: PNMF(n_components, max_iter=n, **params).fit(x), repeats) for n in iterations)
+    first, last = fit_times(
+        x, n_components, iterations, repeats, mode=mode, training_mode=training, backend=backend, E=E
+    )
     return (last - first) / (iterations[1] - iterations[0])
 
 
