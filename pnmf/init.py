@@ -46,16 +46,14 @@ def initialize(
         if init != "random" or group is not None:
             raise ValueError(f"init={init!r} needs every row in memory; use init='random' for fits in batches")
         column_sum = np.zeros(n_components)
-        for start in range(0, n_total, ROW_BLOCK):
-            block = scale * np.abs(rng.standard_normal((min(ROW_BLOCK, n_total - start), n_components)))
-            column_sum += np.maximum(block, FLOOR * average).sum(axis=0)
+        for _, block in _normal_blocks(rng, n_total, n_components):
+            column_sum += np.maximum(scale * np.abs(block), FLOOR * average).sum(axis=0)
         w = np.maximum(scale * np.abs(rng.standard_normal((d, n_components))), FLOOR * average)
         return None, w * (column_sum / n_total)
     h = scale * np.abs(_row_block_normals(rng, first, n, n_total, n_components))
     w = scale * np.abs(rng.standard_normal((d, n_components)))
     if init != "random":
-        rank = min(n_components, n, d)
-        _nndsvd(x, rank, rng, h, w)
+        _nndsvd(x, min(n_components, n, d), rng, h, w)
         if init == "nndsvda":
             h[h == 0], w[w == 0] = average, average
     h, w = np.maximum(h, FLOOR * average), np.maximum(w, FLOOR * average)
@@ -75,12 +73,17 @@ def _row_block_normals(rng: np.random.RandomState, first: int, n_rows: int, n_to
     if first == 0 and n_rows == n_total:
         return rng.standard_normal((n_total, n_cols))
     out = np.empty((n_rows, n_cols))
-    for start in range(0, n_total, ROW_BLOCK):
-        block = rng.standard_normal((min(ROW_BLOCK, n_total - start), n_cols))
+    for start, block in _normal_blocks(rng, n_total, n_cols):
         low, high = max(start, first), min(start + len(block), first + n_rows)
         if low < high:
             out[low - first : high - first] = block[low - start : high - start]
     return out
+
+
+def _normal_blocks(rng: np.random.RandomState, n_total: int, n_cols: int):
+    """``rng.standard_normal((n_total, n_cols))`` drawn ``ROW_BLOCK`` rows at a time: (first row, block)."""
+    for start in range(0, n_total, ROW_BLOCK):
+        yield start, rng.standard_normal((min(ROW_BLOCK, n_total - start), n_cols))
 
 
 def _nndsvd(x, rank: int, rng: np.random.RandomState, h: np.ndarray, w: np.ndarray) -> None:
