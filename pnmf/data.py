@@ -28,6 +28,37 @@ def make_counts(
     return x, h, w
 
 
+def make_batched_counts(
+    n_samples: int = 600,
+    n_features: int = 200,
+    n_components: int = 6,
+    *,
+    n_batches: int = 3,
+    batch_sd: float = 0.5,
+    size_sd: float = 0.6,
+    loading_shape: float = 0.5,
+    random_state=42,
+) -> dict[str, np.ndarray]:
+    """Counts from the model with size factors and batch effects (see :mod:`pnmf.scaling`).
+
+    rate[n, d] = s[n] g[batch(n), d] (H @ W.T)[n, d] with H = exp(F), F ~ Normal(0, 1),
+    W ~ Gamma(loading_shape, 1 / loading_shape), log s ~ Normal(0, size_sd^2) and
+    log g ~ Normal(0, batch_sd^2) independently per batch and feature; rows are assigned
+    to batches in turn (row n to batch n mod n_batches, labelled 'batch0', 'batch1', ...).
+    Returns a dict with ``X``, ``H``, ``W``, ``size_factors``, ``batch`` (the labels) and
+    ``batch_effects`` (n_batches, n_features).
+    """
+    rng = check_random_state(random_state)
+    h = np.exp(rng.standard_normal((n_samples, n_components)))
+    w = rng.gamma(loading_shape, 1.0 / loading_shape, size=(n_features, n_components))
+    s = np.exp(size_sd * rng.standard_normal(n_samples))
+    g = np.exp(batch_sd * rng.standard_normal((n_batches, n_features)))
+    codes = np.arange(n_samples) % n_batches
+    x = rng.poisson(s[:, None] * g[codes] * (h @ w.T)).astype(np.float64)
+    labels = np.array([f"batch{c}" for c in codes])
+    return {"X": x, "H": h, "W": w, "size_factors": s, "batch": labels, "batch_effects": g}
+
+
 def thin(x, fraction: float = 0.5, random_state=None):
     """Split counts into X_train + X_test = X with X_train ~ Binomial(X, fraction).
 

@@ -95,6 +95,8 @@ class DenseCounts:
     matrix: :func:`evaluate` then sums its row sums over the group's processes.
     """
 
+    scaling = None  # a pnmf.scaling.Scaling: size factors and batches of the rows
+
     def __init__(self, backend: Backend, x: np.ndarray, group=None):
         self.backend = backend
         self.group = group
@@ -120,6 +122,7 @@ class SparseCounts:
     """Sparse counts: only the non-zeros of X (nnz,) and their positions."""
 
     chunk = 1  # one Monte Carlo sample at a time: each is already an nnz-sized pass
+    scaling = None
 
     def __init__(self, backend: Backend, x: sp.csr_matrix, group=None):
         self.backend = backend
@@ -142,10 +145,11 @@ class SparseCounts:
         return self.backend.sparse_slope(self.pattern, self.x, a, w)
 
 
-def as_counts(backend: Backend, x: np.ndarray | sp.spmatrix, group=None) -> DenseCounts | SparseCounts:
+def as_counts(backend: Backend, x: np.ndarray | sp.spmatrix, group=None, scaling=None) -> DenseCounts | SparseCounts:
     """Put validated counts on the backend, sparse input staying sparse.
 
     ``group``: the process group whose ranks hold the other rows (None: x is all of X).
+    ``scaling``: the rows' size factors and batches (a :class:`pnmf.scaling.Scaling`), or None.
     """
     group = group if group is not None and group.size > 1 else None
     if sp.issparse(x):
@@ -153,8 +157,11 @@ def as_counts(backend: Backend, x: np.ndarray | sp.spmatrix, group=None) -> Dens
         x.sum_duplicates()
         x.eliminate_zeros()
         x.sort_indices()
-        return SparseCounts(backend, x, group)
-    return DenseCounts(backend, np.asarray(x), group)
+        counts = SparseCounts(backend, x, group)
+    else:
+        counts = DenseCounts(backend, np.asarray(x), group)
+    counts.scaling = scaling
+    return counts
 
 
 class Noise:
@@ -205,7 +212,9 @@ class Terms:
 
     ``w_numerator`` is the log term's part of ``g_w``, sum_n (X / rate) exp(F)
     averaged over samples, and ``expected_sum`` is sum_n E_q[exp F] = sum_n exp(mu + var/2),
-    (L,): the numerator and denominator of the multiplicative loadings update.
+    (L,): with :func:`rate_denominator`, the numerator and denominator of the multiplicative
+    loadings update. With size factors and batches (``counts.scaling``) ``expected_sum`` is
+    S[b, l] = sum_{n in b} s[n] E_q[exp F[n, l]], (B, L).
     """
 
     value: Array
@@ -226,12 +235,18 @@ def kl_divergence(backend: Backend, mu: Array, var: Array, prior_scale: float) -
     )
 
 
-def _first_order(counts, mu: Array, w: Array, colsum_w: Array, mode: str) -> Array:
+def rate_denominator(b: Backend, g: Array | None, expected_sum: Array) -> Array:
+    """-d/dW of the expected-rate sum, (D, L) or (1, L): sum_n E_q[exp F[n, l]] for every d,
+    or g.T @ S with batches (g (B, D), S = ``expected_sum`` (B, L))."""
+    return expected_sum[None, :] if g is None else b.swap(g) @ expected_sum
+
+
+def _first_order(counts, mu: Array, w: Array, scale: Array, mode: str) -> Array:
     """d/dF of the sampled part of the ELBO at F = mu, (N, L): the control variate's slope."""
     b = counts.backend
     a = b.exp(mu)
     slope = counts.slope(a, w)
-    return slope - colsum_w * a if mode == "simple" else slope
+    return slope - scale * a if mode == "simple" else slope
 
 
 def evaluate(
@@ -239,6 +254,7 @@ def evaluate(
     mu: Array,
     var: Array,
     w: Array,
+    g: Array | None = None,
     *,
     mode: str,
     noise: Noise | None,
@@ -251,7 +267,9 @@ def evaluate(
 ) -> Terms:
     """The ELBO of ``mode`` at (mu, var, W) and, if ``gradients``, its gradients.
 
-    mu, var: (N, L) mean and variance of q(F); w: (D, L) loadings.
+    mu, var: (N, L) mean and variance of q(F); w: (D, L) loadings; g: (B, D) batch
+    effects when ``counts.scaling`` holds size factors and batches (see :mod:`pnmf.scaling`),
+    where the expected rate of row n is s[n] g[batch(n)] * (exp(F) @ W.T).
     For the Monte Carlo modes ``noise`` supplies eps of shape (c, N, L) in chunks, and
     ``var_gradient`` chooses the estimator of dELBO/dvar:
       'reparam' differentiates the sampled objective through F = mu + sqrt(var) eps,
@@ -270,7 +288,13 @@ def evaluate(
     b = counts.backend
     if noise is not None and noise.balanced(n_samples):
         control_variate = False
-    colsum_w = b.sum(w, axis=0)  # (L,)
+    scaling = counts.scaling
+    if scaling is None:
+        coef = b.sum(w, axis=0)  # (L,): the expected rate sum is sum_l coef[l] sum_n E_q[exp F[n, l]]
+        scale, row_sum = coef, (lambda v: b.sum(v, axis=0))
+    else:
+        coef = g @ w  # (B, L): sum_{b,l} coef[b, l] S[b, l]
+        scale, row_sum = scaling.rows(coef), scaling.sums  # (N, L), and (N, L) -> (B, L)
     w_num = sampled_sum = None
     if mode == "lower-bound" and not gradients:
         value = counts.log_value(b.exp(mu)[None], w)
@@ -293,12 +317,12 @@ def evaluate(
             else:
                 chunk_value = counts.log_value(a, w)
             if mode == "simple":  # the rate sum is sampled too
-                rate_part = colsum_w * a
+                rate_part = scale * a
                 chunk_value = chunk_value - b.sum(rate_part)
                 if gradients:
                     g_f = g_f - rate_part
                     h_f = h_f - rate_part if second else None
-                sampled_sum = _plus(sampled_sum, b.sum(b.sum(a, axis=0), axis=0))
+                sampled_sum = _plus(sampled_sum, row_sum(b.sum(a, axis=0)))
             value = _plus(value, chunk_value)
             if control_variate:
                 eps_sum = _plus(eps_sum, b.sum(eps, axis=0))
@@ -307,7 +331,7 @@ def evaluate(
                 g_var = _plus(g_var, b.sum(h_f if second else g_f * eps, axis=0))
         value = value / n_samples
         if control_variate:
-            value = value - b.sum(_first_order(counts, mu, w, colsum_w, mode) * sd * eps_sum) / n_samples
+            value = value - b.sum(_first_order(counts, mu, w, scale, mode) * sd * eps_sum) / n_samples
         if gradients:
             w_num = w_num / n_samples
             g_mu = g_mu / n_samples
@@ -316,26 +340,30 @@ def evaluate(
         raise ValueError(f"mode={mode!r} is not one of " + ", ".join(repr(m) for m in MODES))
 
     expected = b.exp(mu + 0.5 * var) if gradients or mode != "simple" else None  # E_q[exp F], (N, L)
-    expected_sum = None if expected is None else b.sum(expected, axis=0)  # (L,)
+    expected_sum = None if expected is None else row_sum(expected)  # (L,) or (B, L)
     if mode != "simple":
         # The exact rate sum factorises: sum_{n,d} rate = sum_l (sum_d W[d, l]) (sum_n E_q[exp F[n, l]]).
-        value = value - b.sum(colsum_w * expected_sum)
+        value = value - b.sum(coef * expected_sum)
         if gradients:
-            rate_slope = colsum_w * expected  # d/dmu of the rate sum; half of it is d/dvar
+            rate_slope = scale * expected  # d/dmu of the rate sum; half of it is d/dvar
             g_mu = g_mu - rate_slope
             g_var = -0.5 * rate_slope if g_var is None else g_var - 0.5 * rate_slope
     value = value - counts.lgamma_sum - kl_divergence(b, mu, var, prior_scale)
+    if scaling is not None:
+        value = value + scaling.log_size  # this block's rows' sum X log s
     if counts.group is not None:
         # X is one block of rows: the value and the loadings' statistics are sums over rows,
         # so one all-reduce makes them those of the whole matrix on every rank (DESIGN §7).
         value, w_num, expected_sum, sampled_sum = counts.group.all_sum(b, value, w_num, expected_sum, sampled_sum)
+    if scaling is not None:
+        value = value + scaling.log_effects(g)  # sum X log g, from the batch sums of all rows
     if not gradients:
         return Terms(value)
     if mode == "simple":
         # d/dW of the sampled rate sum: -(1/E) sum_e sum_n exp(F_e), the same for every d.
-        g_w = w_num - (sampled_sum / n_samples)[None, :]
+        g_w = w_num - rate_denominator(b, None if scaling is None else g, sampled_sum / n_samples)
     else:
-        g_w = w_num - expected_sum[None, :]
+        g_w = w_num - rate_denominator(b, None if scaling is None else g, expected_sum)
     s2 = prior_scale**2
     prior_mu = mu if s2 == 1 else mu / s2
     return Terms(value, g_mu - prior_mu, g_var + (0.5 / var - 0.5 / s2), g_w, w_num, expected_sum)

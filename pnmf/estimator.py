@@ -25,6 +25,17 @@ from .init import INITS, initialize
 from .loop import Phase
 from .natural import NaturalTrainer
 from .optim import LOADINGS_UPDATES, StandardTrainer
+from .scaling import (
+    SIZE_FACTORS,
+    RowEffects,
+    batch_sums,
+    check_batch,
+    check_size_factors,
+    normalise,
+    row_totals,
+    total_size_factors,
+    union_labels,
+)
 from .svi import MinibatchTrainer
 
 TRAINING_MODES = ("standard", "natural")
@@ -121,14 +132,38 @@ class PNMF(TransformerMixin, BaseEstimator):
         Floating dtype of the computation (float64 is not available on MLX GPUs or MPS).
     batch_size : int, optional
         Rows per step for mini-batch stochastic variational inference, for data that do
-        not fit in device memory (only the batch is moved to the device). Each step takes
-        5 natural lower-bound steps on the batch's local q(F) with W fixed, then moves W
+        not fit in device memory (only the batch is moved to the device) or on disk (a
+        backed AnnData's X, an h5py or zarr dataset: only the batch is read). Each step
+        takes 10 natural lower-bound steps on the batch's q(F), started afresh from the
+        rows' totals, with W fixed, then moves W
         towards the batch's multiplicative update, W <- (1 - r_t) W + r_t W_batch, with the
         Robbins-Monro schedule r_t = (1 + t/100)^-0.6. The batch sums in that update stand
         for the full-data sums rescaled by N/batch; the factor cancels in its ratio.
         ``elbo_history_`` holds N/batch times each batch's ELBO; after the last step a pass
         over all rows infers their q(F) and ``elbo_`` is the full-data ELBO. ``max_iter``
         counts steps. Needs ``training_mode='natural'`` (multiplicative loadings update).
+    distributed : bool
+        Data-parallel fit: this process's X is one block of rows of the whole matrix and
+        every step sums the loadings' statistics over the processes of the group set up
+        by ``torchrun``/``torch.distributed`` (torch, NumPy) or ``mlx.launch`` (MLX). The
+        fitted loadings, ELBO and history are those of all rows and equal on every rank;
+        ``mean_``/``var_`` are this process's rows. Needs ``init='random'``.
+    distributed_timeout : float, optional
+        Seconds a collective may wait for the other processes before raising.
+    checkpoint : str or Path, optional
+        File to which the fit's state is written every ``checkpoint_every`` iterations
+        (write then rename); a fit started again with the same data and parameters resumes
+        from it, and one with other data or parameters is refused.
+    checkpoint_every : int
+        Iterations between checkpoints.
+    size_factors : {None, 'total'}
+        Per-row size factors s (sequencing depth, document length) in the rate
+        s[n] g[batch(n), d] (exp(F) @ W.T)[n, d], so that the factors do not soak them up.
+        None: no size factors (s = 1); 'total': each row's total count over the mean total
+        of the training rows (``transform`` divides new rows' totals by the same mean).
+        Per-row values given to ``fit``/``transform`` (``size_factors=``) override it.
+        Batch effects g come from ``fit(X, batch=labels)``: a factor per batch and feature,
+        fitted in closed form, so programs are shared across batches (see ``batch_effects_``).
 
     Attributes
     ----------
@@ -143,6 +178,17 @@ class PNMF(TransformerMixin, BaseEstimator):
         estimate with 64 samples otherwise).
     elbo_history_ : ndarray (n_iter,)
         ELBO (estimate) at each iteration.
+    size_factors_ : ndarray (n_samples,) or None
+        The training rows' size factors s (None without size factors).
+    batches_ : ndarray (n_batches,) or None
+        The batch labels seen in fit, sorted (None when fitted without ``batch``).
+    batch_effects_ : ndarray (n_batches, n_features) or None
+        g, the batch-specific scaling of each feature, row b for ``batches_[b]``. g and the
+        loadings trade scale feature by feature; the fit fixes it so that each feature's
+        mean of g over the batches, weighted by the feature's counts in each batch, is 1:
+        sum_b X_b[b, d] g[b, d] = sum_b X_b[b, d] (X_b: the column sums of batch b's rows).
+    reference_total_ : float or None
+        With ``size_factors='total'``, the mean total count of the training rows.
     n_iter_ : int
     converged_ : bool
     backend_, device_ : str
@@ -175,6 +221,7 @@ class PNMF(TransformerMixin, BaseEstimator):
         distributed_timeout: float | None = None,
         checkpoint=None,
         checkpoint_every: int = 100,
+        size_factors: str | None = None,
     ):
         self.n_components = n_components
         self.mode = mode
@@ -198,6 +245,7 @@ class PNMF(TransformerMixin, BaseEstimator):
         self.distributed_timeout = distributed_timeout
         self.checkpoint = checkpoint
         self.checkpoint_every = checkpoint_every
+        self.size_factors = size_factors
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -225,6 +273,9 @@ class PNMF(TransformerMixin, BaseEstimator):
         _one_of("distributed", self.distributed, (False, True))
         _number("distributed_timeout", self.distributed_timeout, low=0, low_open=True, allow_none=True)
         _number("checkpoint_every", self.checkpoint_every, integer=True, low=1)
+        if not (self.size_factors is None or isinstance(self.size_factors, str)):
+            raise TypeError("size_factors must be None or 'total'; per-row size factors go to fit(X, size_factors=...)")
+        _one_of("size_factors", self.size_factors, SIZE_FACTORS)
         if self.checkpoint is not None and not isinstance(self.checkpoint, (str, Path)):
             raise TypeError(f"checkpoint={self.checkpoint!r} must be a file path (str or pathlib.Path) or None")
         if self.distributed and self.batch_size is not None:
@@ -256,7 +307,7 @@ class PNMF(TransformerMixin, BaseEstimator):
         return X
 
     # -- fitting ------------------------------------------------------------------------
-    def _trainer(self, counts, training_mode: str, mode: str, fit_loadings: bool):
+    def _trainer(self, counts, training_mode: str, mode: str, fit_loadings: bool, fit_batches: bool = False):
         rule = self.loadings_update or ("adam" if training_mode == "standard" else "multiplicative")
         common = dict(
             mode=mode,
@@ -265,28 +316,31 @@ class PNMF(TransformerMixin, BaseEstimator):
             learning_rate=self.learning_rate,
             loadings_update=rule,
             update_loadings=fit_loadings,
+            update_batches=fit_batches,
         )
         if training_mode == "standard":
             return StandardTrainer(counts, **common)
         return NaturalTrainer(counts, ngd_lr=self.ngd_lr if mode == self.mode else None, **common)
 
-    def _phases(self, counts) -> list[Phase]:
+    def _phases(self, counts, fit_batches: bool) -> list[Phase]:
         """The phases of ``fit``: natural Monte Carlo fits start from a lower-bound natural fit."""
         if self.training_mode == "natural" and self.mode != "lower-bound":
-            warmup = self._trainer(counts, "natural", "lower-bound", True)
+            warmup = self._trainer(counts, "natural", "lower-bound", True, fit_batches)
             return [
                 Phase.of_mode(warmup, "lower-bound", max(self.tol, WARMUP_TOL)),
-                Phase.of_mode(self._trainer(counts, "natural", self.mode, True), self.mode, self.tol),
+                Phase.of_mode(self._trainer(counts, "natural", self.mode, True, fit_batches), self.mode, self.tol),
             ]
-        return [Phase.of_mode(self._trainer(counts, self.training_mode, self.mode, True), self.mode, self.tol)]
+        trainer = self._trainer(counts, self.training_mode, self.mode, True, fit_batches)
+        return [Phase.of_mode(trainer, self.mode, self.tol)]
 
-    def _final_elbo(self, counts, mu, var, w, seed: int) -> float:
+    def _final_elbo(self, counts, mu, var, w, g, seed: int) -> float:
         b = counts.backend
         terms = evaluate(
             counts,
             mu,
             var,
             w,
+            g,
             mode=self.mode,
             # Independent draws with the control variate: for the value alone they are less
             # noisy than antithetic pairs (whose gain is in the gradients).
@@ -299,26 +353,29 @@ class PNMF(TransformerMixin, BaseEstimator):
         )
         return float(b.to_numpy(terms.value))
 
-    def fit(self, X, y=None):
+    def fit(self, X, y=None, *, size_factors=None, batch=None):
         """Fit the model to counts X (n_samples, n_features), dense or scipy.sparse.
 
-        With ``distributed=True``, X is this process's block of rows (see ``distributed``).
+        ``size_factors`` (n_samples,) > 0 put a size factor in each row's rate (overriding
+        the ``size_factors`` parameter); ``batch`` (n_samples,) labels (strings or integers)
+        fit a batch effect per batch and feature (``batch_effects_``). With
+        ``distributed=True``, X, ``size_factors`` and ``batch`` are this process's block of rows.
         """
-        self._fit(X)
+        self._fit(X, size_factors, batch)
         return self
 
-    def fit_transform(self, X, y=None):
+    def fit_transform(self, X, y=None, *, size_factors=None, batch=None):
         """Fit to X and return ``transform(X)``, the factors E_q[exp F] of its rows.
 
         The training posterior itself is in ``mean_`` and ``var_``; ``fit_transform`` and
         ``fit(X).transform(X)`` give the same factors, as scikit-learn expects.
         """
+        self.fit(X, size_factors=size_factors, batch=batch)
         if on_disk(X):  # the fit's last pass inferred q(F) of every row, a batch at a time
-            self.fit(X)
             return _expected_exp(self.mean_, self.var_)
-        return self.fit(X).transform(X)
+        return self.transform(X, size_factors=size_factors, batch=batch)
 
-    def _fit(self, X) -> None:
+    def _fit(self, X, size_factors=None, batch=None) -> None:
         self._validate_params()
         if on_disk(X):
             X = X if isinstance(X, DiskRows) else DiskRows(X)
@@ -335,8 +392,40 @@ class PNMF(TransformerMixin, BaseEstimator):
         sparse = X.sparse if isinstance(X, DiskRows) else sp.issparse(X)
         b = get_backend(self.backend, self.device, self.dtype, sparse=sparse)
         group = distributed.join(b.name, self.distributed_timeout) if self.distributed else None
+        effects, xb = self._fit_effects(X, size_factors, batch, group)
         with b.threads(self._thread_limit(X)):
-            self._fit_on(b, X, group)
+            self._fit_on(b, X, group, effects, xb)
+
+    def _fit_effects(self, X, size_factors, batch, group) -> tuple[RowEffects | None, np.ndarray | None]:
+        """The size factors and batches of the training rows, checked before any work.
+
+        Sets ``size_factors_``, ``reference_total_`` and ``batches_``; returns the rows'
+        :class:`RowEffects` (None for the plain model) and the batch sums X_b of all rows.
+        """
+        n = X.shape[0]
+        self.size_factors_ = self.reference_total_ = self.batches_ = self.batch_effects_ = None
+        if size_factors is not None:
+            self.size_factors_ = check_size_factors(size_factors, n)
+        labels = None if batch is None else check_batch(batch, n)
+        if self.size_factors_ is None and self.size_factors is None and labels is None:
+            return None, None
+        if self.size_factors_ is None and self.size_factors == "total":
+            totals = row_totals(X)
+            grand = np.array([totals.sum(), n], dtype=np.float64)
+            grand = grand if group is None else group.all_sum_host(grand)
+            self.reference_total_ = float(grand[0] / grand[1])
+            self.size_factors_ = total_size_factors(totals, self.reference_total_)
+        s = np.ones(n) if self.size_factors_ is None else self.size_factors_
+        if labels is None:
+            return RowEffects(s, np.zeros(n, dtype=np.int64), np.ones((1, X.shape[1]))), None
+        self.batches_ = union_labels(labels, group)
+        codes = np.searchsorted(self.batches_, labels)
+        xb = batch_sums(X, codes, len(self.batches_))
+        xb = xb if group is None else group.all_sum_host(xb.ravel()).reshape(xb.shape)
+        empty = np.flatnonzero(xb.sum(axis=1) <= 0)
+        if empty.size:
+            raise ValueError(f"batch {self.batches_[empty[0]]!r} has no counts at all: drop its rows")
+        return RowEffects(s, codes, np.ones(xb.shape), free=np.ones(len(self.batches_), dtype=bool)), xb
 
     def _thread_limit(self, X) -> int | None:
         """1 for small problems (see SMALL_WORK), else None: the frameworks' own choice."""
@@ -346,7 +435,7 @@ class PNMF(TransformerMixin, BaseEstimator):
         samples = 1 if self.mode == "lower-bound" else self.E
         return 1 if entries * samples <= SMALL_WORK else None
 
-    def _checkpoint(self, X, group) -> io.Checkpoint | None:
+    def _checkpoint(self, X, group, effects: RowEffects | None = None) -> io.Checkpoint | None:
         if self.checkpoint is None:
             return None
         # What may change between a run and its resumption: how long it runs and what it shows.
@@ -357,87 +446,112 @@ class PNMF(TransformerMixin, BaseEstimator):
             "data": io.data_fingerprint(X),
             "process": [0, 1] if group is None else [group.rank, group.size],
         }
+        if effects is not None:  # the rows' size factors and batches are data too
+            fingerprint["rows"] = io.data_fingerprint(np.column_stack([effects.s, effects.codes]))
+            fingerprint["batches"] = None if self.batches_ is None else [str(v) for v in self.batches_]
         return io.Checkpoint(self.checkpoint, self.checkpoint_every, fingerprint, group)
 
-    def _fit_on(self, b, X, group) -> None:
+    def _fit_on(self, b, X, group, effects: RowEffects | None, xb: np.ndarray | None) -> None:
         rng = check_random_state(self.random_state)
         minibatch = self.batch_size is not None and self.batch_size < X.shape[0]
         # Mini-batch fits keep no q(F) of the rows between steps: only W is drawn here.
         h, w = initialize(X, self.n_components, self.init, rng, group, keep_rows=not minibatch)
+        if effects is not None:  # the size factors' scale belongs to s, not to the start of W
+            s_sum = np.array([effects.s.sum(), len(effects.s)])
+            s_sum = s_sum if group is None else group.all_sum_host(s_sum)
+            w = w * (s_sum[1] / s_sum[0])
         seed = int(rng.randint(np.iinfo(np.int32).max))
         show = self.verbose and (group is None or group.rank == 0)
+        g = None
         if minibatch:
             host = get_backend("numpy", dtype="float64")
             result = loop.run(
                 host,
-                [Phase(MinibatchTrainer(X, b, self, seed), self.tol, loop.WINDOW["expanded"], noisy=True)],
+                [Phase(MinibatchTrainer(X, b, self, seed, effects), self.tol, loop.WINDOW["expanded"], noisy=True)],
                 None,
                 None,
                 w,
+                None if effects is None else effects.g,
                 seed=seed,
                 max_iter=self.max_iter,
                 progress=loop.progress_bar(show, self.max_iter, "PNMF fit (mini-batch)"),
-                checkpoint=self._checkpoint(X, group),
+                checkpoint=self._checkpoint(X, group, effects),
             )
             self.loadings_ = np.asarray(result.w, dtype=np.float64)
-            self.mean_, self.var_, self.elbo_ = self._infer_rows(X, b)
+            g = None if effects is None else np.asarray(result.g, dtype=np.float64)
+            if self.batches_ is not None:
+                g, self.loadings_ = normalise(g, self.loadings_, batch_sums(X, effects.codes, len(self.batches_)))
+            self.mean_, self.var_, self.elbo_ = self._infer_rows(
+                X, b, None if effects is None else RowEffects(effects.s, effects.codes, g)
+            )
         else:
             # Each rank draws its own Monte Carlo noise; rank 0 (or a single process) uses seed.
             noise_seed = seed if group is None else (seed + 1_000_003 * group.rank) % np.iinfo(np.int32).max
             with b.scope():
-                counts = as_counts(b, X, group)
+                counts = as_counts(b, X, group, None if effects is None else effects.scaling(b, X, xb))
                 result = loop.run(
                     b,
-                    self._phases(counts),
+                    self._phases(counts, fit_batches=self.batches_ is not None),
                     b.asarray(np.log(h) - 0.5 * self.init_var),
                     b.asarray(np.full(h.shape, self.init_var)),
                     b.asarray(w),
+                    None if effects is None else b.asarray(effects.g),
                     seed=noise_seed,
                     max_iter=self.max_iter,
                     progress=loop.progress_bar(show, self.max_iter, "PNMF fit"),
-                    checkpoint=self._checkpoint(X, group),
+                    checkpoint=self._checkpoint(X, group, effects),
                 )
-                self.elbo_ = self._final_elbo(counts, result.mu, result.var, result.w, noise_seed)
+                self.elbo_ = self._final_elbo(counts, result.mu, result.var, result.w, result.g, noise_seed)
                 self.mean_, self.var_, self.loadings_ = (
                     b.to_numpy(a).astype(np.float64) for a in (result.mu, result.var, result.w)
                 )
+                g = None if result.g is None else b.to_numpy(result.g).astype(np.float64)
+            if self.batches_ is not None:
+                g, self.loadings_ = normalise(g, self.loadings_, xb)
+        self.batch_effects_ = g if self.batches_ is not None else None
         self.components_ = self.loadings_.T
         self.elbo_history_ = result.history
         self.n_iter_ = len(result.history)
         self.converged_ = result.converged
         self.backend_, self.device_ = b.name, b.device
 
-    def _local_posterior(self, b, x, mean, var, loadings, seed: int, max_iter=None, desc: str = ""):
-        """q(F) of the rows of x by natural lower-bound steps with the loadings fixed.
+    def _local_posterior(self, b, x, effects: RowEffects | None, loadings, seed: int, max_iter=None, desc: str = ""):
+        """q(F) of the rows of x by natural lower-bound steps with the loadings fixed, started
+        from the rows' totals (:meth:`_row_start`); with ``effects``, their size factors and
+        batches, the g of ``effects.free`` batches fitted alongside.
 
-        Call inside ``b.scope()``; returns the counts, mu, var and W on the device.
+        Call inside ``b.scope()``; returns the counts, mu, var, W and g on the device.
         """
-        counts = as_counts(b, x)
+        counts = as_counts(b, x, scaling=None if effects is None else effects.scaling(b, x))
         w = b.asarray(loadings)
-        trainer = self._trainer(counts, "natural", "lower-bound", fit_loadings=False)
+        fit_batches = effects is not None and effects.free is not None
+        trainer = self._trainer(counts, "natural", "lower-bound", fit_loadings=False, fit_batches=fit_batches)
         budget = self.max_iter if max_iter is None else max_iter
+        mean, var = self._row_start(x, loadings, effects)
         result = loop.run(
             b,
             [Phase.of_mode(trainer, "lower-bound", self.tol)],
             b.asarray(mean),
             b.asarray(var),
             w,
+            None if effects is None else b.asarray(effects.g),
             seed=seed,
             max_iter=budget,
             progress=loop.progress_bar(self.verbose and max_iter is None, budget, desc),
         )
-        return counts, result.mu, result.var, w
+        return counts, result.mu, result.var, w, result.g
 
-    def _row_start(self, x, loadings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _row_start(self, x, loadings: np.ndarray, effects: RowEffects | None = None) -> tuple[np.ndarray, np.ndarray]:
         """A start for q(F) of the rows of x with the loadings fixed: every component at the
         level that matches the row's total count, variance ``init_var``."""
         row_sums = np.asarray(x.sum(axis=1), dtype=np.float64).ravel()
-        level = np.maximum(row_sums / max(float(loadings.sum()), 1e-30), 1e-8)
+        per_unit = float(loadings.sum()) if effects is None else effects.row_scale(loadings)
+        level = np.maximum(row_sums / np.maximum(per_unit, 1e-30), 1e-8)
         mu0 = np.repeat(np.log(level)[:, None], loadings.shape[1], axis=1) - 0.5 * self.init_var
         mu0 = np.clip(mu0, -MEAN_BOUND, MEAN_BOUND)
         return mu0, np.full(mu0.shape, self.init_var)
 
-    def _infer_rows(self, X, b):
+    def _infer_rows(self, X, b, effects: RowEffects | None):
         """q(F) of every row with the loadings fixed, a batch of rows at a time (each read
         only when its turn comes); and the full-data ELBO."""
         seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
@@ -446,39 +560,90 @@ class PNMF(TransformerMixin, BaseEstimator):
             rows = slice(start, start + self.batch_size)
             x = X[rows]
             with b.scope():
-                counts, mu, local_var, w_device = self._local_posterior(
-                    b, x, *self._row_start(x, self.loadings_), self.loadings_, seed, max_iter=self.max_iter
+                counts, mu, local_var, w_device, g = self._local_posterior(
+                    b, x, None if effects is None else effects.take(rows), self.loadings_, seed, self.max_iter
                 )
-                elbo += self._final_elbo(counts, mu, local_var, w_device, seed)
+                elbo += self._final_elbo(counts, mu, local_var, w_device, g, seed)
                 mean[rows], var[rows] = b.to_numpy(mu), b.to_numpy(local_var)
         return mean, var, elbo
 
     # -- inference with the loadings fixed ------------------------------------------------
-    def _infer(self, X):
+    def _effects(self, X, size_factors, batch) -> RowEffects | None:
+        """The size factors and batches of new rows; the g of batches unseen in fit is free.
+
+        A model fitted with batches needs ``batch``; one fitted with size factors given to
+        ``fit`` needs ``size_factors`` (with ``size_factors='total'`` they come from the
+        rows' totals over ``reference_total_``).
+        """
+        n = X.shape[0]
+        fitted_s = getattr(self, "size_factors_", None) is not None
+        batches = getattr(self, "batches_", None)
+        if batch is None and batches is not None:
+            raise ValueError(
+                f"this model was fitted with batches ({len(batches)}: {_preview(batches)}); pass "
+                "batch= (labels seen in fit use their batch effects, new labels get theirs estimated)"
+            )
+        if batch is not None and batches is None:
+            raise ValueError("batch= was given but this model was fitted without batches; fit it with batch=")
+        if size_factors is not None:
+            s = check_size_factors(size_factors, n)
+        elif self.size_factors == "total" and fitted_s:
+            s = total_size_factors(row_totals(X), self.reference_total_)
+        elif fitted_s:
+            raise ValueError("this model was fitted with size factors given to fit; pass size_factors= for new rows")
+        else:
+            s = None
+        if s is None and batches is None:
+            return None
+        s = np.ones(n) if s is None else s
+        if batches is None:
+            return RowEffects(s, np.zeros(n, dtype=np.int64), np.ones((1, self.n_features_in_)))
+        labels = check_batch(batch, n)
+        unseen = np.setdiff1d(np.unique(labels), batches)
+        every = np.concatenate([batches, unseen]) if unseen.size else batches
+        order = np.argsort(every, kind="stable")
+        codes = order[np.searchsorted(every[order], labels)]
+        g = np.vstack([self.batch_effects_, np.ones((unseen.size, self.n_features_in_))])
+        free = np.arange(len(every)) >= len(batches)
+        new_totals = batch_sums(X, codes, len(every))[len(batches) :].sum(axis=1)
+        if np.any(new_totals <= 0):
+            raise ValueError(
+                f"new batch {unseen[np.argmax(new_totals <= 0)]!r} has no counts at all: its batch effects "
+                "cannot be estimated"
+            )
+        return RowEffects(s, codes, g, free if unseen.size else None)
+
+    def _infer(self, X, size_factors=None, batch=None):
         """q(F) of new rows with the loadings fixed, and the ELBO (of ``mode``) there.
 
         The inference takes natural steps on the lower-bound ELBO: deterministic, and each
-        row's q(F) depends on that row alone, so transforming a subset of rows gives the
-        same factors as transforming them among others.
+        row's q(F) depends on that row alone (and, for a batch unseen in fit, on the other
+        rows of that batch), so transforming a subset of rows gives the same factors as
+        transforming them among others.
         """
         check_is_fitted(self, "loadings_")
         X = self._validate_data(X, reset=False)
+        effects = self._effects(X, size_factors, batch)
         b = get_backend(self.backend_, self.device_, self.dtype)
         seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
         with b.scope(), b.threads(self._thread_limit(X)):
-            counts, mu, var, w = self._local_posterior(
-                b, X, *self._row_start(X, self.loadings_), self.loadings_, seed, desc="PNMF transform"
-            )
-            elbo = self._final_elbo(counts, mu, var, w, seed)
+            counts, mu, var, w, g = self._local_posterior(b, X, effects, self.loadings_, seed, desc="PNMF transform")
+            elbo = self._final_elbo(counts, mu, var, w, g, seed)
             return b.to_numpy(mu).astype(np.float64), b.to_numpy(var).astype(np.float64), elbo
 
-    def transform(self, X):
+    def transform(self, X, *, size_factors=None, batch=None):
         """Factors H = E_q[exp F] (n_samples, n_components) of rows of X, loadings fixed.
 
         q(F) of each row is inferred by natural steps on the lower-bound ELBO (up to
         ``max_iter``, stopping at ``tol``), starting from the level of the row's total count.
+
+        ``size_factors`` (n_samples,) are the rows' size factors (by default those of the
+        ``size_factors`` strategy). On a model fitted with batches, ``batch`` (n_samples,)
+        is required: labels seen in fit use their batch effects; the batch effects of new
+        labels are estimated from X with the loadings fixed, alternating with q(F) (mapping
+        a new dataset onto the fitted programs).
         """
-        mean, var, _ = self._infer(X)
+        mean, var, _ = self._infer(X, size_factors, batch)
         return _expected_exp(mean, var)
 
     def inverse_transform(self, H):
@@ -503,9 +668,9 @@ class PNMF(TransformerMixin, BaseEstimator):
         """
         return io.load(cls, path, backend=backend, device=device)
 
-    def score(self, X, y=None) -> float:
+    def score(self, X, y=None, *, size_factors=None, batch=None) -> float:
         """ELBO of X under the fitted loadings (q(F) of its rows inferred by ``transform``)."""
-        return self._infer(X)[2]
+        return self._infer(X, size_factors, batch)[2]
 
 
 def _expected_exp(mean: np.ndarray, var: np.ndarray) -> np.ndarray:
@@ -513,3 +678,9 @@ def _expected_exp(mean: np.ndarray, var: np.ndarray) -> np.ndarray:
     out = 0.5 * var
     out += mean
     return np.exp(out, out=out)
+
+
+def _preview(labels, shown: int = 5) -> str:
+    """The first few labels, for an error message."""
+    head = ", ".join(repr(v.item() if isinstance(v, np.generic) else v) for v in labels[:shown])
+    return head + (", ..." if len(labels) > shown else "")

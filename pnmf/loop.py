@@ -45,13 +45,14 @@ class Phase:
 
 @dataclass
 class Result:
-    """Where a run ended: q(F), W, the ELBO history, and whether the last phase converged."""
+    """Where a run ended: q(F), W, the ELBO history, whether the last phase converged, and g."""
 
     mu: Array
     var: Array
     w: Array
     history: np.ndarray
     converged: bool
+    g: Array | None = None
 
 
 def run(
@@ -60,13 +61,16 @@ def run(
     mu: Array,
     var: Array,
     w: Array,
+    g: Array | None = None,
     *,
     seed: int,
     max_iter: int,
     progress=None,
     checkpoint=None,
 ) -> Result:
-    """Run ``phases`` in turn from (mu, var, W), ``max_iter`` iterations at most in all.
+    """Run ``phases`` in turn from (mu, var, W, g), ``max_iter`` iterations at most in all.
+
+    ``g``: the batch effects (B, D) of a model with size factors and batches, else None.
 
     A phase before the last that does not converge within the budget ends the run. A run
     interrupted with Ctrl-C returns what it had reached, with a warning. ``checkpoint``
@@ -88,7 +92,7 @@ def run(
         for index in range(first_phase, len(phases)):
             phase, last = phases[index], index == len(phases) - 1
             trainer = phase.trainer
-            state = trainer.init(mu, var, w)
+            state = trainer.init(mu, var, w, g)
             start = len(history)
             if saved is not None:
                 state = {name: b.asarray(value) for name, value in saved["state"].items()}
@@ -115,7 +119,7 @@ def run(
                     checkpoint.save(
                         index, start, {k: b.to_numpy(v) for k, v in state.items()}, b.key_to_numpy(key), history
                     )
-            mu, var, w = trainer.params(state)
+            mu, var, w, g = trainer.params(state)
             if not last and not converged:
                 break  # max_iter reached before the last phase
     except KeyboardInterrupt:
@@ -126,10 +130,10 @@ def run(
         )
         converged = False
         if trainer is not None:
-            mu, var, w = trainer.params(state)
+            mu, var, w, g = trainer.params(state)
     finally:
         progress.close()
-    return Result(mu, var, w, np.asarray(history), converged)
+    return Result(mu, var, w, np.asarray(history), converged, g)
 
 
 def check_finite(b: Backend, values: list[float], params, first: int) -> None:
@@ -138,7 +142,7 @@ def check_finite(b: Backend, values: list[float], params, first: int) -> None:
     for offset, value in enumerate(values):
         if not math.isfinite(value):
             raise FloatingPointError(f"the ELBO became {value} at iteration {first + offset}; {hint}")
-    for name, array in zip(("mean of q(F)", "variance of q(F)", "loadings"), params):
+    for name, array in zip(("mean of q(F)", "variance of q(F)", "loadings", "batch effects"), params):
         if array is not None and not bool(b.to_numpy(b.all_finite(array))):
             raise FloatingPointError(
                 f"the {name} became non-finite between iterations {first} and {first + len(values) - 1}; {hint}"

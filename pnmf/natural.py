@@ -38,6 +38,8 @@ SCHEDULE_TAU, SCHEDULE_KAPPA = 50.0, 0.7
 # A checked step may lower the ELBO by at most this many float epsilons (relative).
 ROUNDING = 8
 DEFAULT_NGD_LR = {"lower-bound": 1.0, "expanded": 0.2, "simple": 0.2}
+# The parameters a checked step keeps the last accepted value of ("g": batch effects, when fitted).
+PARAMS = ("mu", "precision", "w", "g")
 
 
 def natural_update(
@@ -82,7 +84,17 @@ class NaturalTrainer:
     """
 
     def __init__(
-        self, counts, *, mode, n_samples, prior_scale, ngd_lr, learning_rate, loadings_update, update_loadings
+        self,
+        counts,
+        *,
+        mode,
+        n_samples,
+        prior_scale,
+        ngd_lr,
+        learning_rate,
+        loadings_update,
+        update_loadings,
+        update_batches=False,
     ):
         self.counts = counts
         self.b = counts.backend
@@ -93,41 +105,45 @@ class NaturalTrainer:
         self.lr = learning_rate
         self.rule = loadings_update
         self.fit_loadings = update_loadings
+        self.fit_batches = update_batches
         # Adam's loadings step does not shrink with rho, so only the multiplicative rule is checked.
         self.checked = mode == "lower-bound" and (loadings_update == "multiplicative" or not update_loadings)
         # Float rounding makes a sum of 1e5 terms uncertain by ~eps * |ELBO|: a smaller "loss"
         # is noise, and rejecting it would stall a float32 fit short of its optimum.
         self.rounding = float(ROUNDING * np.finfo(self.b.dtype).eps)
 
-    def init(self, mu: Array, var: Array, w: Array) -> dict:
+    def init(self, mu: Array, var: Array, w: Array, g: Array | None = None) -> dict:
         b = self.b
         state = {"mu": mu, "precision": 1.0 / var, "w": w, "t": b.scalar(0.0)}
+        if g is not None:
+            state["g"] = g
         if self.fit_loadings:
             state.update(loadings_state(b, w, self.rule))
         if self.checked:
             state.update(
                 rho=b.scalar(self.rho0),
                 accepted_value=b.scalar(-math.inf),
-                **{"accepted_" + k: v for k, v in state.items() if k in ("mu", "precision", "w")},
+                **{"accepted_" + k: v for k, v in state.items() if k in PARAMS},
                 **{k: b.zeros_like(mu) for k in ("g_mu", "g_var")},
                 w_numerator=b.zeros_like(w),
-                expected_sum=b.zeros_like(w[0]),
+                expected_sum=b.zeros_like(w[0] if g is None else g @ w),
             )
         return state
 
-    def params(self, state: dict) -> tuple[Array, Array, Array]:
+    def params(self, state: dict) -> tuple[Array, Array, Array, Array | None]:
         prefix = "accepted_" if self.checked else ""
-        return state[prefix + "mu"], 1.0 / state[prefix + "precision"], state[prefix + "w"]
+        return state[prefix + "mu"], 1.0 / state[prefix + "precision"], state[prefix + "w"], state.get(prefix + "g")
 
     def step(self, state: dict, key):
         b = self.b
-        mu, precision, w = state["mu"], state["precision"], state["w"]
+        mu, precision, w, g = state["mu"], state["precision"], state["w"], state.get("g")
         noise = Noise(b, key)
         terms = evaluate(
             self.counts,
             mu,
             1.0 / precision,
             w,
+            g,
             mode=self.mode,
             noise=noise,
             n_samples=self.n_samples,
@@ -142,15 +158,16 @@ class NaturalTrainer:
             # rounding), else the old one.
             slack = self.rounding * b.clip(-state["accepted_value"], 0.0, None)
             accept = terms.value >= state["accepted_value"] - slack
-            for name, fresh in (("mu", mu), ("precision", precision), ("w", w)):
-                new["accepted_" + name] = b.where(accept, fresh, state["accepted_" + name])
+            for name, fresh in (("mu", mu), ("precision", precision), ("w", w), ("g", g)):
+                if fresh is not None:
+                    new["accepted_" + name] = b.where(accept, fresh, state["accepted_" + name])
             for name in ("g_mu", "g_var", "w_numerator", "expected_sum"):
                 new[name] = b.where(accept, getattr(terms, name), state[name])
                 setattr(terms, name, new[name])
             new["accepted_value"] = b.where(accept, terms.value, state["accepted_value"])
             new["rho"] = b.where(accept, b.clip(2.0 * state["rho"], None, self.rho0), 0.5 * state["rho"])
             rho, reported = new["rho"], new["accepted_value"]
-            mu, precision, w = new["accepted_mu"], new["accepted_precision"], new["accepted_w"]
+            mu, precision, w, g = (new.get("accepted_" + name) for name in PARAMS)
         elif self.mode == "lower-bound":
             rho, reported = self.rho0, terms.value
         else:
@@ -161,6 +178,8 @@ class NaturalTrainer:
         new["mu"] = b.clip(new_mu, -MEAN_BOUND, MEAN_BOUND)
         new["precision"] = b.clip(new_precision, 1.0 / VAR_BOUNDS[1], 1.0 / VAR_BOUNDS[0])
         if self.fit_loadings:
-            new["w"], moments = update_loadings(b, dict(state, w=w), terms, t, self.rule, self.lr)
+            new["w"], moments = update_loadings(b, dict(state, w=w, g=g), terms, t, self.rule, self.lr)
             new.update(moments)
+        if self.fit_batches:
+            new["g"] = self.counts.scaling.update(g, new["w"], terms.expected_sum)
         return new, noise.key, reported

@@ -10,7 +10,7 @@ import math
 import numpy as np
 
 from .backends.base import Array, Backend
-from .elbo import MEAN_BOUND, VAR_BOUNDS, Noise, Terms, evaluate
+from .elbo import MEAN_BOUND, VAR_BOUNDS, Noise, Terms, evaluate, rate_denominator
 
 LOADINGS_UPDATES = ("adam", "multiplicative")
 BETA1, BETA2, ADAM_EPS = 0.9, 0.999, 1e-8
@@ -40,13 +40,15 @@ def adam(b: Backend, param: Array, grad: Array, m: Array, v: Array, scales: tupl
     return param + step * m / (b.sqrt(v) + eps), m, v
 
 
-def multiplicative_loadings(w: Array, terms: Terms) -> Array:
+def multiplicative_loadings(b: Backend, w: Array, terms: Terms, g: Array | None = None) -> Array:
     """The exact maximiser in W of the Jensen bound for fixed q(F) (KL-NMF fixed point).
 
     W <- W * [sum_n (X / rate) exp(F)] / sum_n exp(mu + var/2), the numerator averaged
     over the Monte Carlo samples in the sampled modes; ``terms`` evaluated at (q(F), W).
+    With size factors and batch effects g (B, D) the denominator is g.T @ S (D, L),
+    S[b, l] = sum_{n in b} s[n] exp(mu + var/2)[n, l].
     """
-    return w * terms.w_numerator / terms.expected_sum[None, :]
+    return w * terms.w_numerator / rate_denominator(b, g, terms.expected_sum)
 
 
 def loadings_state(b: Backend, w: Array, rule: str) -> dict:
@@ -58,7 +60,7 @@ def update_loadings(b: Backend, state: dict, terms: Terms, t: Array, rule: str, 
     """W after one step of ``rule``; Adam works on log W, so W stays positive."""
     w = state["w"]
     if rule == "multiplicative":
-        return multiplicative_loadings(w, terms), {}
+        return multiplicative_loadings(b, w, terms, state.get("g")), {}
     log_w, m, v = adam(b, b.log(w), terms.g_w * w, state["m_w"], state["v_w"], adam_scales(t, lr))
     return b.exp(log_w), {"m_w": m, "v_w": v}
 
@@ -71,7 +73,18 @@ class StandardTrainer:
     their number: on small data each array operation costs more in overhead than in work.
     """
 
-    def __init__(self, counts, *, mode, n_samples, prior_scale, learning_rate, loadings_update, update_loadings):
+    def __init__(
+        self,
+        counts,
+        *,
+        mode,
+        n_samples,
+        prior_scale,
+        learning_rate,
+        loadings_update,
+        update_loadings,
+        update_batches=False,
+    ):
         self.counts = counts
         self.b = counts.backend
         self.mode = mode
@@ -81,8 +94,9 @@ class StandardTrainer:
         self.rule = loadings_update
         self.fit_loadings = update_loadings
         self.adam_w = update_loadings and loadings_update == "adam"
+        self.fit_batches = update_batches
 
-    def init(self, mu: Array, var: Array, w: Array) -> dict:
+    def init(self, mu: Array, var: Array, w: Array, g: Array | None = None) -> dict:
         b = self.b
         self.shapes = (tuple(mu.shape), tuple(w.shape))
         parts = [mu, 0.5 * b.log(var)] + ([b.log(w)] if self.adam_w else [])
@@ -93,7 +107,8 @@ class StandardTrainer:
         low[:size], high[:size] = -MEAN_BOUND, MEAN_BOUND
         low[size : 2 * size], high[size : 2 * size] = LOG_SD_BOUNDS
         self.bounds = b.asarray(low), b.asarray(high)
-        return {"theta": theta, "m": b.zeros_like(theta), "v": b.zeros_like(theta), "w": w, "t": b.scalar(0.0)}
+        state = {"theta": theta, "m": b.zeros_like(theta), "v": b.zeros_like(theta), "w": w, "t": b.scalar(0.0)}
+        return state if g is None else dict(state, g=g)
 
     def _split(self, theta: Array) -> tuple[Array, Array, Array | None]:
         """mu, log sd and (when on Adam) log W: views of theta."""
@@ -102,20 +117,21 @@ class StandardTrainer:
         log_w = theta[2 * size :].reshape(w_shape) if self.adam_w else None
         return theta[:size].reshape(n, n_comp), theta[size : 2 * size].reshape(n, n_comp), log_w
 
-    def params(self, state: dict) -> tuple[Array, Array, Array]:
+    def params(self, state: dict) -> tuple[Array, Array, Array, Array | None]:
         mu, log_sd, _ = self._split(state["theta"])
-        return mu, self.b.exp(2 * log_sd), state["w"]
+        return mu, self.b.exp(2 * log_sd), state["w"], state.get("g")
 
     def step(self, state: dict, key):
         """Evaluate the ELBO and its gradients at the current parameters, then take one Adam step."""
         b = self.b
-        mu, var, w = self.params(state)
+        mu, var, w, g = self.params(state)
         noise = Noise(b, key)
         terms = evaluate(
             self.counts,
             mu,
             var,
             w,
+            g,
             mode=self.mode,
             noise=noise,
             n_samples=self.n_samples,
@@ -132,5 +148,7 @@ class StandardTrainer:
         if self.adam_w:
             new["w"] = b.exp(self._split(theta)[2])
         elif self.fit_loadings:
-            new["w"] = multiplicative_loadings(w, terms)
+            new["w"] = multiplicative_loadings(b, w, terms, g)
+        if self.fit_batches:
+            new["g"] = self.counts.scaling.update(g, new["w"], terms.expected_sum)
         return new, noise.key, terms.value

@@ -13,6 +13,7 @@ import numpy as np
 
 from .elbo import evaluate
 from .optim import multiplicative_loadings
+from .scaling import RowEffects
 
 # Local natural steps per batch, and the loadings' Robbins-Monro schedule. On 2000 x 60
 # planted counts, 300 steps of 100 rows from fresh local starts ended 0.07% below the
@@ -32,17 +33,20 @@ class MinibatchTrainer:
     and rows on disk are read one batch at a time.
     """
 
-    def __init__(self, x, b, model, seed: int):
-        self.x, self.b, self.model, self.seed = x, b, model, seed
+    def __init__(self, x, b, model, seed: int, effects: RowEffects | None = None):
+        self.x, self.b, self.model, self.seed, self.effects = x, b, model, seed, effects
+        # Batch effects move with W: towards the batch's closed-form g, for the batches in it.
+        self.fit_batches = effects is not None and effects.free is not None
         self.n, self.batch = x.shape[0], model.batch_size
         self.per_pass = self.n // self.batch
         self._pass, self._order = -1, None
 
-    def init(self, mean, var, w: np.ndarray) -> dict:
-        return {"w": np.asarray(w, dtype=np.float64), "t": np.float64(0)}
+    def init(self, mean, var, w: np.ndarray, g: np.ndarray | None = None) -> dict:
+        state = {"w": np.asarray(w, dtype=np.float64), "t": np.float64(0)}
+        return state if g is None else dict(state, g=np.asarray(g, dtype=np.float64))
 
-    def params(self, state: dict) -> tuple[None, None, np.ndarray]:
-        return None, None, state["w"]
+    def params(self, state: dict) -> tuple[None, None, np.ndarray, np.ndarray | None]:
+        return None, None, state["w"], state.get("g")
 
     def _rows(self, t: int) -> np.ndarray:
         """The sorted rows of step t's batch."""
@@ -56,15 +60,24 @@ class MinibatchTrainer:
         t = int(state["t"])
         rows = self._rows(t)
         x = self.x[rows]
+        effects = None
+        if self.effects is not None:  # the batch's rows with g fixed during the local steps
+            effects = RowEffects(self.effects.s[rows], self.effects.codes[rows], state["g"])
         with b.scope():
-            counts, mu, var, w = model._local_posterior(
-                b, x, *model._row_start(x, state["w"]), state["w"], self.seed + t, max_iter=LOCAL_STEPS
+            counts, mu, var, w, g = model._local_posterior(
+                b, x, effects, state["w"], self.seed + t, max_iter=LOCAL_STEPS
             )
             terms = evaluate(
-                counts, mu, var, w, mode="lower-bound", noise=None, n_samples=1, prior_scale=model.prior_scale
+                counts, mu, var, w, g, mode="lower-bound", noise=None, n_samples=1, prior_scale=model.prior_scale
             )
-            w_batch = b.to_numpy(multiplicative_loadings(w, terms)).astype(np.float64)
+            w_device = multiplicative_loadings(b, w, terms, g)
+            w_batch = b.to_numpy(w_device).astype(np.float64)
+            if self.fit_batches:
+                g_batch = b.to_numpy(counts.scaling.update(g, w_device, terms.expected_sum)).astype(np.float64)
             value = float(b.to_numpy(terms.value)) * self.n / len(rows)
         rate = (1.0 + t / TAU) ** -KAPPA
-        new_w = (1.0 - rate) * state["w"] + rate * w_batch
-        return dict(state, w=new_w, t=np.float64(t + 1)), key, value
+        new = dict(state, w=(1.0 - rate) * state["w"] + rate * w_batch, t=np.float64(t + 1))
+        if self.fit_batches:
+            present = np.isin(np.arange(len(g_batch)), effects.codes)[:, None]
+            new["g"] = np.where(present, (1.0 - rate) * state["g"] + rate * g_batch, state["g"])
+        return new, key, value

@@ -9,6 +9,7 @@ import pytest
 import scipy.sparse as sp
 
 from pnmf.elbo import MODES, as_counts, evaluate
+from pnmf.scaling import RowEffects
 
 from .conftest import BACKENDS, FixedNoise, cpu_backend, evaluate_on, small_problem
 from .oracle import mlx_oracle, torch_oracle
@@ -31,6 +32,63 @@ def test_gradients_match_autodiff(name, mode, sparse, oracle):
     np.testing.assert_allclose(float(b.to_numpy(terms.value)), value, rtol=rtol)
     for mine, theirs in ((terms.g_mu, g_mu), (terms.g_var, g_var), (terms.g_w, g_w)):
         np.testing.assert_allclose(b.to_numpy(mine), theirs, rtol=rtol * 10, atol=rtol * 10)
+
+
+def scaled_problem(seed: int = 3, n_batches: int = 3):
+    """small_problem's point with size factors, batch codes and batch effects g (B, D)."""
+    x, mu, var, w, eps = small_problem(seed=seed)
+    rng = np.random.default_rng(seed)
+    s = np.exp(rng.normal(0.0, 0.6, len(x)))
+    codes = np.arange(len(x)) % n_batches
+    g = np.exp(rng.normal(0.0, 0.5, (n_batches, x.shape[1])))
+    return x, mu, var, w, eps, (s, codes, g)
+
+
+@pytest.mark.parametrize("oracle", ORACLES, ids=lambda o: o.__name__)
+@pytest.mark.parametrize("n_batches", [1, 3], ids=["size-factors", "batches"])
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", BACKENDS)
+def test_gradients_with_size_factors_and_batches_match_autodiff(name, mode, sparse, n_batches, oracle):
+    """rate = s[n] g[batch(n), d] exp(F) @ W.T: the value and the gradients in mu, var, W."""
+    x, mu, var, w, eps, (s, codes, g) = scaled_problem(n_batches=n_batches)
+    b = cpu_backend(name)
+    data = sp.csr_matrix(x) if sparse else x
+    scaling = RowEffects(s, codes, g).scaling(b, data)
+    terms = evaluate(
+        as_counts(b, data, scaling=scaling),
+        *(b.asarray(a) for a in (mu, var, w, g)),
+        mode=mode,
+        noise=FixedNoise(b, eps),
+        n_samples=eps.shape[0],
+        prior_scale=1.3,
+    )
+    value, g_mu, g_var, g_w, _ = oracle(x, mu, var, w, mode, eps, 1.3, effects=(s, codes, g))
+    rtol = 1e-5 if oracle is mlx_oracle or name == "mlx" else 1e-9
+    np.testing.assert_allclose(float(b.to_numpy(terms.value)), value, rtol=rtol)
+    for mine, theirs in ((terms.g_mu, g_mu), (terms.g_var, g_var), (terms.g_w, g_w)):
+        np.testing.assert_allclose(b.to_numpy(mine), theirs, rtol=rtol * 10, atol=rtol * 10)
+
+
+@pytest.mark.parametrize("mode", ["lower-bound", "expanded"])
+@pytest.mark.parametrize("name", BACKENDS)
+def test_batch_effects_update_is_the_maximiser(name, mode):
+    """The closed-form g zeroes the ELBO's gradient in g (autodiff) and raises the ELBO."""
+    x, mu, var, w, eps, (s, codes, g) = scaled_problem()
+    x = x + 1.0  # every batch with counts of every feature: g > 0, where log g is finite
+    b = cpu_backend(name)
+    scaling = RowEffects(s, codes, g).scaling(b, x)
+    counts = as_counts(b, x, scaling=scaling)
+    before = evaluate(
+        counts, *(b.asarray(a) for a in (mu, var, w, g)), mode=mode, noise=FixedNoise(b, eps), n_samples=5
+    )
+    fitted = b.to_numpy(scaling.update(b.asarray(g), b.asarray(w), before.expected_sum))
+    value, *_, g_g = torch_oracle(x, mu, var, w, mode, eps, effects=(s, codes, fitted))
+    assert value > float(b.to_numpy(before.value))
+    rtol = 1e-5 if name == "mlx" else 1e-9
+    np.testing.assert_allclose(g_g, 0.0, atol=rtol * np.abs(x).sum())
+    # and it is not zero at the start: the check can fail
+    assert np.abs(torch_oracle(x, mu, var, w, mode, eps, effects=(s, codes, g))[-1]).max() > 1.0
 
 
 @pytest.mark.parametrize("mode", ["simple", "expanded"])
