@@ -9,15 +9,31 @@ from .backends import get_backend
 from .estimator import PNMF
 
 
-def fit_anndata(adata, n_components: int, layer: str | None = None, key_added: str = "pnmf", **params) -> PNMF:
+def fit_anndata(
+    adata,
+    n_components: int,
+    layer: str | None = None,
+    key_added: str = "pnmf",
+    *,
+    batch_key: str | None = None,
+    size_factors=None,
+    **params,
+) -> PNMF:
     """Fit PNMF to ``adata.X`` (or ``adata.layers[layer]``) and store the result in ``adata``.
+
+    ``batch_key`` names the column of ``adata.obs`` with each cell's batch: the fit then has
+    a batch effect per batch and gene (``PNMF.fit(X, batch=...)``). ``size_factors`` is
+    None, ``'total'`` (each cell's total count over the mean), the name of a column of
+    ``adata.obs`` holding size factors, or an array of them (one per cell).
 
     Writes, with ``key = key_added``:
 
     * ``adata.obsm["X_" + key]``: factors E_q[exp F] of the cells (n_obs, n_components);
     * ``adata.varm[key.upper()]``: loadings W (n_vars, n_components);
     * ``adata.uns[key]``: ``params``, ``elbo``, ``elbo_history``, ``n_iter``, ``converged``,
-      ``backend``, ``device``, and the posterior ``mean`` and ``var`` of the log-factors.
+      ``backend``, ``device``, and the posterior ``mean`` and ``var`` of the log-factors;
+      with batches ``batches`` (the labels) and ``batch_effects`` (n_batches, n_vars), and
+      with size factors ``size_factors`` (one per cell).
 
     Sparse matrices stay sparse. ``params`` go to ``PNMF``. Returns the fitted model.
 
@@ -35,7 +51,15 @@ def fit_anndata(adata, n_components: int, layer: str | None = None, key_added: s
     x = adata.X if layer is None else adata.layers[layer]
     if x is None:
         raise ValueError("adata.X is empty; name a layer with counts (layer=...)")
-    model = PNMF(n_components, **params)
+    if isinstance(size_factors, str) and size_factors != "total":
+        if size_factors not in adata.obs:
+            raise KeyError(f"size_factors={size_factors!r} is neither 'total' nor a column of adata.obs")
+        size_factors = adata.obs[size_factors].to_numpy()
+    if batch_key is not None and batch_key not in adata.obs:
+        raise KeyError(f"batch_key={batch_key!r} is not a column of adata.obs")
+    strategy = size_factors if isinstance(size_factors, str) else None
+    per_cell = None if size_factors is None or isinstance(size_factors, str) else np.asarray(size_factors)
+    model = PNMF(n_components, size_factors=strategy, **params)
     rows = slice(0, adata.n_obs)
     if params.get("distributed"):
         backend = get_backend(model.backend, model.device, model.dtype).name
@@ -43,7 +67,10 @@ def fit_anndata(adata, n_components: int, layer: str | None = None, key_added: s
         x = x[rows]  # a backed X reads only these rows
     elif getattr(adata, "isbacked", False) and layer is None and model.batch_size is None:
         x = x[0 : adata.n_obs]
-    factors = model.fit_transform(x)
+    labels = None if batch_key is None else np.asarray(adata.obs[batch_key].astype(str))[rows]
+    if per_cell is not None and per_cell.shape[:1] == (adata.n_obs,):
+        per_cell = per_cell[rows]
+    factors = model.fit_transform(x, size_factors=per_cell, batch=labels)
     if not params.get("distributed"):
         adata.obsm[f"X_{key_added}"] = factors
     adata.varm[key_added.upper()] = model.loadings_
@@ -60,6 +87,11 @@ def fit_anndata(adata, n_components: int, layer: str | None = None, key_added: s
         "layer": layer if layer is not None else "X",
         "rows": [rows.start, rows.stop],
     }
+    if model.batches_ is not None:
+        adata.uns[key_added]["batches"] = np.asarray(model.batches_)
+        adata.uns[key_added]["batch_effects"] = model.batch_effects_
+    if model.size_factors_ is not None:
+        adata.uns[key_added]["size_factors"] = model.size_factors_
     if params.get("distributed"):
         adata.uns[key_added]["factors"] = factors
     return model

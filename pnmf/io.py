@@ -15,7 +15,9 @@ import scipy.sparse as sp
 FORMAT = "pnmf-model"
 FORMAT_VERSION = 1
 ARRAYS = ("mean_", "var_", "loadings_", "elbo_history_")
-SCALARS = ("elbo_", "n_iter_", "converged_", "backend_", "device_", "n_features_in_")
+# Arrays of a model with size factors or batches, absent (None) otherwise.
+OPTIONAL_ARRAYS = ("size_factors_", "batch_effects_")
+SCALARS = ("elbo_", "n_iter_", "converged_", "backend_", "device_", "n_features_in_", "reference_total_")
 
 
 def save(model, path) -> Path:
@@ -29,11 +31,15 @@ def save(model, path) -> Path:
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "params": model.get_params(),
-        "fitted": {name: _plain(getattr(model, name)) for name in SCALARS},
+        "fitted": {name: _plain(getattr(model, name, None)) for name in SCALARS},
+        "batches": None if getattr(model, "batches_", None) is None else [_plain(v) for v in model.batches_],
         "feature_names_in": [str(f) for f in getattr(model, "feature_names_in_", [])] or None,
         "versions": {"pnmf": __version__, "numpy": np.__version__, "python": platform.python_version()},
     }
     arrays = {name: np.asarray(getattr(model, name), dtype=np.float64) for name in ARRAYS}
+    for name in OPTIONAL_ARRAYS:
+        if getattr(model, name, None) is not None:
+            arrays[name] = np.asarray(getattr(model, name), dtype=np.float64)
     with open(path, "wb") as handle:
         np.savez(handle, metadata=np.array(json.dumps(metadata)), **arrays)
     return path
@@ -48,6 +54,7 @@ def load(cls, path, backend: str | None = None, device: str | None = None):
         with np.load(path, allow_pickle=False) as data:
             metadata = json.loads(str(data["metadata"][()]))
             arrays = {name: np.array(data[name]) for name in ARRAYS}
+            arrays.update({name: np.array(data[name]) if name in data else None for name in OPTIONAL_ARRAYS})
     except FileNotFoundError:
         raise
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError, EOFError) as err:
@@ -74,7 +81,13 @@ def load(cls, path, backend: str | None = None, device: str | None = None):
     for name, value in arrays.items():
         setattr(model, name, value)
     for name in SCALARS:
-        setattr(model, name, fitted[name])
+        setattr(model, name, fitted.get(name))
+    batches = metadata.get("batches")
+    model.batches_ = None if batches is None else np.asarray(batches)
+    if (model.batches_ is None) != (model.batch_effects_ is None) or (
+        model.batches_ is not None and model.batch_effects_.shape != (len(model.batches_), fitted["n_features_in_"])
+    ):
+        raise ValueError(f"{path} is damaged: its batch labels and batch effects do not match")
     model.components_ = model.loadings_.T
     if metadata.get("feature_names_in"):
         model.feature_names_in_ = np.asarray(metadata["feature_names_in"], dtype=object)

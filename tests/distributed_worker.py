@@ -25,6 +25,11 @@ from pnmf import PNMF, make_counts
 from pnmf.distributed import Group
 
 
+def batch_labels(start: int, stop: int) -> np.ndarray:
+    """The batch labels of global rows start..stop-1."""
+    return np.array([f"b{n % 3}" for n in range(start, stop)])
+
+
 def main() -> None:
     rank, world = int(sys.argv[1]), int(sys.argv[2])
     job = json.loads(Path(sys.argv[3]).read_text())
@@ -46,6 +51,8 @@ def main() -> None:
         if fit.get("no_reduce"):
             Group.all_sum = lambda self, b, *arrays: list(arrays)  # the all-reduce switched off
         data = sp.csr_matrix(local) if fit.get("sparse") else local
+        # Batches by global row (row n in batch n mod 3): a rank may hold only some of them.
+        batch = batch_labels(bounds[rank], bounds[rank + 1]) if fit.get("batches") else None
         if fit.get("h5ad"):  # every rank opens the same file and reads its own rows
             import anndata
 
@@ -54,7 +61,7 @@ def main() -> None:
             start, stop = adata.uns["pnmf"]["rows"]
             data = sp.csr_matrix(x[start:stop])
         else:
-            model = PNMF(distributed=True, **fit["params"]).fit(data)
+            model = PNMF(distributed=True, **fit["params"]).fit(data, batch=batch)
         np.savez(
             out / f"{index}.rank-{rank}.npz",
             loadings=model.loadings_,
@@ -64,7 +71,8 @@ def main() -> None:
             history=model.elbo_history_,
             n_iter=model.n_iter_,
             converged=model.converged_,
-            transform=model.transform(data),
+            transform=model.transform(data, batch=batch),
+            batch_effects=np.zeros(0) if model.batch_effects_ is None else model.batch_effects_,
         )
     if job.get("engine", "torch") == "torch":
         dist.destroy_process_group()

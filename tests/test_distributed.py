@@ -15,6 +15,8 @@ import pytest
 
 from pnmf import PNMF, make_counts
 
+from .distributed_worker import batch_labels
+
 pytest.importorskip("torch.distributed")
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -59,11 +61,12 @@ def load(tmp_path: Path, index: int, world: int) -> list[dict]:
     return [dict(np.load(tmp_path / f"{index}.rank-{rank}.npz")) for rank in range(world)]
 
 
-def single(params: dict, sparse: bool = False) -> PNMF:
+def single(params: dict, sparse: bool = False, batches: bool = False) -> PNMF:
     x, _, _ = make_counts(*DATA["data"], random_state=DATA["data_seed"])
     import scipy.sparse as sp
 
-    return PNMF(**params).fit(sp.csr_matrix(x) if sparse else x)
+    batch = batch_labels(0, len(x)) if batches else None
+    return PNMF(**params).fit(sp.csr_matrix(x) if sparse else x, batch=batch)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -76,6 +79,10 @@ EXACT = [
     dict(params=dict(F64, mode="lower-bound", training_mode="standard", tol=0, max_iter=150, learning_rate=0.05)),
     dict(params=dict(F64, mode="lower-bound", training_mode="natural", tol=1e-5, max_iter=400), sparse=True),
     dict(params=dict(F64, mode="lower-bound", training_mode="natural", loadings_update="adam", tol=0, max_iter=100)),
+    dict(  # size factors from the totals of every rank's rows; batches split across ranks
+        params=dict(F64, mode="lower-bound", training_mode="natural", tol=1e-5, max_iter=400, size_factors="total"),
+        batches=True,
+    ),
 ]
 MONTE_CARLO = [
     dict(params=dict(F64, mode="expanded", training_mode="natural", tol=0, max_iter=300)),
@@ -100,7 +107,7 @@ def test_fit_over_processes_is_the_single_process_fit(tmp_path, bounds):
 
     for index, fit in enumerate(EXACT):
         ranks = load(tmp_path, index, world)
-        reference = single(fit["params"], fit.get("sparse", False))
+        reference = single(fit["params"], fit.get("sparse", False), fit.get("batches", False))
         for r in ranks:  # global results, the same on every rank, bitwise for the loadings
             assert np.array_equal(r["loadings"], ranks[0]["loadings"])
             assert np.array_equal(r["history"], ranks[0]["history"])
@@ -108,11 +115,14 @@ def test_fit_over_processes_is_the_single_process_fit(tmp_path, bounds):
         np.testing.assert_allclose(ranks[0]["loadings"], reference.loadings_, rtol=1e-8)
         np.testing.assert_allclose(np.vstack([r["mean"] for r in ranks]), reference.mean_, rtol=1e-8, atol=1e-12)
         np.testing.assert_allclose(ranks[0]["elbo"], reference.elbo_, rtol=1e-10)
+        if fit.get("batches"):
+            np.testing.assert_allclose(ranks[0]["batch_effects"], reference.batch_effects_, rtol=1e-8)
         # transform works on each rank's rows; its stopping rule reads their own ELBO, so a
         # block of rows stops at another iteration than all rows together.
         x = make_counts(*DATA["data"], random_state=DATA["data_seed"])[0]
         local_factors = np.vstack([r["transform"] for r in ranks])
-        np.testing.assert_allclose(local_factors, reference.transform(x), rtol=1e-5)
+        batch = batch_labels(0, len(x)) if fit.get("batches") else None
+        np.testing.assert_allclose(local_factors, reference.transform(x, batch=batch), rtol=1e-5)
 
     for index, fit in enumerate(MONTE_CARLO, start=len(EXACT)):
         ranks = load(tmp_path, index, world)
