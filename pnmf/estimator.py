@@ -424,7 +424,7 @@ class PNMF(TransformerMixin, BaseEstimator):
         xb = xb if group is None else group.all_sum_host(xb.ravel()).reshape(xb.shape)
         empty = np.flatnonzero(xb.sum(axis=1) <= 0)
         if empty.size:
-            raise ValueError(f"batch {self.batches_[empty[0]]!r} has no counts at all: drop its rows")
+            raise ValueError(f"batch {_label(self.batches_[empty[0]])} has no counts at all: drop its rows")
         return RowEffects(s, codes, np.ones(xb.shape), free=np.ones(len(self.batches_), dtype=bool)), xb
 
     def _thread_limit(self, X) -> int | None:
@@ -568,8 +568,9 @@ class PNMF(TransformerMixin, BaseEstimator):
         return mean, var, elbo
 
     # -- inference with the loadings fixed ------------------------------------------------
-    def _effects(self, X, size_factors, batch) -> RowEffects | None:
-        """The size factors and batches of new rows; the g of batches unseen in fit is free.
+    def _effects(self, X, size_factors, batch) -> tuple[RowEffects | None, np.ndarray | None]:
+        """The size factors and batches of new rows, and the labels of their g's rows (the
+        batches seen in fit, then those unseen, whose g is free).
 
         A model fitted with batches needs ``batch``; one fitted with size factors given to
         ``fit`` needs ``size_factors`` (with ``size_factors='total'`` they come from the
@@ -594,10 +595,10 @@ class PNMF(TransformerMixin, BaseEstimator):
         else:
             s = None
         if s is None and batches is None:
-            return None
+            return None, None
         s = np.ones(n) if s is None else s
         if batches is None:
-            return RowEffects(s, np.zeros(n, dtype=np.int64), np.ones((1, self.n_features_in_)))
+            return RowEffects(s, np.zeros(n, dtype=np.int64), np.ones((1, self.n_features_in_))), None
         labels = check_batch(batch, n)
         unseen = np.setdiff1d(np.unique(labels), batches)
         every = np.concatenate([batches, unseen]) if unseen.size else batches
@@ -608,10 +609,10 @@ class PNMF(TransformerMixin, BaseEstimator):
         new_totals = batch_sums(X, codes, len(every))[len(batches) :].sum(axis=1)
         if np.any(new_totals <= 0):
             raise ValueError(
-                f"new batch {unseen[np.argmax(new_totals <= 0)]!r} has no counts at all: its batch effects "
+                f"new batch {_label(unseen[np.argmax(new_totals <= 0)])} has no counts at all: its batch effects "
                 "cannot be estimated"
             )
-        return RowEffects(s, codes, g, free if unseen.size else None)
+        return RowEffects(s, codes, g, free if unseen.size else None), every
 
     def _infer(self, X, size_factors=None, batch=None):
         """q(F) of new rows with the loadings fixed, and the ELBO (of ``mode``) there.
@@ -623,13 +624,14 @@ class PNMF(TransformerMixin, BaseEstimator):
         """
         check_is_fitted(self, "loadings_")
         X = self._validate_data(X, reset=False)
-        effects = self._effects(X, size_factors, batch)
+        effects, labels = self._effects(X, size_factors, batch)
         b = get_backend(self.backend_, self.device_, self.dtype)
         seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
         with b.scope(), b.threads(self._thread_limit(X)):
             counts, mu, var, w, g = self._local_posterior(b, X, effects, self.loadings_, seed, desc="PNMF transform")
             elbo = self._final_elbo(counts, mu, var, w, g, seed)
-            return b.to_numpy(mu).astype(np.float64), b.to_numpy(var).astype(np.float64), elbo
+            g = None if labels is None else b.to_numpy(g).astype(np.float64)
+            return b.to_numpy(mu).astype(np.float64), b.to_numpy(var).astype(np.float64), elbo, (labels, g)
 
     def transform(self, X, *, size_factors=None, batch=None):
         """Factors H = E_q[exp F] (n_samples, n_components) of rows of X, loadings fixed.
@@ -643,8 +645,22 @@ class PNMF(TransformerMixin, BaseEstimator):
         labels are estimated from X with the loadings fixed, alternating with q(F) (mapping
         a new dataset onto the fitted programs).
         """
-        mean, var, _ = self._infer(X, size_factors, batch)
+        mean, var, _, _ = self._infer(X, size_factors, batch)
         return _expected_exp(mean, var)
+
+    def map_batches(self, X, *, batch, size_factors=None) -> tuple[np.ndarray, np.ndarray]:
+        """The batch effects of the batches of new rows X, as ``transform`` uses them.
+
+        Returns ``(labels, g)``: the labels seen in fit (``batches_``, with their fitted
+        ``batch_effects_``) followed by the new labels of ``batch`` in sorted order, and g
+        (n_labels, n_features). A new batch's g is its closed-form maximiser of the ELBO of
+        X with the loadings fixed, alternating with q(F) of its rows; it shares the fitted
+        model's scale (each feature's scale stays with the loadings).
+        """
+        if getattr(self, "batches_", None) is None:
+            check_is_fitted(self, "loadings_")
+            raise ValueError("this model was fitted without batches; fit it with batch= to map batches")
+        return self._infer(X, size_factors, batch)[3]
 
     def inverse_transform(self, H):
         """Rate ``H @ components_`` (n_samples, n_features): with H from transform, the posterior-mean rate."""
@@ -680,7 +696,12 @@ def _expected_exp(mean: np.ndarray, var: np.ndarray) -> np.ndarray:
     return np.exp(out, out=out)
 
 
+def _label(value) -> str:
+    """A batch label as the user wrote it, for an error message."""
+    return repr(value.item() if isinstance(value, np.generic) else value)
+
+
 def _preview(labels, shown: int = 5) -> str:
     """The first few labels, for an error message."""
-    head = ", ".join(repr(v.item() if isinstance(v, np.generic) else v) for v in labels[:shown])
+    head = ", ".join(_label(v) for v in labels[:shown])
     return head + (", ..." if len(labels) > shown else "")
