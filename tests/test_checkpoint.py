@@ -104,3 +104,21 @@ def test_checkpoint_parameters_are_checked():
         PNMF(2, checkpoint="a.npz", checkpoint_every=0).fit(x)
     with pytest.raises(TypeError, match="checkpoint=3"):
         PNMF(2, checkpoint=3).fit(x)
+
+
+@pytest.mark.parametrize("batch_size", [None, 64], ids=["full", "mini-batch"])
+def test_a_fit_with_batches_resumes_and_refuses_other_batches(tmp_path, batch_size):
+    """g is part of the saved state; other batch labels or size factors are other data."""
+    x, _, _ = make_counts(300, 40, 3, random_state=2)
+    labels = np.array(["a", "b", "c"])[np.arange(300) % 3]
+    params = dict(mode="lower-bound", training_mode="natural", backend="numpy", random_state=0, tol=0)
+    params.update(size_factors="total", batch_size=batch_size)
+    path = tmp_path / "fit.npz"
+    PNMF(3, max_iter=30, checkpoint=path, checkpoint_every=10, **params).fit(x, batch=labels)
+    resumed = PNMF(3, max_iter=70, checkpoint=path, checkpoint_every=10, **params).fit(x, batch=labels)
+    whole = PNMF(3, max_iter=70, **params).fit(x, batch=labels)
+    np.testing.assert_array_equal(resumed.elbo_history_, whole.elbo_history_)
+    np.testing.assert_allclose(resumed.loadings_, whole.loadings_, rtol=1e-12)
+    np.testing.assert_allclose(resumed.batch_effects_, whole.batch_effects_, rtol=1e-12)
+    with pytest.raises(ValueError, match="belongs to another fit.*rows"):
+        PNMF(3, max_iter=90, checkpoint=path, checkpoint_every=10, **params).fit(x, batch=np.roll(labels, 1))

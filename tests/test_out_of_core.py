@@ -80,3 +80,16 @@ def test_a_backed_anndata_without_batches_is_read_whole(tmp_path, counts):
     params = {k: v for k, v in PARAMS.items() if k != "batch_size"}
     model = pnmf.fit_anndata(ad.read_h5ad(path, backed="r"), 4, **params)
     np.testing.assert_array_equal(model.loadings_, PNMF(4, **params).fit(counts).loadings_)
+
+
+def test_batches_and_size_factors_on_disk_equal_the_in_memory_fit(tmp_path, counts):
+    """The totals and batch sums are read a block at a time; the fit is the in-memory one."""
+    labels = np.array(["x", "y"])[np.arange(counts.shape[0]) % 2]
+    source = CountingRows(counts)
+    params = dict(PARAMS, size_factors="total")
+    model = PNMF(4, **params).fit(DiskRows(source, block_rows=64), batch=labels)
+    assert max(source.reads) <= 100
+    memory = PNMF(4, **params).fit(counts, batch=labels)
+    np.testing.assert_allclose(model.loadings_, memory.loadings_, rtol=1e-6)
+    np.testing.assert_allclose(model.batch_effects_, memory.batch_effects_, rtol=1e-6)
+    np.testing.assert_allclose(model.size_factors_, memory.size_factors_, rtol=1e-12)
