@@ -42,6 +42,8 @@ DENSE_CHUNK = 1 << 22
 # near 0; the scale of the counts belongs to W.
 MEAN_BOUND = 30.0
 VAR_BOUNDS = (1e-8, 20.0)
+# Range of a fitted per-component prior scale (prior_scale='auto').
+PRIOR_BOUNDS = (1e-2, 1e2)
 # Largest integer count whose log-factorial comes from a table (see lgamma_sum).
 LGAMMA_TABLE = 1 << 20
 
@@ -223,16 +225,34 @@ class Terms:
     g_w: Array | None = None
     w_numerator: Array | None = None
     expected_sum: Array | None = None
+    prior_sum: Array | None = None
+    rows: Array | None = None
 
 
-def kl_divergence(backend: Backend, mu: Array, var: Array, prior_scale: float) -> Array:
-    """KL(q || p) = sum log(s) - log(var)/2 + (var + mu^2) / (2 s^2) - 1/2, summed term by term."""
-    b, size = backend, mu.shape[0] * mu.shape[1]
+def kl_divergence(backend: Backend, mu: Array, var: Array, prior_scale: float | Array) -> Array:
+    """KL(q || p) = sum log(s) - log(var)/2 + (var + mu^2) / (2 s^2) - 1/2, summed term by term.
+
+    ``prior_scale`` s is one number, or one per component (L,) (``prior_scale='auto'``).
+    """
+    b, (n, n_comp) = backend, mu.shape
+    if isinstance(prior_scale, (int, float)):
+        return (
+            n * n_comp * (math.log(prior_scale) - 0.5)
+            + (b.sum(var) + b.sum(mu * mu)) / (2 * prior_scale**2)
+            - 0.5 * b.sum(b.log(var))
+        )
     return (
-        size * (math.log(prior_scale) - 0.5)
-        + (b.sum(var) + b.sum(mu * mu)) / (2 * prior_scale**2)
+        n * b.sum(b.log(prior_scale))
+        - 0.5 * n * n_comp
+        + b.sum((var + mu * mu) * (0.5 / (prior_scale * prior_scale)))
         - 0.5 * b.sum(b.log(var))
     )
+
+
+def prior_update(b: Backend, terms: Terms) -> Array:
+    """The per-component prior scale that maximises the ELBO for fixed q(F) (empirical Bayes):
+    s_l^2 = mean_n (mu[n, l]^2 + var[n, l]), from ``terms.prior_sum`` over ``terms.rows`` rows."""
+    return b.clip(b.sqrt(terms.prior_sum / terms.rows), PRIOR_BOUNDS[0], PRIOR_BOUNDS[1])
 
 
 def rate_denominator(b: Backend, g: Array | None, expected_sum: Array) -> Array:
@@ -264,6 +284,7 @@ def evaluate(
     var_gradient: str = "reparam",
     control_variate: bool = False,
     chunk: int | None = None,
+    prior_statistics: bool = False,
 ) -> Terms:
     """The ELBO of ``mode`` at (mu, var, W) and, if ``gradients``, its gradients.
 
@@ -284,6 +305,10 @@ def evaluate(
     Antithetic noise with an even ``n_samples`` already sums to zero, so no pass is made.
 
     ``chunk`` caps the Monte Carlo samples handled at once (below the counts' own cap).
+
+    ``prior_scale`` is s of the prior N(0, s^2) on F: one number or one per component (L,).
+    ``prior_statistics`` adds to the terms ``prior_sum`` = sum_n (mu^2 + var) (L,) and the
+    number of ``rows``, summed over a distributed fit's processes, for :func:`prior_update`.
     """
     b = counts.backend
     if noise is not None and noise.balanced(n_samples):
@@ -349,24 +374,29 @@ def evaluate(
             g_mu = g_mu - rate_slope
             g_var = -0.5 * rate_slope if g_var is None else g_var - 0.5 * rate_slope
     value = value - counts.lgamma_sum - kl_divergence(b, mu, var, prior_scale)
+    prior_sum = rows = None
+    if prior_statistics:
+        prior_sum, rows = b.sum(mu * mu + var, axis=0), b.scalar(float(mu.shape[0]))
     if scaling is not None:
         value = value + scaling.log_size  # this block's rows' sum X log s
     if counts.group is not None:
         # X is one block of rows: the value and the loadings' statistics are sums over rows,
         # so one all-reduce makes them those of the whole matrix on every rank (DESIGN §7).
-        value, w_num, expected_sum, sampled_sum = counts.group.all_sum(b, value, w_num, expected_sum, sampled_sum)
+        value, w_num, expected_sum, sampled_sum, prior_sum, rows = counts.group.all_sum(
+            b, value, w_num, expected_sum, sampled_sum, prior_sum, rows
+        )
     if scaling is not None:
         value = value + scaling.log_effects(g)  # sum X log g, from the batch sums of all rows
     if not gradients:
-        return Terms(value)
+        return Terms(value, prior_sum=prior_sum, rows=rows)
     if mode == "simple":
         # d/dW of the sampled rate sum: -(1/E) sum_e sum_n exp(F_e), the same for every d.
         g_w = w_num - rate_denominator(b, None if scaling is None else g, sampled_sum / n_samples)
     else:
         g_w = w_num - rate_denominator(b, None if scaling is None else g, expected_sum)
-    s2 = prior_scale**2
-    prior_mu = mu if s2 == 1 else mu / s2
-    return Terms(value, g_mu - prior_mu, g_var + (0.5 / var - 0.5 / s2), g_w, w_num, expected_sum)
+    s2 = prior_scale * prior_scale
+    prior_mu = mu if isinstance(s2, (int, float)) and s2 == 1 else mu / s2
+    return Terms(value, g_mu - prior_mu, g_var + (0.5 / var - 0.5 / s2), g_w, w_num, expected_sum, prior_sum, rows)
 
 
 def _plus(total: Array | None, part: Array) -> Array:

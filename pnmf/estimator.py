@@ -122,8 +122,10 @@ class PNMF(TransformerMixin, BaseEstimator):
         exp(F) far down the log scale.
     init_var : float
         Initial variance of q(F), the same for both training modes.
-    prior_scale : float
-        Standard deviation s of the Normal prior on F.
+    prior_scale : float or 'auto'
+        Standard deviation s of the Normal prior on F. 'auto' fits one per component by
+        empirical Bayes: at every step s_l^2 = mean_n (mu[n, l]^2 + var[n, l]), the
+        maximiser of the ELBO for fixed q(F) (``prior_scale_`` holds the fitted values).
     random_state : int, RandomState or None
         Seeds the initialisation and the Monte Carlo noise.
     verbose : bool
@@ -187,6 +189,8 @@ class PNMF(TransformerMixin, BaseEstimator):
         loadings trade scale feature by feature; the fit fixes it so that each feature's
         mean of g over the batches, weighted by the feature's counts in each batch, is 1:
         sum_b X_b[b, d] g[b, d] = sum_b X_b[b, d] (X_b: the column sums of batch b's rows).
+    prior_scale_ : ndarray (n_components,)
+        The prior scale of each component (``prior_scale`` repeated, or fitted with 'auto').
     reference_total_ : float or None
         With ``size_factors='total'``, the mean total count of the training rows.
     n_iter_ : int
@@ -267,7 +271,10 @@ class PNMF(TransformerMixin, BaseEstimator):
         _one_of("loadings_update", self.loadings_update, (None, *LOADINGS_UPDATES))
         _one_of("init", self.init, INITS)
         _number("init_var", self.init_var, low=0, low_open=True)
-        _number("prior_scale", self.prior_scale, low=0, low_open=True)
+        if isinstance(self.prior_scale, str):
+            _one_of("prior_scale", self.prior_scale, ("auto",))
+        else:
+            _number("prior_scale", self.prior_scale, low=0, low_open=True)
         _one_of("dtype", self.dtype, ("float32", "float64"))
         _number("batch_size", self.batch_size, integer=True, low=1, allow_none=True)
         _one_of("distributed", self.distributed, (False, True))
@@ -307,12 +314,18 @@ class PNMF(TransformerMixin, BaseEstimator):
         return X
 
     # -- fitting ------------------------------------------------------------------------
-    def _trainer(self, counts, training_mode: str, mode: str, fit_loadings: bool, fit_batches: bool = False):
+    def _trainer(
+        self, counts, training_mode: str, mode: str, fit_loadings: bool, fit_batches: bool = False, prior=None
+    ):
+        """A trainer; ``prior`` is a fixed prior scale (a number or a per-component array on the
+        backend), by default ``prior_scale`` (1, the start, where it is 'auto' and fitted)."""
         rule = self.loadings_update or ("adam" if training_mode == "standard" else "multiplicative")
+        if prior is None:
+            prior = 1.0 if self.prior_scale == "auto" else float(self.prior_scale)
         common = dict(
             mode=mode,
             n_samples=self.E,
-            prior_scale=self.prior_scale,
+            prior_scale=prior,
             learning_rate=self.learning_rate,
             loadings_update=rule,
             update_loadings=fit_loadings,
@@ -333,21 +346,25 @@ class PNMF(TransformerMixin, BaseEstimator):
         trainer = self._trainer(counts, self.training_mode, self.mode, True, fit_batches)
         return [Phase.of_mode(trainer, self.mode, self.tol)]
 
-    def _final_elbo(self, counts, mu, var, w, g, seed: int) -> float:
+    def _prior_on(self, b):
+        """The fitted prior scale for inference: a number, or per component on backend b ('auto')."""
+        return b.asarray(self.prior_scale_) if self.prior_scale == "auto" else float(self.prior_scale)
+
+    def _final_elbo(self, counts, mu, var, w, extra: dict, seed: int) -> float:
         b = counts.backend
         terms = evaluate(
             counts,
             mu,
             var,
             w,
-            g,
+            extra.get("g"),
             mode=self.mode,
             # Independent draws with the control variate: for the value alone they are less
             # noisy than antithetic pairs (whose gain is in the gradients).
             noise=Noise(b, b.key(seed), antithetic=False),
             n_samples=max(self.E, FINAL_SAMPLES),
             chunk=self.E,  # the chunks of the fit's steps: their scratch memory is reused
-            prior_scale=self.prior_scale,
+            prior_scale=extra["prior"] if "prior" in extra else self._prior_on(b),
             gradients=False,
             control_variate=True,
         )
@@ -471,14 +488,15 @@ class PNMF(TransformerMixin, BaseEstimator):
                 None,
                 None,
                 w,
-                None if effects is None else effects.g,
+                self._start_extra(np.asarray, effects),
                 seed=seed,
                 max_iter=self.max_iter,
                 progress=loop.progress_bar(show, self.max_iter, "PNMF fit (mini-batch)"),
                 checkpoint=self._checkpoint(X, group, effects),
             )
             self.loadings_ = np.asarray(result.w, dtype=np.float64)
-            g = None if effects is None else np.asarray(result.g, dtype=np.float64)
+            g = result.extra.get("g")
+            self._set_prior(result.extra.get("prior"))
             if self.batches_ is not None:
                 g, self.loadings_ = normalise(g, self.loadings_, batch_sums(X, effects.codes, len(self.batches_)))
             self.mean_, self.var_, self.elbo_ = self._infer_rows(
@@ -495,17 +513,19 @@ class PNMF(TransformerMixin, BaseEstimator):
                     b.asarray(np.log(h) - 0.5 * self.init_var),
                     b.asarray(np.full(h.shape, self.init_var)),
                     b.asarray(w),
-                    None if effects is None else b.asarray(effects.g),
+                    self._start_extra(b.asarray, effects),
                     seed=noise_seed,
                     max_iter=self.max_iter,
                     progress=loop.progress_bar(show, self.max_iter, "PNMF fit"),
                     checkpoint=self._checkpoint(X, group, effects),
                 )
-                self.elbo_ = self._final_elbo(counts, result.mu, result.var, result.w, result.g, noise_seed)
+                self.elbo_ = self._final_elbo(counts, result.mu, result.var, result.w, result.extra, noise_seed)
                 self.mean_, self.var_, self.loadings_ = (
                     b.to_numpy(a).astype(np.float64) for a in (result.mu, result.var, result.w)
                 )
-                g = None if result.g is None else b.to_numpy(result.g).astype(np.float64)
+                fitted = {k: b.to_numpy(v).astype(np.float64) for k, v in result.extra.items()}
+                g = fitted.get("g")
+                self._set_prior(fitted.get("prior"))
             if self.batches_ is not None:
                 g, self.loadings_ = normalise(g, self.loadings_, xb)
         self.batch_effects_ = g if self.batches_ is not None else None
@@ -515,17 +535,37 @@ class PNMF(TransformerMixin, BaseEstimator):
         self.converged_ = result.converged
         self.backend_, self.device_ = b.name, b.device
 
-    def _local_posterior(self, b, x, effects: RowEffects | None, loadings, seed: int, max_iter=None, desc: str = ""):
+    def _start_extra(self, asarray, effects: RowEffects | None) -> dict:
+        """The starting batch effects (ones) and per-component prior scale (1, 'auto') of a fit."""
+        extra = {} if effects is None else {"g": asarray(effects.g)}
+        if self.prior_scale == "auto":
+            extra["prior"] = asarray(np.ones(self.n_components))
+        return extra
+
+    def _set_prior(self, fitted: np.ndarray | None) -> None:
+        """``prior_scale_``: the fitted per-component prior scale, or the fixed one repeated."""
+        if fitted is None:
+            self.prior_scale_ = np.full(self.n_components, float(self.prior_scale))
+        else:
+            self.prior_scale_ = np.asarray(fitted, dtype=np.float64)
+
+    def _local_posterior(
+        self, b, x, effects: RowEffects | None, loadings, seed: int, max_iter=None, desc: str = "", prior=None
+    ):
         """q(F) of the rows of x by natural lower-bound steps with the loadings fixed, started
         from the rows' totals (:meth:`_row_start`); with ``effects``, their size factors and
-        batches, the g of ``effects.free`` batches fitted alongside.
+        batches, the g of ``effects.free`` batches fitted alongside. ``prior``: the prior
+        scale (default: the fitted one).
 
-        Call inside ``b.scope()``; returns the counts, mu, var, W and g on the device.
+        Call inside ``b.scope()``; returns the counts, mu, var, W and the extra parameters
+        (:func:`pnmf.loop.run`'s; the prior scale among them) on the device.
         """
         counts = as_counts(b, x, scaling=None if effects is None else effects.scaling(b, x))
         w = b.asarray(loadings)
         fit_batches = effects is not None and effects.free is not None
-        trainer = self._trainer(counts, "natural", "lower-bound", fit_loadings=False, fit_batches=fit_batches)
+        prior = self._prior_on(b) if prior is None else prior
+        prior = b.asarray(prior) if isinstance(prior, np.ndarray) else prior
+        trainer = self._trainer(counts, "natural", "lower-bound", False, fit_batches, prior=prior)
         budget = self.max_iter if max_iter is None else max_iter
         mean, var = self._row_start(x, loadings, effects)
         result = loop.run(
@@ -534,12 +574,12 @@ class PNMF(TransformerMixin, BaseEstimator):
             b.asarray(mean),
             b.asarray(var),
             w,
-            None if effects is None else b.asarray(effects.g),
+            None if effects is None else {"g": b.asarray(effects.g)},
             seed=seed,
             max_iter=budget,
             progress=loop.progress_bar(self.verbose and max_iter is None, budget, desc),
         )
-        return counts, result.mu, result.var, w, result.g
+        return counts, result.mu, result.var, w, dict(result.extra, prior=prior)
 
     def _row_start(self, x, loadings: np.ndarray, effects: RowEffects | None = None) -> tuple[np.ndarray, np.ndarray]:
         """A start for q(F) of the rows of x with the loadings fixed: every component at the
@@ -560,10 +600,10 @@ class PNMF(TransformerMixin, BaseEstimator):
             rows = slice(start, start + self.batch_size)
             x = X[rows]
             with b.scope():
-                counts, mu, local_var, w_device, g = self._local_posterior(
+                counts, mu, local_var, w_device, extra = self._local_posterior(
                     b, x, None if effects is None else effects.take(rows), self.loadings_, seed, self.max_iter
                 )
-                elbo += self._final_elbo(counts, mu, local_var, w_device, g, seed)
+                elbo += self._final_elbo(counts, mu, local_var, w_device, extra, seed)
                 mean[rows], var[rows] = b.to_numpy(mu), b.to_numpy(local_var)
         return mean, var, elbo
 
@@ -628,9 +668,11 @@ class PNMF(TransformerMixin, BaseEstimator):
         b = get_backend(self.backend_, self.device_, self.dtype)
         seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
         with b.scope(), b.threads(self._thread_limit(X)):
-            counts, mu, var, w, g = self._local_posterior(b, X, effects, self.loadings_, seed, desc="PNMF transform")
-            elbo = self._final_elbo(counts, mu, var, w, g, seed)
-            g = None if labels is None else b.to_numpy(g).astype(np.float64)
+            counts, mu, var, w, extra = self._local_posterior(
+                b, X, effects, self.loadings_, seed, desc="PNMF transform"
+            )
+            elbo = self._final_elbo(counts, mu, var, w, extra, seed)
+            g = None if labels is None else b.to_numpy(extra["g"]).astype(np.float64)
             return b.to_numpy(mu).astype(np.float64), b.to_numpy(var).astype(np.float64), elbo, (labels, g)
 
     def transform(self, X, *, size_factors=None, batch=None):

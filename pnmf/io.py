@@ -16,7 +16,7 @@ FORMAT = "pnmf-model"
 FORMAT_VERSION = 1
 ARRAYS = ("mean_", "var_", "loadings_", "elbo_history_")
 # Arrays of a model with size factors or batches, absent (None) otherwise.
-OPTIONAL_ARRAYS = ("size_factors_", "batch_effects_")
+OPTIONAL_ARRAYS = ("size_factors_", "batch_effects_", "prior_scale_")
 SCALARS = ("elbo_", "n_iter_", "converged_", "backend_", "device_", "n_features_in_", "reference_total_")
 
 
@@ -82,6 +82,8 @@ def load(cls, path, backend: str | None = None, device: str | None = None):
         setattr(model, name, value)
     for name in SCALARS:
         setattr(model, name, fitted.get(name))
+    if model.prior_scale_ is None:  # a file from before prior_scale_ existed: the fixed scale
+        model.prior_scale_ = np.full(n_components, float(params["prior_scale"]))
     batches = metadata.get("batches")
     model.batches_ = None if batches is None else np.asarray(batches)
     if (model.batches_ is None) != (model.batch_effects_ is None) or (

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -45,14 +45,15 @@ class Phase:
 
 @dataclass
 class Result:
-    """Where a run ended: q(F), W, the ELBO history, whether the last phase converged, and g."""
+    """Where a run ended: q(F), W, the ELBO history, whether the last phase converged, and the
+    other fitted parameters (``extra``: see :func:`run`)."""
 
     mu: Array
     var: Array
     w: Array
     history: np.ndarray
     converged: bool
-    g: Array | None = None
+    extra: dict = field(default_factory=dict)
 
 
 def run(
@@ -61,16 +62,17 @@ def run(
     mu: Array,
     var: Array,
     w: Array,
-    g: Array | None = None,
+    extra: dict | None = None,
     *,
     seed: int,
     max_iter: int,
     progress=None,
     checkpoint=None,
 ) -> Result:
-    """Run ``phases`` in turn from (mu, var, W, g), ``max_iter`` iterations at most in all.
+    """Run ``phases`` in turn from (mu, var, W, extra), ``max_iter`` iterations at most in all.
 
-    ``g``: the batch effects (B, D) of a model with size factors and batches, else None.
+    ``extra``: the model's fitted parameters besides q(F) and W, where it has them: ``'g'``
+    the batch effects (B, D), ``'prior'`` the per-component prior scale (L,).
 
     A phase before the last that does not converge within the budget ends the run. A run
     interrupted with Ctrl-C returns what it had reached, with a warning. ``checkpoint``
@@ -92,7 +94,7 @@ def run(
         for index in range(first_phase, len(phases)):
             phase, last = phases[index], index == len(phases) - 1
             trainer = phase.trainer
-            state = trainer.init(mu, var, w, g)
+            state = trainer.init(mu, var, w, extra)
             start = len(history)
             if saved is not None:
                 state = {name: b.asarray(value) for name, value in saved["state"].items()}
@@ -119,7 +121,7 @@ def run(
                     checkpoint.save(
                         index, start, {k: b.to_numpy(v) for k, v in state.items()}, b.key_to_numpy(key), history
                     )
-            mu, var, w, g = trainer.params(state)
+            mu, var, w, extra = trainer.params(state)
             if not last and not converged:
                 break  # max_iter reached before the last phase
     except KeyboardInterrupt:
@@ -130,10 +132,10 @@ def run(
         )
         converged = False
         if trainer is not None:
-            mu, var, w, g = trainer.params(state)
+            mu, var, w, extra = trainer.params(state)
     finally:
         progress.close()
-    return Result(mu, var, w, np.asarray(history), converged, g)
+    return Result(mu, var, w, np.asarray(history), converged, extra or {})
 
 
 def check_finite(b: Backend, values: list[float], params, first: int) -> None:
@@ -142,7 +144,9 @@ def check_finite(b: Backend, values: list[float], params, first: int) -> None:
     for offset, value in enumerate(values):
         if not math.isfinite(value):
             raise FloatingPointError(f"the ELBO became {value} at iteration {first + offset}; {hint}")
-    for name, array in zip(("mean of q(F)", "variance of q(F)", "loadings", "batch effects"), params):
+    mu, var, w, extra = params
+    arrays = {"mean of q(F)": mu, "variance of q(F)": var, "loadings": w, "batch effects": extra.get("g")}
+    for name, array in arrays.items():
         if array is not None and not bool(b.to_numpy(b.all_finite(array))):
             raise FloatingPointError(
                 f"the {name} became non-finite between iterations {first} and {first + len(values) - 1}; {hint}"

@@ -28,7 +28,7 @@ import math
 import numpy as np
 
 from .backends.base import Array, Backend
-from .elbo import MEAN_BOUND, VAR_BOUNDS, Noise, evaluate
+from .elbo import MEAN_BOUND, VAR_BOUNDS, Noise, evaluate, prior_update
 from .optim import loadings_state, update_loadings
 
 # Largest change of one mean per step: at most a factor e on the scale of exp(F).
@@ -38,8 +38,11 @@ SCHEDULE_TAU, SCHEDULE_KAPPA = 50.0, 0.7
 # A checked step may lower the ELBO by at most this many float epsilons (relative).
 ROUNDING = 8
 DEFAULT_NGD_LR = {"lower-bound": 1.0, "expanded": 0.2, "simple": 0.2}
-# The parameters a checked step keeps the last accepted value of ("g": batch effects, when fitted).
-PARAMS = ("mu", "precision", "w", "g")
+# Fitted parameters besides q(F) and W, where the model has them: batch effects g (B, D) and
+# a per-component prior scale (L,) (prior_scale='auto').
+EXTRA = ("g", "prior")
+# The parameters a checked step keeps the last accepted value of.
+PARAMS = ("mu", "precision", "w", *EXTRA)
 
 
 def natural_update(
@@ -112,14 +115,13 @@ class NaturalTrainer:
         # is noise, and rejecting it would stall a float32 fit short of its optimum.
         self.rounding = float(ROUNDING * np.finfo(self.b.dtype).eps)
 
-    def init(self, mu: Array, var: Array, w: Array, g: Array | None = None) -> dict:
+    def init(self, mu: Array, var: Array, w: Array, extra: dict | None = None) -> dict:
         b = self.b
-        state = {"mu": mu, "precision": 1.0 / var, "w": w, "t": b.scalar(0.0)}
-        if g is not None:
-            state["g"] = g
+        state = {"mu": mu, "precision": 1.0 / var, "w": w, "t": b.scalar(0.0), **(extra or {})}
         if self.fit_loadings:
             state.update(loadings_state(b, w, self.rule))
         if self.checked:
+            g = state.get("g")
             state.update(
                 rho=b.scalar(self.rho0),
                 accepted_value=b.scalar(-math.inf),
@@ -128,15 +130,19 @@ class NaturalTrainer:
                 w_numerator=b.zeros_like(w),
                 expected_sum=b.zeros_like(w[0] if g is None else g @ w),
             )
+            if "prior" in state:
+                state.update(prior_sum=b.zeros_like(w[0]), rows=b.scalar(0.0))
         return state
 
-    def params(self, state: dict) -> tuple[Array, Array, Array, Array | None]:
+    def params(self, state: dict) -> tuple[Array, Array, Array, dict]:
         prefix = "accepted_" if self.checked else ""
-        return state[prefix + "mu"], 1.0 / state[prefix + "precision"], state[prefix + "w"], state.get(prefix + "g")
+        extra = {k: state[prefix + k] for k in EXTRA if prefix + k in state}
+        return state[prefix + "mu"], 1.0 / state[prefix + "precision"], state[prefix + "w"], extra
 
     def step(self, state: dict, key):
         b = self.b
-        mu, precision, w, g = state["mu"], state["precision"], state["w"], state.get("g")
+        mu, precision, w = state["mu"], state["precision"], state["w"]
+        g, prior = state.get("g"), state.get("prior", self.prior_scale)
         noise = Noise(b, key)
         terms = evaluate(
             self.counts,
@@ -147,9 +153,10 @@ class NaturalTrainer:
             mode=self.mode,
             noise=noise,
             n_samples=self.n_samples,
-            prior_scale=self.prior_scale,
+            prior_scale=prior,
             var_gradient="price",
             control_variate=True,
+            prior_statistics="prior" in state,
         )
         t = state["t"] + 1
         new = dict(state, t=t)
@@ -158,16 +165,20 @@ class NaturalTrainer:
             # rounding), else the old one.
             slack = self.rounding * b.clip(-state["accepted_value"], 0.0, None)
             accept = terms.value >= state["accepted_value"] - slack
-            for name, fresh in (("mu", mu), ("precision", precision), ("w", w), ("g", g)):
-                if fresh is not None:
-                    new["accepted_" + name] = b.where(accept, fresh, state["accepted_" + name])
-            for name in ("g_mu", "g_var", "w_numerator", "expected_sum"):
+            for name in PARAMS:
+                if name in state:
+                    new["accepted_" + name] = b.where(accept, state[name], state["accepted_" + name])
+            statistics = ("g_mu", "g_var", "w_numerator", "expected_sum") + (
+                ("prior_sum", "rows") if "prior" in state else ()
+            )
+            for name in statistics:
                 new[name] = b.where(accept, getattr(terms, name), state[name])
                 setattr(terms, name, new[name])
             new["accepted_value"] = b.where(accept, terms.value, state["accepted_value"])
             new["rho"] = b.where(accept, b.clip(2.0 * state["rho"], None, self.rho0), 0.5 * state["rho"])
             rho, reported = new["rho"], new["accepted_value"]
-            mu, precision, w, g = (new.get("accepted_" + name) for name in PARAMS)
+            mu, precision, w = new["accepted_mu"], new["accepted_precision"], new["accepted_w"]
+            g = new.get("accepted_g")
         elif self.mode == "lower-bound":
             rho, reported = self.rho0, terms.value
         else:
@@ -182,4 +193,6 @@ class NaturalTrainer:
             new.update(moments)
         if self.fit_batches:
             new["g"] = self.counts.scaling.update(g, new["w"], terms.expected_sum)
+        if "prior" in state:
+            new["prior"] = prior_update(b, terms)
         return new, noise.key, reported

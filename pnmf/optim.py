@@ -10,7 +10,7 @@ import math
 import numpy as np
 
 from .backends.base import Array, Backend
-from .elbo import MEAN_BOUND, VAR_BOUNDS, Noise, Terms, evaluate, rate_denominator
+from .elbo import MEAN_BOUND, VAR_BOUNDS, Noise, Terms, evaluate, prior_update, rate_denominator
 
 LOADINGS_UPDATES = ("adam", "multiplicative")
 BETA1, BETA2, ADAM_EPS = 0.9, 0.999, 1e-8
@@ -96,7 +96,7 @@ class StandardTrainer:
         self.adam_w = update_loadings and loadings_update == "adam"
         self.fit_batches = update_batches
 
-    def init(self, mu: Array, var: Array, w: Array, g: Array | None = None) -> dict:
+    def init(self, mu: Array, var: Array, w: Array, extra: dict | None = None) -> dict:
         b = self.b
         self.shapes = (tuple(mu.shape), tuple(w.shape))
         parts = [mu, 0.5 * b.log(var)] + ([b.log(w)] if self.adam_w else [])
@@ -108,7 +108,7 @@ class StandardTrainer:
         low[size : 2 * size], high[size : 2 * size] = LOG_SD_BOUNDS
         self.bounds = b.asarray(low), b.asarray(high)
         state = {"theta": theta, "m": b.zeros_like(theta), "v": b.zeros_like(theta), "w": w, "t": b.scalar(0.0)}
-        return state if g is None else dict(state, g=g)
+        return dict(state, **(extra or {}))
 
     def _split(self, theta: Array) -> tuple[Array, Array, Array | None]:
         """mu, log sd and (when on Adam) log W: views of theta."""
@@ -117,14 +117,15 @@ class StandardTrainer:
         log_w = theta[2 * size :].reshape(w_shape) if self.adam_w else None
         return theta[:size].reshape(n, n_comp), theta[size : 2 * size].reshape(n, n_comp), log_w
 
-    def params(self, state: dict) -> tuple[Array, Array, Array, Array | None]:
+    def params(self, state: dict) -> tuple[Array, Array, Array, dict]:
         mu, log_sd, _ = self._split(state["theta"])
-        return mu, self.b.exp(2 * log_sd), state["w"], state.get("g")
+        return mu, self.b.exp(2 * log_sd), state["w"], {k: state[k] for k in ("g", "prior") if k in state}
 
     def step(self, state: dict, key):
         """Evaluate the ELBO and its gradients at the current parameters, then take one Adam step."""
         b = self.b
-        mu, var, w, g = self.params(state)
+        mu, var, w, extra = self.params(state)
+        g = extra.get("g")
         noise = Noise(b, key)
         terms = evaluate(
             self.counts,
@@ -135,8 +136,9 @@ class StandardTrainer:
             mode=self.mode,
             noise=noise,
             n_samples=self.n_samples,
-            prior_scale=self.prior_scale,
+            prior_scale=extra.get("prior", self.prior_scale),
             control_variate=True,
+            prior_statistics="prior" in extra,
         )
         t = state["t"] + 1
         # Gradients in theta's coordinates: d/dlog sd = g_var * 2 var, d/dlog W = g_w * W.
@@ -151,4 +153,6 @@ class StandardTrainer:
             new["w"] = multiplicative_loadings(b, w, terms, g)
         if self.fit_batches:
             new["g"] = self.counts.scaling.update(g, new["w"], terms.expected_sum)
+        if "prior" in extra:
+            new["prior"] = prior_update(b, terms)
         return new, noise.key, terms.value

@@ -41,12 +41,12 @@ class MinibatchTrainer:
         self.per_pass = self.n // self.batch
         self._pass, self._order = -1, None
 
-    def init(self, mean, var, w: np.ndarray, g: np.ndarray | None = None) -> dict:
+    def init(self, mean, var, w: np.ndarray, extra: dict | None = None) -> dict:
         state = {"w": np.asarray(w, dtype=np.float64), "t": np.float64(0)}
-        return state if g is None else dict(state, g=np.asarray(g, dtype=np.float64))
+        return dict(state, **{k: np.asarray(v, dtype=np.float64) for k, v in (extra or {}).items()})
 
-    def params(self, state: dict) -> tuple[None, None, np.ndarray, np.ndarray | None]:
-        return None, None, state["w"], state.get("g")
+    def params(self, state: dict) -> tuple[None, None, np.ndarray, dict]:
+        return None, None, state["w"], {k: state[k] for k in ("g", "prior") if k in state}
 
     def _rows(self, t: int) -> np.ndarray:
         """The sorted rows of step t's batch."""
@@ -64,19 +64,33 @@ class MinibatchTrainer:
         if self.effects is not None:  # the batch's rows with g fixed during the local steps
             effects = RowEffects(self.effects.s[rows], self.effects.codes[rows], state["g"])
         with b.scope():
-            counts, mu, var, w, g = model._local_posterior(
-                b, x, effects, state["w"], self.seed + t, max_iter=LOCAL_STEPS
+            counts, mu, var, w, extra = model._local_posterior(
+                b, x, effects, state["w"], self.seed + t, max_iter=LOCAL_STEPS, prior=state.get("prior")
             )
+            g = extra.get("g")
             terms = evaluate(
-                counts, mu, var, w, g, mode="lower-bound", noise=None, n_samples=1, prior_scale=model.prior_scale
+                counts,
+                mu,
+                var,
+                w,
+                g,
+                mode="lower-bound",
+                noise=None,
+                n_samples=1,
+                prior_scale=extra["prior"],
+                prior_statistics="prior" in state,
             )
             w_device = multiplicative_loadings(b, w, terms, g)
             w_batch = b.to_numpy(w_device).astype(np.float64)
             if self.fit_batches:
                 g_batch = b.to_numpy(counts.scaling.update(g, w_device, terms.expected_sum)).astype(np.float64)
+            if "prior" in state:  # the batch's estimate of s_l^2 = mean_n (mu^2 + var)
+                prior_batch = b.to_numpy(terms.prior_sum).astype(np.float64) / len(rows)
             value = float(b.to_numpy(terms.value)) * self.n / len(rows)
         rate = (1.0 + t / TAU) ** -KAPPA
         new = dict(state, w=(1.0 - rate) * state["w"] + rate * w_batch, t=np.float64(t + 1))
+        if "prior" in state:
+            new["prior"] = np.sqrt((1.0 - rate) * state["prior"] ** 2 + rate * prior_batch)
         if self.fit_batches:
             present = np.isin(np.arange(len(g_batch)), effects.codes)[:, None]
             new["g"] = np.where(present, (1.0 - rate) * state["g"] + rate * g_batch, state["g"])
