@@ -73,6 +73,7 @@ def main() -> None:
             converged=model.converged_,
             transform=model.transform(data, batch=batch),
             batch_effects=np.zeros(0) if model.batch_effects_ is None else model.batch_effects_,
+            prior_scale=model.prior_scale_,
         )
     if job.get("engine", "torch") == "torch":
         dist.destroy_process_group()

@@ -25,7 +25,8 @@ def elbo_formula(xp, x, mu, var, w, mode, eps, prior_scale, log, scale=None):
         rate_sum = xp.sum(scale * (xp.exp(f) @ w.T)) / eps.shape[0]
     else:
         rate_sum = xp.sum(scale * (xp.exp(mu + var / 2) @ w.T))
-    kl = xp.sum(math.log(prior_scale) - 0.5 * log(var) + (var + mu * mu) / (2 * s2) - 0.5)
+    log_prior = math.log(prior_scale) if isinstance(prior_scale, float) else log(prior_scale)
+    kl = xp.sum(log_prior - 0.5 * log(var) + (var + mu * mu) / (2 * s2) - 0.5)
     return log_term - rate_sum - lgamma_sum - kl
 
 

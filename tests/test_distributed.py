@@ -80,7 +80,15 @@ EXACT = [
     dict(params=dict(F64, mode="lower-bound", training_mode="natural", tol=1e-5, max_iter=400), sparse=True),
     dict(params=dict(F64, mode="lower-bound", training_mode="natural", loadings_update="adam", tol=0, max_iter=100)),
     dict(  # size factors from the totals of every rank's rows; batches split across ranks
-        params=dict(F64, mode="lower-bound", training_mode="natural", tol=1e-5, max_iter=400, size_factors="total"),
+        params=dict(
+            F64,
+            mode="lower-bound",
+            training_mode="natural",
+            tol=1e-5,
+            max_iter=400,
+            size_factors="total",
+            prior_scale="auto",
+        ),
         batches=True,
     ),
 ]
@@ -117,6 +125,8 @@ def test_fit_over_processes_is_the_single_process_fit(tmp_path, bounds):
         np.testing.assert_allclose(ranks[0]["elbo"], reference.elbo_, rtol=1e-10)
         if fit.get("batches"):
             np.testing.assert_allclose(ranks[0]["batch_effects"], reference.batch_effects_, rtol=1e-8)
+            np.testing.assert_allclose(ranks[0]["prior_scale"], reference.prior_scale_, rtol=1e-8)
+            assert np.ptp(reference.prior_scale_) > 0.01  # fitted per component, not left at 1
         # transform works on each rank's rows; its stopping rule reads their own ELBO, so a
         # block of rows stops at another iteration than all rows together.
         x = make_counts(*DATA["data"], random_state=DATA["data_seed"])[0]

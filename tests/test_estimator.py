@@ -238,3 +238,27 @@ def test_mini_batch_reaches_the_full_batch_elbo():
 def test_mini_batch_needs_natural_training():
     with pytest.raises(ValueError, match="batch_size"):
         PNMF(2, batch_size=10, training_mode="standard").fit(np.ones((20, 3)))
+
+
+def test_auto_prior_scale_is_fitted_per_component_and_raises_the_elbo(tmp_path):
+    """prior_scale='auto' ends at its closed form s_l^2 = mean_n(mu^2 + var), with a higher ELBO
+    than the fixed scale 1 it starts from; the model file keeps it and transform uses it."""
+    x, _, _ = make_counts(300, 60, 4, random_state=5)
+    params = dict(mode="lower-bound", training_mode="natural", dtype="float64", random_state=0, tol=1e-7)
+    auto = PNMF(4, prior_scale="auto", max_iter=3000, **params).fit(x)
+    fixed = PNMF(4, max_iter=3000, **params).fit(x)
+    np.testing.assert_allclose(auto.prior_scale_**2, (auto.mean_**2 + auto.var_).mean(axis=0), rtol=1e-3)
+    np.testing.assert_array_equal(fixed.prior_scale_, np.ones(4))
+    assert np.ptp(auto.prior_scale_) > 0.05 and auto.elbo_ > fixed.elbo_
+    loaded = PNMF.load(auto.save(tmp_path / "auto"))
+    np.testing.assert_array_equal(loaded.prior_scale_, auto.prior_scale_)
+    np.testing.assert_allclose(loaded.transform(x), auto.transform(x), rtol=1e-10)
+    # transform infers q(F) under the fitted scales: under scale 1 the factors differ
+    assert not np.allclose(auto.transform(x), PNMF.load(fixed.save(tmp_path / "fixed")).transform(x), rtol=1e-2)
+    for mode, training in (("expanded", "natural"), ("simple", "standard")):
+        model = PNMF(4, mode=mode, training_mode=training, prior_scale="auto", max_iter=300, random_state=0).fit(x)
+        assert np.isfinite(model.elbo_) and np.ptp(model.prior_scale_) > 0.05
+    svi = PNMF(4, prior_scale="auto", batch_size=50, max_iter=200, **params).fit(x)
+    np.testing.assert_allclose(svi.prior_scale_, auto.prior_scale_, rtol=0.15)
+    with pytest.raises(ValueError, match="prior_scale='fit' is not one of 'auto'"):
+        PNMF(4, prior_scale="fit").fit(x)

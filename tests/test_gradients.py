@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from pnmf.elbo import MODES, as_counts, evaluate
+from pnmf.elbo import MODES, as_counts, evaluate, prior_update
 from pnmf.scaling import RowEffects
 
 from .conftest import BACKENDS, FixedNoise, cpu_backend, evaluate_on, small_problem
-from .oracle import mlx_oracle, torch_oracle
+from .oracle import elbo_formula, mlx_oracle, torch_oracle
 
 ORACLES = [o for o, mod in ((torch_oracle, "torch"), (mlx_oracle, "mlx")) if importlib.util.find_spec(mod)]
 
@@ -89,6 +89,37 @@ def test_batch_effects_update_is_the_maximiser(name, mode):
     np.testing.assert_allclose(g_g, 0.0, atol=rtol * np.abs(x).sum())
     # and it is not zero at the start: the check can fail
     assert np.abs(torch_oracle(x, mu, var, w, mode, eps, effects=(s, codes, g))[-1]).max() > 1.0
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", BACKENDS)
+def test_per_component_prior_scale_gradients_and_update(name, mode):
+    """A prior scale per component (prior_scale='auto'): the gradients match torch's autodiff,
+    and the closed-form update zeroes the ELBO's gradient in the scale."""
+    torch = pytest.importorskip("torch")
+
+    x, mu, var, w, eps = small_problem(seed=4)
+    prior = np.array([0.5, 1.0, 2.5])
+    b = cpu_backend(name)
+    terms = evaluate_on(b, x, mu, var, w, mode, eps, prior_scale=b.asarray(prior), prior_statistics=True)
+
+    def oracle(scale):
+        t = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in dict(mu=mu, var=var, w=w).items()}
+        s = torch.tensor(scale, dtype=torch.float64, requires_grad=True)
+        value = elbo_formula(torch, torch.tensor(x), t["mu"], t["var"], t["w"], mode, torch.tensor(eps), s, torch.log)
+        value.backward()
+        return float(value.detach()), t["mu"].grad.numpy(), t["var"].grad.numpy(), t["w"].grad.numpy(), s.grad.numpy()
+
+    value, g_mu, g_var, g_w, g_prior = oracle(prior)
+    rtol = 1e-5 if name == "mlx" else 1e-9
+    np.testing.assert_allclose(float(b.to_numpy(terms.value)), value, rtol=rtol)
+    for mine, theirs in ((terms.g_mu, g_mu), (terms.g_var, g_var), (terms.g_w, g_w)):
+        np.testing.assert_allclose(b.to_numpy(mine), theirs, rtol=rtol * 10, atol=rtol * 10)
+    assert np.abs(g_prior).max() > 1.0
+    fitted = b.to_numpy(prior_update(b, terms))
+    np.testing.assert_allclose(fitted**2, (mu**2 + var).mean(axis=0), rtol=rtol)
+    assert oracle(fitted)[0] > value
+    np.testing.assert_allclose(oracle(fitted)[-1], 0.0, atol=rtol * 100)
 
 
 @pytest.mark.parametrize("mode", ["simple", "expanded"])
