@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import warnings
 from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
 from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, check_non_negative, validate_data
 
@@ -534,6 +536,13 @@ class PNMF(TransformerMixin, BaseEstimator):
         self.n_iter_ = len(result.history)
         self.converged_ = result.converged
         self.backend_, self.device_ = b.name, b.device
+        if not self.converged_ and self.n_iter_ == self.max_iter and self.tol > 0:
+            warnings.warn(
+                f"PNMF stopped at max_iter={self.max_iter} before the ELBO settled to tol={self.tol}; "
+                "raise max_iter (or tol) for a converged fit",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
 
     def _start_extra(self, asarray, effects: RowEffects | None) -> dict:
         """The starting batch effects (ones) and per-component prior scale (1, 'auto') of a fit."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -262,3 +263,17 @@ def test_auto_prior_scale_is_fitted_per_component_and_raises_the_elbo(tmp_path):
     np.testing.assert_allclose(svi.prior_scale_, auto.prior_scale_, rtol=0.15)
     with pytest.raises(ValueError, match="prior_scale='fit' is not one of 'auto'"):
         PNMF(4, prior_scale="fit").fit(x)
+
+
+def test_a_fit_stopped_by_max_iter_warns_as_scikit_learn_does():
+    from sklearn.exceptions import ConvergenceWarning
+
+    x, _, _ = make_counts(100, 30, 3, random_state=5)
+    params = dict(mode="lower-bound", training_mode="natural", random_state=0)
+    with pytest.warns(ConvergenceWarning, match="max_iter=5"):
+        model = PNMF(3, max_iter=5, **params).fit(x)
+    assert not model.converged_
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert PNMF(3, max_iter=2000, **params).fit(x).converged_  # converged: no warning
+        PNMF(3, max_iter=5, tol=0, **params).fit(x)  # tol=0 asks for max_iter iterations
