@@ -541,7 +541,7 @@ class PNMF(TransformerMixin, BaseEstimator):
                 f"PNMF stopped at max_iter={self.max_iter} before the ELBO settled to tol={self.tol}; "
                 "raise max_iter (or tol) for a converged fit",
                 ConvergenceWarning,
-                stacklevel=3,
+                stacklevel=4,  # the caller of fit
             )
 
     def _start_extra(self, asarray, effects: RowEffects | None) -> dict:

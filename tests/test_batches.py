@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 from scipy.optimize import linear_sum_assignment
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import cross_val_score
 
 from pnmf import PNMF
+from pnmf.benchmarks.batches import batch_accuracy, matched_cosine
 from pnmf.data import make_batched_counts
 from pnmf.scaling import batch_sums
 
@@ -26,19 +25,6 @@ def planted():
 @pytest.fixture(scope="module")
 def small():
     return make_batched_counts(150, 40, 3, random_state=7)
-
-
-def matched_cosine(w: np.ndarray, planted_w: np.ndarray) -> float:
-    """Mean cosine between the columns of w and the planted loadings, after the best matching."""
-    a, b = w / np.linalg.norm(w, axis=0), planted_w / np.linalg.norm(planted_w, axis=0)
-    cosines = a.T @ b
-    rows, cols = linear_sum_assignment(-cosines)
-    return float(cosines[rows, cols].mean())
-
-
-def batch_accuracy(factors: np.ndarray, labels: np.ndarray) -> float:
-    """Five-fold cross-validated accuracy of a classifier predicting the batch from log factors."""
-    return float(cross_val_score(LogisticRegression(max_iter=2000), np.log(factors), labels, cv=5).mean())
 
 
 def test_batch_aware_fit_recovers_the_programs_and_forgets_the_batch(planted):

@@ -1,13 +1,18 @@
 """``python -m pnmf.benchmarks``: the natural-gradient benchmark on the seed setting
 (``--suite speed``: digits against scikit-learn, sparse matrices, scaling in nnz;
 ``--suite scale``: one process against two gloo processes on a sparse matrix;
-``--suite gpu``: every GPU here against cuSPARSE and the CPU)."""
+``--suite gpu``: every GPU here against cuSPARSE and the CPU;
+``--suite defaults``: the candidates for PNMF()'s defaults, held-out deviance and time;
+``--suite batches``: size factors and batch effects on counts simulated with them)."""
 
 from __future__ import annotations
 
 import argparse
+import warnings
 import json
 from pathlib import Path
+
+from sklearn.exceptions import ConvergenceWarning
 
 from ..backends import BACKENDS, available, get_backend
 from . import natural_gradient as ng
@@ -25,9 +30,11 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--suite",
         default="natural",
-        choices=["natural", "speed", "scale", "gpu"],
+        choices=["natural", "speed", "scale", "gpu", "defaults", "batches"],
         help="natural: the natural-gradient benchmark; speed: digits, sparse and scaling timings; "
-        "scale: 1 process against 2 distributed processes; gpu: every GPU here against cuSPARSE and the CPU",
+        "scale: 1 process against 2 distributed processes; gpu: every GPU here against cuSPARSE and the CPU; "
+        "defaults: the candidates for PNMF()'s defaults on three data sets; "
+        "batches: plain against batch-aware fits of counts simulated with batches",
     )
     parser.add_argument(
         "--quick", action="store_true", help="a short run (1500 iterations; about a minute with --backend all)"
@@ -45,6 +52,8 @@ def parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> list:
     args = parse(argv)
+    # The records say which fits converged; a warning per fit would only repeat it.
+    warnings.simplefilter("ignore", ConvergenceWarning)
     if args.backend == "all":
         backends = available()
     elif args.backend == "auto":
@@ -78,6 +87,21 @@ def main(argv=None) -> list:
         (args.out / "gpu_summary.txt").write_text(summary + "\n")
         print(summary)
         print(f"\nwrote {args.out / 'gpu.json'} and {args.out / 'gpu_summary.txt'}")
+        return record
+    if args.suite == "defaults":
+        from . import defaults
+
+        print(f"pnmf defaults suite on {ng.machine()}")
+        rows = defaults.run(args.out, quick=args.quick, progress=not args.no_progress)
+        print(f"\nwrote {args.out / 'defaults.json'}")
+        return rows
+    if args.suite == "batches":
+        from . import batches
+
+        print(f"pnmf batches suite on {ng.machine()}")
+        record = batches.run(args.out)
+        print(batches.report(record))
+        print(f"\nwrote {args.out / 'batches.json'}")
         return record
     if args.suite == "speed":
         print(f"pnmf speed suite on {ng.machine()}; backends: {', '.join(backends)}")
