@@ -8,8 +8,8 @@
 from __future__ import annotations
 
 import argparse
-import warnings
 import json
+import warnings
 from pathlib import Path
 
 from sklearn.exceptions import ConvergenceWarning
