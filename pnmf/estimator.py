@@ -713,13 +713,29 @@ class PNMF(TransformerMixin, BaseEstimator):
             raise ValueError("this model was fitted without batches; fit it with batch= to map batches")
         return self._infer(X, size_factors, batch)[3]
 
-    def inverse_transform(self, H):
-        """Rate ``H @ components_`` (n_samples, n_features): with H from transform, the posterior-mean rate."""
+    def inverse_transform(self, H, *, size_factors=None, batch=None):
+        """Rate ``H @ components_`` (n_samples, n_features): with H from transform, the posterior-mean rate.
+
+        ``size_factors`` (n_samples,) and ``batch`` (n_samples,) labels seen in fit scale it
+        to s[n] g[batch(n), d] (H @ components_)[n, d], the rate of those rows; without
+        them it is the rate at s = 1 and g = 1.
+        """
         check_is_fitted(self, "loadings_")
         H = np.asarray(H, dtype=np.float64)
         if H.ndim != 2 or H.shape[1] != self.n_components:
             raise ValueError(f"H must have shape (n_samples, {self.n_components}); got {H.shape}")
-        return H @ self.components_
+        rate = H @ self.components_
+        if size_factors is not None:
+            rate *= check_size_factors(size_factors, len(H))[:, None]
+        if batch is not None:
+            if getattr(self, "batches_", None) is None:
+                raise ValueError("batch= was given but this model was fitted without batches")
+            labels = check_batch(batch, len(H))
+            unseen = np.setdiff1d(np.unique(labels), self.batches_)
+            if unseen.size:
+                raise ValueError(f"batch {_label(unseen[0])} was not seen in fit: map it first (map_batches)")
+            rate *= self.batch_effects_[np.searchsorted(self.batches_, labels)]
+        return rate
 
     def save(self, path) -> Path:
         """Write the fitted model to a portable ``.npz`` file (arrays plus JSON metadata, no pickle)."""

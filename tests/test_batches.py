@@ -39,6 +39,13 @@ def test_batch_aware_fit_recovers_the_programs_and_forgets_the_batch(planted):
     assert batch_accuracy(aware.transform(x, batch=labels), labels) < chance + 0.1
     assert batch_accuracy(plain.transform(x), labels) > 0.9
     assert aware.elbo_ > plain.elbo_
+    # The posterior-mean rate of the rows carries their size factors and batch effects.
+    factors = aware.transform(x, batch=labels)
+    rate = aware.inverse_transform(factors, size_factors=aware.size_factors_, batch=labels)
+    expected = aware.size_factors_[:, None] * aware.batch_effects_[np.arange(600) % 3] * (factors @ aware.components_)
+    np.testing.assert_allclose(rate, expected, rtol=1e-12)
+    plain_rate = factors @ aware.components_
+    assert np.corrcoef(rate.ravel(), x.ravel())[0, 1] > np.corrcoef(plain_rate.ravel(), x.ravel())[0, 1]
     # The fitted batch effects follow the planted ones, up to each feature's scale.
     fitted, true = np.log(aware.batch_effects_), np.log(planted["batch_effects"])
     assert np.corrcoef((fitted - fitted.mean(0)).ravel(), (true - true.mean(0)).ravel())[0, 1] > 0.9
