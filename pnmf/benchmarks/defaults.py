@@ -60,9 +60,10 @@ def datasets(quick: bool = False) -> list[tuple[str, object, int]]:
 
     seed, _, _ = make_counts(200, 100, 5, random_state=42)
     rows = 2000 if quick else 10_000
-    # Single-cell-like: log-normal depths (sd 0.6), 10 programs, thinned to about 5% non-zeros.
+    # Single-cell-like: log-normal depths (sd 0.6), 10 programs, thinned to about 5.6% non-zeros
+    # (about 120 counts a row).
     cells = make_batched_counts(rows, 2000, 10, n_batches=1, batch_sd=0.0, random_state=1)["X"]
-    sparse = sp.csr_matrix(thin(cells, 0.05, random_state=1)[0])
+    sparse = sp.csr_matrix(thin(cells, 0.003, random_state=1)[0])
     return [
         ("seed 200 x 100 (L=5)", seed, 5),
         ("digits 1797 x 64 (L=10)", load_digits().data, 10),
