@@ -82,13 +82,15 @@ class PNMF(TransformerMixin, BaseEstimator):
     ----------
     n_components : int
         Number of components L.
-    mode : {'expanded', 'simple', 'lower-bound'}
-        How E_q[log rate] is estimated: 'expanded' (Monte Carlo log term, exact expected
-        rate), 'simple' (both by Monte Carlo) or 'lower-bound' (deterministic Jensen bound).
-    training_mode : {'standard', 'natural'}
-        'standard': Adam on the mean, log standard deviation and loadings.
-        'natural': natural-gradient steps on q(F) (see ``ngd_lr``); the Monte Carlo modes
-        start from a 'lower-bound' natural fit.
+    mode : {'lower-bound', 'expanded', 'simple'}
+        How E_q[log rate] is estimated: 'lower-bound' (deterministic Jensen bound, the
+        default), 'expanded' (Monte Carlo log term, exact expected rate) or 'simple' (both
+        by Monte Carlo). 'expanded' gives a tighter bound and, measured on three data sets
+        (docs/defaults.md), a 0.5-0.8% lower held-out deviance, for 10-60x the time.
+    training_mode : {'natural', 'standard'}
+        'natural' (the default): natural-gradient steps on q(F) (see ``ngd_lr``); the Monte
+        Carlo modes start from a 'lower-bound' natural fit. 'standard': Adam on the mean,
+        log standard deviation and loadings.
     backend : {'auto', 'numpy', 'torch', 'mlx'}
         Array framework. 'auto' takes MLX on an Apple-silicon GPU, torch on CUDA or MPS,
         then on the CPU NumPy for dense counts and torch (if installed) for sparse ones.
@@ -124,10 +126,11 @@ class PNMF(TransformerMixin, BaseEstimator):
         exp(F) far down the log scale.
     init_var : float
         Initial variance of q(F), the same for both training modes.
-    prior_scale : float or 'auto'
-        Standard deviation s of the Normal prior on F. 'auto' fits one per component by
-        empirical Bayes: at every step s_l^2 = mean_n (mu[n, l]^2 + var[n, l]), the
-        maximiser of the ELBO for fixed q(F) (``prior_scale_`` holds the fitted values).
+    prior_scale : 'auto' or float
+        Standard deviation s of the Normal prior on F. 'auto' (the default) fits one per
+        component by empirical Bayes: at every step s_l^2 = mean_n (mu[n, l]^2 + var[n, l]),
+        the maximiser of the ELBO for fixed q(F) (``prior_scale_`` holds the fitted values);
+        a number fixes s for every component.
     random_state : int, RandomState or None
         Seeds the initialisation and the Monte Carlo noise.
     verbose : bool
@@ -206,8 +209,8 @@ class PNMF(TransformerMixin, BaseEstimator):
         self,
         n_components: int = 10,
         *,
-        mode: str = "expanded",
-        training_mode: str = "standard",
+        mode: str = "lower-bound",
+        training_mode: str = "natural",
         backend: str = "auto",
         device: str | None = None,
         E: int = 10,
@@ -218,7 +221,7 @@ class PNMF(TransformerMixin, BaseEstimator):
         loadings_update: str | None = None,
         init: str = "random",
         init_var: float = 0.01,
-        prior_scale: float = 1.0,
+        prior_scale: float | str = "auto",
         random_state=None,
         verbose: bool = False,
         dtype: str = "float32",

@@ -86,7 +86,7 @@ def lower_bound_at(x, model) -> float:
             model.var_,
             model.loadings_,
             "lower-bound",
-            prior_scale=model.prior_scale,
+            prior_scale=model.prior_scale_,
             gradients=False,
         ).value
     )

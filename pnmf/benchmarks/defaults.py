@@ -50,8 +50,9 @@ CANDIDATES = [
         dict(mode="expanded", training_mode="natural", loadings_update="multiplicative", prior_scale="auto"),
     ),
 ]
-# Every candidate is held to the same budget and tolerance (PNMF's own defaults).
-COMMON = dict(max_iter=2000, tol=1e-4, random_state=0)
+# Every candidate is held to the same budget and tolerance (PNMF's own defaults), prior scale 1
+# unless it says 'prior auto'.
+COMMON = dict(max_iter=2000, tol=1e-4, random_state=0, prior_scale=1.0)
 
 
 def datasets(quick: bool = False) -> list[tuple[str, object, int]]:
@@ -88,7 +89,7 @@ def run(out: Path, quick: bool = False, progress: bool = True) -> list[dict]:
             if data_name not in splits:
                 splits[data_name] = thin(x, 0.5, random_state=0)
             train, test = splits[data_name]
-            model = PNMF(n_components, **COMMON, **params)
+            model = PNMF(n_components, **{**COMMON, **params})
             start = time.perf_counter()
             model.fit(train)
             wall = time.perf_counter() - start

@@ -73,6 +73,7 @@ def converge(x, name: str, device: str, n_components: int, max_iter: int = 2000)
         n_components,
         mode="lower-bound",
         training_mode="natural",
+        prior_scale=1.0,
         backend=name,
         device=device,
         random_state=0,

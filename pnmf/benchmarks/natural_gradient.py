@@ -63,6 +63,7 @@ def run_one(x, train, test, setting: Setting, backend: str, mode: str, training:
         mode=mode,
         training_mode=training,
         loadings_update=update,
+        prior_scale=1.0,
         backend=backend,
         E=setting.E,
         learning_rate=setting.learning_rate,

@@ -62,7 +62,7 @@ def _timed_fits(x, backend: str, distributed: bool) -> tuple[float, float, float
         return result
 
     TorchGroup.all_sum_host = timed_reduce
-    params = dict(mode="lower-bound", training_mode="natural", backend=backend, tol=0, random_state=0)
+    params = dict(mode="lower-bound", training_mode="natural", prior_scale=1.0, backend=backend, tol=0, random_state=0)
     PNMF(SPARSE_COMPONENTS, max_iter=1, distributed=distributed, **params).fit(x)  # warm up
     times = []
     for n in ITERATIONS:

@@ -63,7 +63,7 @@ def best_time(fn, repeats: int = 3) -> float:
 def fit_times(x, n_components: int, iterations=(2, 8), repeats: int = 2, **params) -> tuple[float, float]:
     """Seconds of fits of ``iterations[0]`` and ``iterations[1]`` iterations (``tol=0``), each the
     best of ``repeats``, after a warm-up fit; ``params`` go to ``PNMF``."""
-    params = dict(tol=0, random_state=0, **params)
+    params = {"tol": 0, "random_state": 0, "prior_scale": 1.0, **params}
     PNMF(n_components, max_iter=1, **params).fit(x)  # warm up
     first, last = (best_time(lambda n=n: PNMF(n_components, max_iter=n, **params).fit(x), repeats) for n in iterations)
     return first, last
@@ -134,12 +134,13 @@ def digits_run(backend: str) -> dict:
 
     x = load_digits().data
     train, test = thin(x, 0.5, random_state=0)
-    ours = PNMF(10, mode="lower-bound", training_mode="natural", backend=backend, random_state=0)
+    ours = PNMF(10, mode="lower-bound", training_mode="natural", prior_scale=1.0, backend=backend, random_state=0)
     ours.fit(x[:50])  # warm up
     theirs = NMF(10, beta_loss="kullback-leibler", solver="mu", max_iter=2000, random_state=0)
     ours_s = best_time(lambda: ours.fit(x))
     theirs_s = best_time(lambda: theirs.fit(x))
-    half = PNMF(10, mode="lower-bound", training_mode="natural", backend=backend, random_state=0).fit(train)
+    half = PNMF(10, mode="lower-bound", training_mode="natural", prior_scale=1.0, backend=backend, random_state=0)
+    half.fit(train)
     nmf_half = NMF(10, beta_loss="kullback-leibler", solver="mu", max_iter=2000, random_state=0)
     nmf_rate = nmf_half.fit_transform(train) @ nmf_half.components_
     return {
@@ -199,7 +200,9 @@ def peer_run(peer_python: str, backends: list[str]) -> dict:
             peer_s.append(peer["wall_s"] / max(n_iter, 1))
             for backend in backends:
                 for training in ("standard", "natural"):
-                    params = dict(mode="expanded", training_mode=training, backend=backend, E=10, tol=0)
+                    params = dict(
+                        mode="expanded", training_mode=training, backend=backend, E=10, tol=0, prior_scale=1.0
+                    )
                     PNMF(5, max_iter=20, random_state=42, **params).fit(x)  # warm up
                     seconds = best_time(lambda p=params: PNMF(5, max_iter=PEER_ITERATIONS, random_state=42, **p).fit(x))
                     key = (backend, training)
