@@ -29,7 +29,7 @@ import numpy as np
 
 from .backends.base import Array, Backend
 from .elbo import MEAN_BOUND, VAR_BOUNDS, Noise, evaluate, prior_update
-from .optim import loadings_state, update_loadings
+from .optim import Trainer, loadings_state, update_loadings
 
 # Largest change of one mean per step: at most a factor e on the scale of exp(F).
 MAX_MEAN_STEP = 1.0
@@ -74,7 +74,7 @@ def natural_update(
     return mu + mean_step, precision_new
 
 
-class NaturalTrainer:
+class NaturalTrainer(Trainer):
     """Natural steps on q(F); loadings by the multiplicative update or by Adam.
 
     ``lower-bound`` is deterministic, so with the multiplicative loadings update (or fixed
@@ -86,31 +86,11 @@ class NaturalTrainer:
     rho_t = ngd_lr (1 + t / 50) ** -0.7 and are best started from a lower-bound fit.
     """
 
-    def __init__(
-        self,
-        counts,
-        *,
-        mode,
-        n_samples,
-        prior_scale,
-        ngd_lr,
-        learning_rate,
-        loadings_update,
-        update_loadings,
-        update_batches=False,
-    ):
-        self.counts = counts
-        self.b = counts.backend
-        self.mode = mode
-        self.n_samples = n_samples
-        self.prior_scale = prior_scale
-        self.rho0 = DEFAULT_NGD_LR[mode] if ngd_lr is None else ngd_lr
-        self.lr = learning_rate
-        self.rule = loadings_update
-        self.fit_loadings = update_loadings
-        self.fit_batches = update_batches
+    def __init__(self, counts, *, ngd_lr, **settings):
+        super().__init__(counts, **settings)
+        self.rho0 = DEFAULT_NGD_LR[self.mode] if ngd_lr is None else ngd_lr
         # Adam's loadings step does not shrink with rho, so only the multiplicative rule is checked.
-        self.checked = mode == "lower-bound" and (loadings_update == "multiplicative" or not update_loadings)
+        self.checked = self.mode == "lower-bound" and (self.rule == "multiplicative" or not self.fit_loadings)
         # Float rounding makes a sum of 1e5 terms uncertain by ~eps * |ELBO|: a smaller "loss"
         # is noise, and rejecting it would stall a float32 fit short of its optimum.
         self.rounding = float(ROUNDING * np.finfo(self.b.dtype).eps)

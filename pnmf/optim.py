@@ -65,13 +65,9 @@ def update_loadings(b: Backend, state: dict, terms: Terms, t: Array, rule: str, 
     return b.exp(log_w), {"m_w": m, "v_w": v}
 
 
-class StandardTrainer:
-    """Adam on mu, log sd = log(var)/2 and the loadings (DESIGN §3, ``training_mode='standard'``).
-
-    The parameters Adam moves live in one flat array ``theta`` = [mu, log sd, log W] (log W
-    when the loadings are on Adam), so a step is one Adam update and one clip, whatever
-    their number: on small data each array operation costs more in overhead than in work.
-    """
+class Trainer:
+    """What every full-batch trainer holds: the counts, the ELBO's mode and samples, the prior
+    scale, and how the loadings (``update_loadings``) and batch effects (``update_batches``) move."""
 
     def __init__(
         self,
@@ -93,8 +89,20 @@ class StandardTrainer:
         self.lr = learning_rate
         self.rule = loadings_update
         self.fit_loadings = update_loadings
-        self.adam_w = update_loadings and loadings_update == "adam"
         self.fit_batches = update_batches
+
+
+class StandardTrainer(Trainer):
+    """Adam on mu, log sd = log(var)/2 and the loadings (DESIGN §3, ``training_mode='standard'``).
+
+    The parameters Adam moves live in one flat array ``theta`` = [mu, log sd, log W] (log W
+    when the loadings are on Adam), so a step is one Adam update and one clip, whatever
+    their number: on small data each array operation costs more in overhead than in work.
+    """
+
+    def __init__(self, counts, **settings):
+        super().__init__(counts, **settings)
+        self.adam_w = self.fit_loadings and self.rule == "adam"
 
     def init(self, mu: Array, var: Array, w: Array, extra: dict | None = None) -> dict:
         b = self.b
