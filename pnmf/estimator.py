@@ -19,7 +19,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, check_non_negative, validate_data
 
-from . import distributed, io, loop
+from . import distributed, io, loop, programs
 from .backends import BACKENDS, get_backend
 from .data import DiskRows, on_disk
 from .elbo import MEAN_BOUND, MODES, Noise, as_counts, evaluate
@@ -739,6 +739,21 @@ class PNMF(TransformerMixin, BaseEstimator):
                 raise ValueError(f"batch {_label(unseen[0])} was not seen in fit: map it first (map_batches)")
             rate *= self.batch_effects_[np.searchsorted(self.batches_, labels)]
         return rate
+
+    def top_features(self, n: int = 20, feature_names=None):
+        """The top ``n`` features of each component, by loading and by specificity (a pandas DataFrame).
+
+        Specificity is feature d's term of KL(phi_l || p), phi[d, l] log(phi[d, l] / p[d]),
+        with phi_l = W[:, l] / sum_d W[d, l] the component's distribution over the features
+        and p their mean over the components: features that every component uses alike
+        (housekeeping genes, stop words) score 0. One row per (component,
+        ranking, rank) with columns ``component``, ``ranking`` ('loading' or
+        'specificity'), ``rank`` (0 first), ``feature``, ``loading`` and ``specificity``;
+        ``table[table.ranking == "specificity"]`` gives the program table. Features are named
+        by ``feature_names``, else by the names seen in fit, else by their index.
+        """
+        check_is_fitted(self, "loadings_")
+        return programs.top_features(self, n, feature_names)
 
     def save(self, path) -> Path:
         """Write the fitted model to a portable ``.npz`` file (arrays plus JSON metadata, no pickle)."""

@@ -33,7 +33,8 @@ def fit_anndata(
     * ``adata.uns[key]``: ``params``, ``elbo``, ``elbo_history``, ``n_iter``, ``converged``,
       ``backend``, ``device``, and the posterior ``mean`` and ``var`` of the log-factors;
       with batches ``batches`` (the labels) and ``batch_effects`` (n_batches, n_vars), and
-      with size factors ``size_factors`` (one per cell).
+      with size factors ``size_factors`` (one per cell); and ``top_features``, the program
+      table of ``PNMF.top_features`` (20 genes per component, named by ``adata.var_names``).
 
     Sparse matrices stay sparse. ``params`` go to ``PNMF``. Returns the fitted model.
 
@@ -92,6 +93,10 @@ def fit_anndata(
         adata.uns[key_added]["batch_effects"] = model.batch_effects_
     if model.size_factors_ is not None:
         adata.uns[key_added]["size_factors"] = model.size_factors_
+    try:
+        adata.uns[key_added]["top_features"] = model.top_features(20, feature_names=np.asarray(adata.var_names))
+    except ImportError:  # pandas comes with anndata; without it there is no table
+        pass
     if params.get("distributed"):
         adata.uns[key_added]["factors"] = factors
     return model

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .programs import feature_labels, specificity
+
 
 def _axes(ax, figsize=(6, 4)):
     try:
@@ -26,22 +28,28 @@ def elbo_history(model, ax=None):
     return ax
 
 
-def loadings(model, feature_names=None, top: int = 8, ax=None):
-    """Heatmap of the loadings of each component's ``top`` features (rows scaled to max 1)."""
+def loadings(model, feature_names=None, top: int = 8, ax=None, table=None):
+    """Heatmap of the loadings of each component's ``top`` most specific features (rows scaled
+    to max 1), as ``model.top_features`` ranks them by specificity.
+
+    ``table``: a ``top_features`` table to take the rows and their labels from instead.
+    """
     w = np.asarray(model.loadings_)
-    names = np.asarray(
-        feature_names
-        if feature_names is not None
-        else getattr(model, "feature_names_in_", np.arange(w.shape[0])).astype(str)
-    )
-    if len(names) != w.shape[0]:
-        raise ValueError(f"feature_names has {len(names)} entries; the model has {w.shape[0]} features")
-    share = w / np.maximum(w.sum(axis=1, keepdims=True), 1e-300)  # how much each component owns a feature
+    names = feature_labels(model, feature_names)
     chosen = []
-    for l in range(w.shape[1]):
-        for d in np.argsort(-w[:, l] * share[:, l])[:top]:
-            if d not in chosen:
-                chosen.append(d)
+    if table is not None:
+        picked = table[table["ranking"] == "specificity"].sort_values(["component", "rank"])
+        index = {name: d for d, name in enumerate(names)}
+        missing = sorted(set(picked["feature"]) - set(index))
+        if missing:
+            raise ValueError(f"table names features the model does not have: {missing[:5]}")
+        candidates = [index[f] for f in picked["feature"]]
+    else:
+        score = specificity(w)
+        candidates = [d for l in range(w.shape[1]) for d in np.argsort(-score[:, l], kind="stable")[:top]]
+    for d in candidates:
+        if d not in chosen:
+            chosen.append(d)
     block = w[chosen] / np.maximum(w[chosen].max(axis=1, keepdims=True), 1e-300)
     ax = _axes(ax, figsize=(1.0 + 0.6 * w.shape[1], 0.25 * len(chosen) + 1.5))
     image = ax.imshow(block, aspect="auto", cmap="viridis", vmin=0, vmax=1)

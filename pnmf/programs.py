@@ -1,0 +1,58 @@
+"""Gene programs from fitted loadings: the top features of each component."""
+
+from __future__ import annotations
+
+import numpy as np
+
+RANKINGS = ("loading", "specificity")
+
+
+def specificity(w: np.ndarray) -> np.ndarray:
+    """phi[d, l] log(phi[d, l] / p[d]) (D, L): feature d's term of KL(phi_l || p).
+
+    phi_l = W[:, l] / sum_d W[d, l] is component l's distribution over the features and
+    p = mean_l phi_l their average: a feature every component uses alike scores 0, one
+    that component l uses far more than the others scores high, in proportion to its weight.
+    """
+    phi = w / np.maximum(w.sum(axis=0, keepdims=True), 1e-300)
+    ratio = phi / np.maximum(phi.mean(axis=1, keepdims=True), 1e-300)
+    return phi * np.log(np.maximum(ratio, 1e-300))
+
+
+def feature_labels(model, feature_names=None) -> np.ndarray:
+    """The names of the model's features: ``feature_names``, else those seen in fit, else 0..D-1."""
+    n_features = model.loadings_.shape[0]
+    if feature_names is None:
+        feature_names = getattr(model, "feature_names_in_", np.arange(n_features))
+    names = np.asarray(feature_names).astype(str)
+    if names.shape != (n_features,):
+        raise ValueError(f"feature_names has {names.size} entries; the model has {n_features} features")
+    return names
+
+
+def top_features(model, n: int = 20, feature_names=None):
+    """The top ``n`` features of each component, by loading and by specificity, as a DataFrame.
+
+    One row per (component, ranking, rank) with columns ``component``, ``ranking``
+    ('loading' or 'specificity'), ``rank`` (0 first), ``feature``, ``loading`` (W[d, l]) and
+    ``specificity`` (:func:`specificity`).
+    """
+    try:
+        import pandas as pd
+    except ImportError as err:
+        raise ImportError("top_features returns a pandas DataFrame: pip install pandas (or 'pnmf[anndata]')") from err
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n={n!r} must be a positive integer")
+    names = feature_labels(model, feature_names)
+    w = np.asarray(model.loadings_, dtype=np.float64)
+    score = specificity(w)
+    n = min(int(n), w.shape[0])
+    rows = []
+    for component in range(w.shape[1]):
+        for ranking, key in (("loading", w[:, component]), ("specificity", score[:, component])):
+            # Ties broken by feature index, so the table is the same on every platform.
+            order = np.lexsort((np.arange(len(key)), -key))[:n]
+            for rank, d in enumerate(order):
+                rows.append((component, ranking, rank, names[d], w[d, component], score[d, component]))
+    columns = ["component", "ranking", "rank", "feature", "loading", "specificity"]
+    return pd.DataFrame(rows, columns=columns)
