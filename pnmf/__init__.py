@@ -1,6 +1,7 @@
 """pnmf: probabilistic non-negative matrix factorisation of count data."""
 
 from . import plot
+from .consensus import consensus
 from .data import make_counts, poisson_deviance, thin
 from .estimator import PNMF
 from .integrations import fit_anndata
@@ -11,6 +12,7 @@ __version__ = "0.1.0"
 __all__ = [
     "PNMF",
     "__version__",
+    "consensus",
     "fit_anndata",
     "make_counts",
     "plot",

@@ -85,11 +85,19 @@ def factors(model, component: int = 0, max_rows: int = 200, ax=None):
 
 
 def n_components(table: dict, ax=None):
-    """Held-out deviance against the number of components (from ``select_n_components``)."""
+    """Held-out deviance against the number of components (from ``select_n_components``), and
+    with restarts the consensus stability on a second axis, as cNMF's K-selection plot; the
+    chosen K is marked."""
     ax = _axes(ax)
-    ax.plot(table["n_components"], table["heldout_deviance"], marker="o")
-    ax.axvline(table["best"], color="grey", ls="--", lw=0.8, label=f"best: {table['best']}")
+    lines = ax.plot(table["n_components"], table["heldout_deviance"], marker="o", color="C0", label="held-out deviance")
+    lines.append(ax.axvline(table["best"], color="grey", ls="--", lw=0.8, label=f"chosen: {table['best']}"))
     ax.set_xlabel("number of components")
-    ax.set_ylabel("held-out Poisson deviance")
-    ax.legend(fontsize=8)
+    ax.set_ylabel("held-out Poisson deviance", color="C0")
+    if "stability" in table:
+        right = ax.twinx()
+        lines += right.plot(
+            table["n_components"], table["stability"], marker="s", color="C1", label="stability (silhouette)"
+        )
+        right.set_ylabel("consensus stability (silhouette)", color="C1")
+    ax.legend(lines, [line.get_label() for line in lines], fontsize=8)
     return ax

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from .consensus import consensus
 from .data import poisson_deviance, thin
 from .estimator import PNMF
 
 
-def select_n_components(X, candidates, *, fraction: float = 0.5, random_state=0, **params) -> dict:
+def select_n_components(X, candidates, *, fraction: float = 0.5, random_state=0, n_restarts: int = 1, **params) -> dict:
     """Score each number of components by the held-out Poisson deviance of a thinned split.
 
     The counts are split X = X_train + X_test with X_train ~ Binomial(X, fraction): for
@@ -18,23 +19,35 @@ def select_n_components(X, candidates, *, fraction: float = 0.5, random_state=0,
     X_test. Too few components underfit and too many overfit X_train; both raise the
     held-out deviance. ``params`` go to ``PNMF``.
 
+    With ``n_restarts`` > 1 each candidate is the consensus of that many restarts
+    (:func:`pnmf.consensus`), and the table adds ``stability``, the silhouette of its
+    clustering: cNMF's two criteria, an error to minimise and a stability to keep high.
+
     Returns a table as a dict of equal-length arrays (``pandas.DataFrame(result)`` shows
-    it): ``n_components``, ``heldout_deviance``, ``train_elbo``, ``n_iter``, ``converged``;
-    and ``best``, the candidate with the lowest held-out deviance.
+    it): ``n_components``, ``heldout_deviance``, ``train_elbo``, ``n_iter``, ``converged``
+    (and ``stability``); and ``best``, the candidate with the lowest held-out deviance.
     """
     candidates = [int(k) for k in candidates]
     if not candidates or any(k < 1 for k in candidates):
         raise ValueError(f"candidates={candidates!r} must be a non-empty list of positive integers")
     if not 0 < fraction < 1:
         raise ValueError(f"fraction={fraction!r} must be in (0, 1)")
+    if isinstance(n_restarts, bool) or not isinstance(n_restarts, (int, np.integer)) or n_restarts < 1:
+        raise ValueError(f"n_restarts={n_restarts!r} must be a positive integer")
     train, test = thin(X, fraction, random_state=random_state)
-    params.setdefault("random_state", random_state)
     rows = []
     for k in candidates:
-        model = PNMF(k, **params).fit(train)
+        if n_restarts > 1:
+            model = consensus(train, k, n_restarts, random_state=random_state, **params)
+        else:
+            model = PNMF(k, **{"random_state": random_state, **params}).fit(train)
         rate = np.exp(model.mean_ + model.var_ / 2) @ model.components_ * ((1 - fraction) / fraction)
-        rows.append((k, poisson_deviance(test, rate), model.elbo_, model.n_iter_, model.converged_))
+        if model.size_factors_ is not None:
+            rate *= model.size_factors_[:, None]
+        row = (k, poisson_deviance(test, rate), model.elbo_, model.n_iter_, model.converged_)
+        rows.append(row + ((model.stability_,) if n_restarts > 1 else ()))
     columns = ("n_components", "heldout_deviance", "train_elbo", "n_iter", "converged")
+    columns += ("stability",) if n_restarts > 1 else ()
     table = {name: np.array(values) for name, values in zip(columns, zip(*rows))}
     table["best"] = int(table["n_components"][np.argmin(table["heldout_deviance"])])
     return table

@@ -1,0 +1,100 @@
+"""Consensus over restarts (as cNMF does): stable programs, and how stable they are."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.cluster import KMeans
+from sklearn.metrics import silhouette_score
+from sklearn.neighbors import NearestNeighbors
+from sklearn.utils import check_random_state
+
+from .estimator import PNMF
+
+# Outlier filter: the mean distance of a (unit-norm) component to its nearest neighbours
+# among all restarts' components, over NEIGHBOURS x n_restarts of them (cNMF's default).
+NEIGHBOURS = 0.3
+
+
+def consensus(
+    X,
+    n_components: int,
+    n_restarts: int = 10,
+    random_state=None,
+    *,
+    density_threshold: float = 0.5,
+    **pnmf_params,
+) -> PNMF:
+    """Fit ``n_restarts`` restarts with different seeds and return their consensus as a fitted PNMF.
+
+    Every restart's loadings are scaled to unit norm per component and pooled
+    (n_restarts x n_components of them). Components whose mean distance to their
+    ``0.3 n_restarts`` nearest neighbours exceeds ``density_threshold`` (0.5: about
+    cosine 0.875) are outliers and dropped; the rest are clustered into ``n_components``
+    clusters by k-means. The consensus loadings are each cluster's median (of the
+    restarts' loadings as fitted), and the factors of X are refitted with them fixed
+    (as ``transform`` does), so ``mean_``, ``var_`` and ``elbo_`` are those of the
+    consensus model.
+
+    Besides PNMF's attributes, the model has ``stability_`` (the silhouette of the
+    clustering, cosine geometry: 1 when every restart finds the same programs; NaN for
+    one component),
+    ``restart_elbos_`` (n_restarts,) and ``n_outliers_`` (components dropped);
+    ``n_iter_`` is the longest restart's and ``converged_`` whether all converged. The
+    restarts run one after another; batch effects (``fit(batch=...)``) are not part of it.
+    Deterministic for a fixed ``random_state``; ``pnmf_params`` go to ``PNMF``.
+    """
+    if isinstance(n_restarts, bool) or not isinstance(n_restarts, (int, np.integer)) or n_restarts < 2:
+        raise ValueError(f"n_restarts={n_restarts!r} must be an integer >= 2")
+    if not 0 < density_threshold <= 2:
+        raise ValueError(
+            f"density_threshold={density_threshold!r} must be in (0, 2] (unit vectors are at most 2 apart)"
+        )
+    rng = check_random_state(random_state)
+    seeds = rng.randint(np.iinfo(np.int32).max, size=n_restarts)
+    fits = [PNMF(n_components, random_state=int(seed), **pnmf_params).fit(X) for seed in seeds]
+    raw = np.concatenate([fit.loadings_.T for fit in fits])  # (R * L, D)
+    unit = raw / np.maximum(np.linalg.norm(raw, axis=1, keepdims=True), 1e-300)
+    neighbours = max(1, int(round(NEIGHBOURS * n_restarts)))
+    distances, _ = NearestNeighbors(n_neighbors=neighbours + 1).fit(unit).kneighbors(unit)
+    keep = distances[:, 1:].mean(axis=1) <= density_threshold
+    if keep.sum() < n_components:
+        raise ValueError(
+            f"only {int(keep.sum())} of {len(keep)} components are within density_threshold={density_threshold} "
+            f"of their neighbours, fewer than n_components={n_components}: raise density_threshold or n_restarts, "
+            "or fit fewer components"
+        )
+    clusters = KMeans(n_components, n_init=10, random_state=int(rng.randint(np.iinfo(np.int32).max)))
+    labels = clusters.fit_predict(unit[keep])
+    if len(np.unique(labels)) < n_components:
+        raise ValueError("the restarts' components fall into fewer clusters than n_components")
+    priors = np.concatenate([fit.prior_scale_ for fit in fits])[keep]
+    # Clusters in the order of their largest member's index: restart 0's order where it holds.
+    order = sorted(range(n_components), key=lambda c: np.flatnonzero(labels == c)[0])
+    loadings = np.stack([np.median(raw[keep][labels == c], axis=0) for c in order], axis=1)
+    model = PNMF(n_components, random_state=random_state, **pnmf_params)
+    first = fits[0]
+    # What the data fixes is the same in every restart: its shape, names and size factors.
+    for name in ("n_features_in_", "backend_", "device_", "feature_names_in_", "size_factors_", "reference_total_"):
+        if hasattr(first, name):
+            setattr(model, name, getattr(first, name))
+    model.loadings_, model.components_ = loadings, loadings.T
+    model.prior_scale_ = np.array([np.median(priors[labels == c]) for c in order])
+    model.batches_ = model.batch_effects_ = None
+    model.mean_, model.var_, model.elbo_, _ = model._infer(X)
+    # The restarts' fits: the longest one's iterations, and whether every one converged.
+    model.elbo_history_ = np.zeros(0)
+    model.n_iter_ = max(fit.n_iter_ for fit in fits)
+    model.converged_ = all(fit.converged_ for fit in fits)
+    model.stability_ = _stability(unit[keep], labels, n_components)
+    model.restart_elbos_ = np.array([fit.elbo_ for fit in fits])
+    model.n_outliers_ = int((~keep).sum())
+    return model
+
+
+def _stability(unit: np.ndarray, labels: np.ndarray, n_components: int) -> float:
+    """Silhouette of the clustering (cosine); NaN for one component, where it is undefined."""
+    if n_components < 2:
+        return float("nan")
+    if len(labels) == n_components:  # one member per cluster: nothing to compare
+        return 1.0
+    return float(silhouette_score(unit, labels, metric="cosine"))

@@ -1,0 +1,75 @@
+"""Consensus over restarts and choosing K with it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.optimize import linear_sum_assignment
+
+import pnmf
+from pnmf import make_counts, select_n_components
+
+
+@pytest.fixture(scope="module")
+def seed_counts():
+    return make_counts(200, 100, 5, random_state=42)
+
+
+def matched_cosine(w, planted) -> float:
+    cosines = (w / np.linalg.norm(w, axis=0)).T @ (planted / np.linalg.norm(planted, axis=0))
+    rows, cols = linear_sum_assignment(-cosines)
+    return float(cosines[rows, cols].min())
+
+
+def test_consensus_finds_the_planted_programs_stably(seed_counts):
+    x, _, w = seed_counts
+    model = pnmf.consensus(x, 5, n_restarts=6, random_state=0, backend="numpy")
+    assert matched_cosine(model.loadings_, w) > 0.95
+    assert model.stability_ > 0.95 and model.n_outliers_ == 0
+    assert model.restart_elbos_.shape == (6,) and len(set(model.restart_elbos_)) == 6  # different seeds
+    # Its factors are refitted to the consensus loadings: transform finds them again.
+    np.testing.assert_allclose(model.transform(x), np.exp(model.mean_ + model.var_ / 2), rtol=1e-5)
+    assert np.isfinite(model.elbo_) and model.elbo_ >= np.median(model.restart_elbos_) - 1e-4 * abs(model.elbo_)
+    again = pnmf.consensus(x, 5, n_restarts=6, random_state=0, backend="numpy")
+    np.testing.assert_array_equal(again.loadings_, model.loadings_)  # deterministic
+
+
+def test_too_many_components_are_unstable_and_lose_outliers(seed_counts):
+    x, _, _ = seed_counts
+    planted = pnmf.consensus(x, 5, n_restarts=6, random_state=0, backend="numpy")
+    too_many = pnmf.consensus(x, 8, n_restarts=6, random_state=0, backend="numpy")
+    assert too_many.stability_ < planted.stability_ - 0.1
+
+
+def test_consensus_checks_its_arguments(seed_counts):
+    x, _, _ = seed_counts
+    with pytest.raises(ValueError, match="n_restarts=1 must be an integer >= 2"):
+        pnmf.consensus(x, 5, n_restarts=1)
+    with pytest.raises(ValueError, match="density_threshold"):
+        pnmf.consensus(x, 5, density_threshold=0)
+    with pytest.raises(ValueError, match="fewer than n_components"):
+        pnmf.consensus(x, 8, n_restarts=3, random_state=0, density_threshold=0.01, backend="numpy")
+
+
+def test_k_selection_with_restarts_chooses_the_planted_k_and_shows_stability(seed_counts):
+    x, _, _ = seed_counts
+    table = select_n_components(x, [3, 4, 5, 6, 7], n_restarts=4, backend="numpy")
+    assert table["best"] == 5
+    stability = dict(zip(table["n_components"], table["stability"]))
+    assert stability[5] > 0.95 and stability[5] >= max(stability.values()) - 0.01
+    with pytest.raises(ValueError, match="n_restarts=0"):
+        select_n_components(x, [5], n_restarts=0)
+
+
+def test_the_k_selection_plot_draws_both_criteria_and_marks_k(seed_counts):
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    x, _, _ = seed_counts
+    table = select_n_components(x, [4, 5, 6], n_restarts=2, backend="numpy")
+    ax = pnmf.plot.n_components(table)
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["held-out deviance", f"chosen: {table['best']}", "stability (silhouette)"]
+    right = [other for other in ax.figure.axes if other is not ax][0]
+    np.testing.assert_allclose(right.get_lines()[0].get_ydata(), table["stability"])
