@@ -1,0 +1,405 @@
+"""The ``pnmf`` command: fit, transform, select-k, consensus and info, for pipelines and clusters.
+
+Counts are read from .h5ad (``--layer``), a 10x directory (matrix.mtx with features.tsv or
+genes.tsv and barcodes.tsv, gzipped or not), a SciPy .npz or a .csv/.tsv table (rows are
+samples, the first column their names, the header the features). Every input and argument
+is checked before any work; a problem is one line on stderr and exit status 2, and
+nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+from .elbo import MODES
+
+
+class UsageError(Exception):
+    """A bad file or argument: reported on one line, exit status 2."""
+
+
+@dataclass
+class Counts:
+    """Counts read from a file: X (samples x features), their names, and the obs table if any."""
+
+    x: object
+    obs_names: np.ndarray
+    var_names: np.ndarray
+    obs: object = None  # a pandas DataFrame (from .h5ad), for --batch-key
+    named: bool = True  # whether the file names its features (a .npz does not)
+
+
+def _names(path: Path, column: int = 0) -> np.ndarray:
+    import gzip
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as handle:
+        return np.array([line.rstrip("\n").split("\t")[min(column, len(line.split("\t")) - 1)] for line in handle])
+
+
+def _find(folder: Path, *names: str) -> Path:
+    for name in names:
+        for candidate in (folder / name, folder / (name + ".gz")):
+            if candidate.exists():
+                return candidate
+    raise UsageError(f"{folder} is not a 10x directory: no {' or '.join(names)} in it")
+
+
+def read_counts(path: str, layer: str | None = None) -> Counts:
+    """Counts from .h5ad, a 10x directory, .npz or .csv/.tsv; UsageError naming what is wrong."""
+    source = Path(path)
+    if not source.exists():
+        raise UsageError(f"{path}: no such file or directory")
+    if layer is not None and source.suffix != ".h5ad":
+        raise UsageError(f"--layer applies to .h5ad files; {path} is not one")
+    try:
+        if source.is_dir():
+            from scipy.io import mmread
+
+            x = sp.csr_matrix(mmread(_find(source, "matrix.mtx")).T)  # 10x stores features x cells
+            var = _names(_find(source, "features.tsv", "genes.tsv"), column=1)
+            obs = _names(_find(source, "barcodes.tsv"))
+            if x.shape != (len(obs), len(var)):
+                raise UsageError(
+                    f"{path}: matrix.mtx is {x.shape[1]} x {x.shape[0]} but the names are {len(var)} x {len(obs)}"
+                )
+            return Counts(x, obs, var)
+        if source.suffix == ".h5ad":
+            import anndata
+
+            adata = anndata.read_h5ad(source)
+            if layer is not None and layer not in adata.layers:
+                raise UsageError(f"{path} has no layer {layer!r} (layers: {', '.join(adata.layers) or 'none'})")
+            x = adata.X if layer is None else adata.layers[layer]
+            if x is None:
+                raise UsageError(f"{path} has no X; name a layer with counts (--layer)")
+            return Counts(x, np.asarray(adata.obs_names), np.asarray(adata.var_names), adata.obs)
+        if source.suffix == ".npz":
+            x = sp.load_npz(source).tocsr()
+            return Counts(x, np.arange(x.shape[0]).astype(str), np.arange(x.shape[1]).astype(str), named=False)
+        if source.suffix in (".csv", ".tsv", ".txt") or source.name.endswith((".csv.gz", ".tsv.gz")):
+            import pandas as pd
+
+            sep = "\t" if ".tsv" in source.name or source.suffix == ".txt" else ","
+            table = pd.read_csv(source, sep=sep, index_col=0)
+            if table.shape[1] == 0:
+                raise UsageError(f"{path} has no feature columns (expected a header row and a name column)")
+            values = table.to_numpy()
+            if values.dtype.kind not in "biuf":
+                raise UsageError(f"{path} holds values that are not numbers")
+            return Counts(
+                values.astype(np.float64), table.index.astype(str).to_numpy(), table.columns.astype(str).to_numpy()
+            )
+    except UsageError:
+        raise
+    except ImportError as err:
+        raise UsageError(f"reading {path} needs {err.name}: pip install 'pnmf-vi[anndata]'") from err
+    except Exception as err:  # a damaged or foreign file, as the reader reports it
+        raise UsageError(
+            f"{path} could not be read: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        ) from err
+    raise UsageError(f"{path}: unknown format (expected .h5ad, a 10x directory, .npz, .csv or .tsv)")
+
+
+def _batch(counts: Counts, key: str | None):
+    if key is None:
+        return None
+    if counts.obs is None:
+        raise UsageError("--batch-key needs an .h5ad input, whose obs holds the batch labels")
+    if key not in counts.obs:
+        raise UsageError(f"--batch-key {key!r} is not a column of obs (columns: {', '.join(counts.obs.columns)})")
+    return counts.obs[key].astype(str).to_numpy()
+
+
+def _model_params(args) -> dict:
+    params = dict(
+        mode=args.mode,
+        training_mode=args.training_mode,
+        backend=args.backend,
+        device=args.device,
+        max_iter=args.max_iter,
+        tol=args.tol,
+        random_state=args.seed,
+        verbose=args.verbose,
+        size_factors=args.size_factors,
+        distributed=args.distributed,
+    )
+    if args.prior_scale is not None:
+        params["prior_scale"] = args.prior_scale if args.prior_scale == "auto" else _number(args.prior_scale)
+    return params
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"--prior-scale {text!r} is neither 'auto' nor a number") from None
+    return value
+
+
+def _rows(counts: Counts, distributed: bool) -> tuple[Counts, str]:
+    """This process's rows under torchrun (--distributed), and the suffix of its output files."""
+    if not distributed:
+        return counts, ""
+    from . import distributed as dist
+
+    group = dist.join("torch")
+    rows = dist.shard(counts.x.shape[0], group)
+    obs = None if counts.obs is None else counts.obs.iloc[rows]
+    return Counts(counts.x[rows], counts.obs_names[rows], counts.var_names, obs), f".rank-{group.rank}-of-{group.size}"
+
+
+def _factor_format(args) -> str:
+    """The format of the factors' file, its writer's imports checked before anything is written."""
+    fmt = args.factors or ("h5ad" if str(args.counts).endswith(".h5ad") else "csv")
+    if fmt == "h5ad":
+        try:
+            import anndata  # noqa: F401
+        except ImportError:
+            raise UsageError("--factors h5ad needs anndata: pip install 'pnmf-vi[anndata]'") from None
+    return fmt
+
+
+def _write_factors(out: Path, name: str, counts: Counts, factors: np.ndarray, model, fmt: str) -> list[Path]:
+    if fmt == "h5ad":
+        import anndata
+        import pandas as pd
+
+        adata = anndata.AnnData(
+            obs=pd.DataFrame(index=counts.obs_names.astype(str)), var=pd.DataFrame(index=counts.var_names.astype(str))
+        )
+        adata.obsm["X_pnmf"] = factors
+        adata.varm["PNMF"] = model.loadings_
+        path = out / f"{name}.h5ad"
+        adata.write_h5ad(path)
+        return [path]
+    path = out / f"{name}.csv"
+    header = "," + ",".join(f"component_{l}" for l in range(factors.shape[1]))
+    rows = [f"{label}," + ",".join(f"{v:.9g}" for v in row) for label, row in zip(counts.obs_names, factors)]
+    path.write_text(header + "\n" + "\n".join(rows) + "\n")
+    return [path]
+
+
+def _outputs(args, counts: Counts, model, factors: np.ndarray, suffix: str) -> list[Path]:
+    """model.npz and programs.csv (by rank 0 alone under --distributed), and the factors."""
+    fmt = _factor_format(args)
+    table = model.top_features(args.top, feature_names=counts.var_names)  # before any file is written
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    if not suffix or suffix.startswith(".rank-0-"):
+        written.append(model.save(out / "model.npz"))
+        table.to_csv(out / "programs.csv", index=False)
+        written.append(out / "programs.csv")
+    return written + _write_factors(out, "factors" + suffix, counts, factors, model, fmt)
+
+
+def _check_out(args) -> None:
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {args.out} exists and is not a directory")
+
+
+def cmd_fit(args) -> list[Path]:
+    from .estimator import PNMF
+
+    _check_out(args)
+    if args.top < 1:
+        raise UsageError(f"--top {args.top} must be at least 1")
+    counts, suffix = _rows(read_counts(args.counts, args.layer), args.distributed)
+    batch = _batch(counts, args.batch_key)
+    model = PNMF(args.n_components, **_model_params(args))
+    model._validate_params()  # a bad parameter is named before the fit starts
+    factors = model.fit_transform(counts.x, batch=batch)
+    model.feature_names_in_ = counts.var_names.astype(object)  # the model file keeps them
+    return _outputs(args, counts, model, factors, suffix)
+
+
+def cmd_consensus(args) -> list[Path]:
+    from .consensus import consensus
+
+    _check_out(args)
+    if args.restarts < 2:
+        raise UsageError(f"--restarts {args.restarts} must be at least 2")
+    counts = read_counts(args.counts, args.layer)
+    params = _model_params(args)
+    seed = params.pop("random_state")
+    params.pop("distributed")
+    model = consensus(counts.x, args.n_components, args.restarts, random_state=seed, **params)
+    model.feature_names_in_ = counts.var_names.astype(object)
+    print(f"stability (silhouette): {model.stability_:.3f}; outlier components dropped: {model.n_outliers_}")
+    return _outputs(args, counts, model, np.exp(model.mean_ + model.var_ / 2), "")
+
+
+def cmd_transform(args) -> list[Path]:
+    _check_out(args)
+    model = _load(args.model, args.backend, args.device)
+    counts = read_counts(args.counts, args.layer)
+    if counts.x.shape[1] != model.n_features_in_:
+        raise UsageError(
+            f"{args.counts} has {counts.x.shape[1]} features; the model was fitted on {model.n_features_in_}"
+        )
+    names = getattr(model, "feature_names_in_", None)
+    names = None if names is None or not counts.named else np.asarray(names).astype(str)
+    if names is not None and not np.array_equal(names, counts.var_names.astype(str)):
+        first = int(np.flatnonzero(names != counts.var_names.astype(str))[0])
+        raise UsageError(
+            f"{args.counts}'s features are not the model's: feature {first} is '{counts.var_names[first]}', "
+            f"the model's is '{names[first]}'"
+        )
+    fmt = _factor_format(args)
+    with warnings.catch_warnings():  # the names were compared above; the counts carry none
+        warnings.filterwarnings("ignore", message="X does not have valid feature names")
+        factors = model.transform(counts.x, batch=_batch(counts, args.batch_key))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return _write_factors(out, "factors", counts, factors, model, fmt)
+
+
+def cmd_select_k(args) -> list[Path]:
+    from .selection import select_n_components
+
+    _check_out(args)
+    if any(k < 1 for k in args.candidates):
+        raise UsageError(f"--candidates must be positive integers; got {args.candidates}")
+    counts = read_counts(args.counts, args.layer)
+    params = _model_params(args)
+    seed = params.pop("random_state")
+    params.pop("distributed")
+    table = select_n_components(counts.x, args.candidates, random_state=seed, n_restarts=args.restarts, **params)
+    best = table.pop("best")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = list(table)
+    lines = [",".join(names)] + [",".join(str(table[n][i]) for n in names) for i in range(len(args.candidates))]
+    (out / "select_k.csv").write_text("\n".join(lines) + "\n")
+    written = [out / "select_k.csv"]
+    print(f"chosen number of components: {best}")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from . import plot
+
+        ax = plot.n_components({**table, "best": best})
+        ax.figure.savefig(out / "select_k.png", dpi=120, bbox_inches="tight")
+        written.append(out / "select_k.png")
+    except ImportError:
+        pass
+    return written
+
+
+def _load(path: str, backend: str | None, device: str | None):
+    from .estimator import PNMF
+
+    if not Path(path).exists():
+        raise UsageError(f"{path}: no such model file")
+    return PNMF.load(path, backend=None if backend == "auto" else backend, device=device)
+
+
+def cmd_info(args) -> list[Path]:
+    model = _load(args.model, None, None)
+    print(f"pnmf model {args.model}")
+    print(f"  components: {model.n_components}   features: {model.n_features_in_}   rows fitted: {len(model.mean_)}")
+    print(f"  mode: {model.mode}   training: {model.training_mode}   backend: {model.backend_} ({model.device_})")
+    print(f"  ELBO: {model.elbo_:.6g}   iterations: {model.n_iter_}   converged: {model.converged_}")
+    if model.batches_ is not None:
+        print(f"  batches: {', '.join(map(str, model.batches_))}")
+    table = model.top_features(5)
+    for component, block in table[table.ranking == "specificity"].groupby("component"):
+        print(f"  component {component}: {', '.join(block.feature)}")
+    return []
+
+
+def parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    main = argparse.ArgumentParser(
+        prog="pnmf", description="Probabilistic NMF of count data: fit, transform, select-k, consensus, info."
+    )
+    main.add_argument("--version", action="version", version=f"pnmf {__version__}")
+    commands = main.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(sub, model_options=True):
+        sub.add_argument("counts", help=".h5ad, 10x directory, .npz, .csv or .tsv")
+        sub.add_argument("--layer", help="the .h5ad layer with the counts (default: X)")
+        sub.add_argument("--out", "-o", required=True, help="folder for the outputs")
+        sub.add_argument("--backend", default="auto", choices=["auto", "numpy", "torch", "mlx"])
+        sub.add_argument("--device", help="torch: cpu, cuda, mps; MLX: cpu, gpu")
+        if model_options:
+            sub.add_argument("--mode", default="lower-bound", choices=MODES)
+            sub.add_argument("--training-mode", default="natural", choices=["natural", "standard"])
+            sub.add_argument("--size-factors", choices=["total"], help="per-row size factors: row totals")
+            sub.add_argument("--prior-scale", help="'auto' (default) or a number")
+            sub.add_argument("--max-iter", type=int, default=2000)
+            sub.add_argument("--tol", type=float, default=1e-4)
+            sub.add_argument("--seed", type=int, default=0)
+            sub.add_argument("--verbose", "-v", action="store_true", help="a progress bar")
+            sub.add_argument("--top", type=int, default=20, help="features per component in programs.csv")
+            sub.add_argument("--factors", choices=["h5ad", "csv"], help="format of the factors (default: as the input)")
+
+    fit = commands.add_parser("fit", help="fit a model; write model.npz, factors and programs.csv")
+    common(fit)
+    fit.add_argument("--n-components", "-k", type=int, required=True)
+    fit.add_argument("--batch-key", help="obs column of an .h5ad with each row's batch")
+    fit.add_argument("--distributed", action="store_true", help="one fit over every process (under torchrun)")
+    fit.set_defaults(run=cmd_fit)
+
+    cons = commands.add_parser("consensus", help="the consensus of restarts; write as fit does")
+    common(cons)
+    cons.add_argument("--n-components", "-k", type=int, required=True)
+    cons.add_argument("--restarts", type=int, default=10)
+    cons.set_defaults(run=cmd_consensus, distributed=False)
+
+    select = commands.add_parser("select-k", help="held-out deviance (and stability) per number of components")
+    common(select)
+    select.add_argument("--candidates", type=int, nargs="+", required=True, metavar="K")
+    select.add_argument("--restarts", type=int, default=1, help="restarts per K (> 1: consensus and stability)")
+    select.set_defaults(run=cmd_select_k, distributed=False, factors=None)
+
+    transform = commands.add_parser("transform", help="factors of new counts under a fitted model")
+    transform.add_argument("model", help="a model.npz written by fit")
+    common(transform, model_options=False)
+    transform.add_argument("--batch-key", help="obs column of an .h5ad with each row's batch")
+    transform.add_argument("--factors", choices=["h5ad", "csv"], help="format of the factors (default: as the input)")
+    transform.set_defaults(run=cmd_transform)
+
+    info = commands.add_parser("info", help="summarise a model file")
+    info.add_argument("model")
+    info.set_defaults(run=cmd_info)
+
+    for sub in (main, fit, cons, select, transform, info):
+        sub.error = _one_line  # argparse's own errors: one line too
+    return main
+
+
+def _one_line(message: str):
+    raise UsageError(message)
+
+
+def main(argv=None) -> int:
+    try:
+        args = parser().parse_args(argv)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            written = args.run(args)
+    except UsageError as err:
+        print(f"pnmf: error: {err}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, KeyError, ImportError, FloatingPointError) as err:
+        print(f"pnmf: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""The ``pnmf`` command, driven as a user drives it: a subprocess."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+import scipy.sparse as sp
+
+from pnmf import PNMF
+from pnmf.data import make_batched_counts
+
+anndata = pytest.importorskip("anndata")
+pd = pytest.importorskip("pandas")
+
+
+def pnmf_command(*args, cwd: Path, module: bool = False) -> subprocess.CompletedProcess:
+    """``pnmf ARGS`` (the console script installed beside this Python), or ``python -m pnmf ARGS``."""
+    script = Path(sys.executable).with_name("pnmf")
+    prefix = [str(script)] if script.exists() and not module else [sys.executable, "-m", "pnmf"]
+    return subprocess.run([*prefix, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """The same 240 x 50 counts as .h5ad (with a batch column and a counts layer), 10x, .npz and .csv."""
+    folder = tmp_path_factory.mktemp("counts")
+    data = make_batched_counts(240, 50, 3, random_state=0)
+    x = data["X"]
+    cells, genes = [f"cell{i}" for i in range(240)], [f"gene{j}" for j in range(50)]
+    adata = anndata.AnnData(sp.csr_matrix(x), obs=pd.DataFrame({"donor": data["batch"]}, index=cells))
+    adata.var_names = genes
+    adata.layers["counts"] = adata.X.copy()
+    adata.write_h5ad(folder / "cells.h5ad")
+    sp.save_npz(folder / "counts.npz", sp.csr_matrix(x))
+    pd.DataFrame(x, index=cells, columns=genes).to_csv(folder / "counts.csv")
+    pd.DataFrame(x, index=cells, columns=genes).to_csv(folder / "counts.tsv", sep="\t")
+    tenx = folder / "tenx"
+    tenx.mkdir()
+    scipy.io.mmwrite(tenx / "matrix.mtx", sp.coo_matrix(x.T))
+    with open(tenx / "matrix.mtx", "rb") as raw, gzip.open(tenx / "matrix.mtx.gz", "wb") as packed:
+        packed.write(raw.read())
+    (tenx / "matrix.mtx").unlink()
+    with gzip.open(tenx / "features.tsv.gz", "wt") as handle:
+        handle.write("".join(f"ID{j}\t{g}\tGene Expression\n" for j, g in enumerate(genes)))
+    with gzip.open(tenx / "barcodes.tsv.gz", "wt") as handle:
+        handle.write("".join(f"{c}\n" for c in cells))
+    return folder, data
+
+
+def read_factors(path: Path) -> np.ndarray:
+    return pd.read_csv(path, index_col=0).to_numpy()
+
+
+@pytest.mark.parametrize("name", ["counts.csv", "counts.tsv", "counts.npz", "tenx", "cells.h5ad"])
+def test_fit_reads_every_format_and_writes_what_the_api_computes(files, name, tmp_path):
+    folder, data = files
+    out = tmp_path / "out"
+    done = pnmf_command("fit", folder / name, "-k", 3, "--seed", 0, "--backend", "numpy", "-o", out, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    model = PNMF(3, random_state=0, backend="numpy")
+    expected = model.fit_transform(data["X"])
+    if name.endswith(".h5ad"):
+        written = anndata.read_h5ad(out / "factors.h5ad")
+        assert list(written.obs_names[:2]) == ["cell0", "cell1"] and written.varm["PNMF"].shape == (50, 3)
+        factors = written.obsm["X_pnmf"]
+    else:
+        factors = read_factors(out / "factors.csv")
+    np.testing.assert_allclose(factors, expected, rtol=1e-4)
+    saved = PNMF.load(out / "model.npz")
+    np.testing.assert_allclose(saved.loadings_, model.loadings_, rtol=1e-5)
+    programs = pd.read_csv(out / "programs.csv", dtype={"feature": str})
+    names = [f"gene{j}" for j in range(50)] if name != "counts.npz" else [str(j) for j in range(50)]
+    assert list(programs.feature) == list(model.top_features(20, feature_names=names).feature)
+
+
+def test_batches_layers_transform_info_and_python_m(files, tmp_path):
+    folder, data = files
+    fitted = pnmf_command(
+        "fit", folder / "cells.h5ad", "--layer", "counts", "--batch-key", "donor", "--size-factors", "total",
+        "-k", 3, "--factors", "csv", "-o", tmp_path / "fit", cwd=tmp_path, module=True,
+    )  # fmt: skip
+    assert fitted.returncode == 0, fitted.stderr
+    model = PNMF.load(tmp_path / "fit" / "model.npz")
+    assert list(model.batches_) == ["batch0", "batch1", "batch2"] and model.size_factors_ is not None
+    mapped = pnmf_command(
+        "transform", tmp_path / "fit" / "model.npz", folder / "cells.h5ad", "--batch-key", "donor",
+        "--factors", "csv", "-o", tmp_path / "mapped", cwd=tmp_path,
+    )  # fmt: skip
+    assert mapped.returncode == 0, mapped.stderr
+    np.testing.assert_allclose(
+        read_factors(tmp_path / "mapped" / "factors.csv"), read_factors(tmp_path / "fit" / "factors.csv"), rtol=1e-4
+    )
+    info = pnmf_command("info", tmp_path / "fit" / "model.npz", cwd=tmp_path)
+    assert info.returncode == 0 and "batches: batch0, batch1, batch2" in info.stdout
+    assert "component 0: gene" in info.stdout
+
+
+def test_select_k_and_consensus(files, tmp_path):
+    folder, _ = files
+    select = pnmf_command(
+        "select-k", folder / "counts.npz", "--candidates", 2, 3, 4, "--restarts", 2, "-o", tmp_path / "k", cwd=tmp_path
+    )
+    assert select.returncode == 0, select.stderr
+    table = pd.read_csv(tmp_path / "k" / "select_k.csv")
+    assert list(table.n_components) == [2, 3, 4] and "stability" in table
+    assert f"chosen number of components: {table.n_components[table.heldout_deviance.idxmin()]}" in select.stdout
+    assert (tmp_path / "k" / "select_k.png").stat().st_size > 1000
+    cons = pnmf_command(
+        "consensus", folder / "counts.csv", "-k", 3, "--restarts", 3, "-o", tmp_path / "c", cwd=tmp_path
+    )
+    assert cons.returncode == 0, cons.stderr
+    assert "stability (silhouette)" in cons.stdout and (tmp_path / "c" / "programs.csv").exists()
+
+
+BAD = [
+    (["fit", "missing.h5ad", "-k", "3"], "missing.h5ad: no such file"),
+    (["fit", "counts.csv"], "required: --n-components"),
+    (["fit", "counts.csv", "-k", "0"], "n_components=0 must be >= 1"),
+    (["fit", "counts.csv", "-k", "3", "--mode", "exact"], "invalid choice: 'exact'"),
+    (["fit", "counts.csv", "-k", "3", "--prior-scale", "wide"], "--prior-scale 'wide'"),
+    (["fit", "counts.csv", "-k", "3", "--layer", "raw"], "--layer applies to .h5ad"),
+    (["fit", "cells.h5ad", "-k", "3", "--layer", "raw"], "no layer 'raw'"),
+    (["fit", "cells.h5ad", "-k", "3", "--batch-key", "sample"], "--batch-key 'sample' is not a column"),
+    (["fit", "counts.csv", "-k", "3", "--batch-key", "donor"], "--batch-key needs an .h5ad"),
+    (["fit", "garbage.npz", "-k", "3"], "garbage.npz could not be read"),
+    (["fit", "notes.txt2", "-k", "3"], "unknown format"),
+    (["fit", "negative.csv", "-k", "3"], "non-negative"),
+    (["transform", "model.npz", "counts.csv"], "model.npz: no such model file"),
+    (["select-k", "counts.csv", "--candidates", "0", "2"], "--candidates must be positive"),
+    (["consensus", "counts.csv", "-k", "2", "--restarts", "1"], "--restarts 1 must be at least 2"),
+    ([], "required: COMMAND"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD, ids=[" ".join(a) or "nothing" for a, _ in BAD])
+def test_bad_files_and_arguments_are_one_line_exit_2_and_write_nothing(files, tmp_path, args, message):
+    folder, data = files
+    for name in ("counts.csv", "cells.h5ad"):
+        shutil.copy(folder / name, tmp_path / name) if (folder / name).is_file() else None
+    (tmp_path / "garbage.npz").write_bytes(b"not a matrix")
+    (tmp_path / "notes.txt2").write_text("1,2\n")
+    pd.DataFrame(-data["X"][:5]).to_csv(tmp_path / "negative.csv")
+    before = set(os.listdir(tmp_path))
+    done = pnmf_command(*args, *(["-o", "out"] if args else []), cwd=tmp_path)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pnmf: error: ") and message in lines[0], done.stderr
+    assert "Traceback" not in done.stderr
+    assert set(os.listdir(tmp_path)) == before  # nothing written
+
+
+def test_transform_refuses_counts_of_other_features(files, tmp_path):
+    folder, data = files
+    assert pnmf_command("fit", folder / "counts.csv", "-k", 2, "-o", tmp_path / "m", cwd=tmp_path).returncode == 0
+    shuffled = pd.read_csv(folder / "counts.csv", index_col=0)
+    shuffled = shuffled[shuffled.columns[::-1]]
+    shuffled.to_csv(tmp_path / "shuffled.csv")
+    done = pnmf_command("transform", tmp_path / "m" / "model.npz", "shuffled.csv", "-o", "t", cwd=tmp_path)
+    assert done.returncode == 2 and "features are not the model's: feature 0 is 'gene49'" in done.stderr
+    assert not (tmp_path / "t").exists()
+
+
+def test_fit_runs_unchanged_under_torchrun(files, tmp_path):
+    pytest.importorskip("torch.distributed")
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun is not installed")
+    folder, data = files
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    command = [torchrun, "--nproc-per-node", "2", "--master-port", "29517", "-m", "pnmf", "fit", folder / "counts.csv",
+               "-k", 3, "--distributed", "--backend", "numpy", "--seed", 0, "-o", tmp_path / "d"]  # fmt: skip
+    done = subprocess.run([str(a) for a in command], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    whole = PNMF(3, random_state=0, backend="numpy").fit(data["X"])
+    np.testing.assert_allclose(PNMF.load(tmp_path / "d" / "model.npz").loadings_, whole.loadings_, rtol=1e-4)
+    halves = [read_factors(tmp_path / "d" / f"factors.rank-{r}-of-2.csv") for r in range(2)]
+    # Each rank's transform stops on its own rows' ELBO: the same factors up to that tolerance.
+    relative = np.abs(np.vstack(halves) / whole.transform(data["X"]) - 1)
+    assert np.median(relative) < 1e-4 and relative.max() < 0.1
