@@ -105,3 +105,18 @@ def test_the_gpu_check_runs_its_tests_and_suite_where_there_is_no_gpu(tmp_path):
     assert on_cpu[0]["sparse"]["s_per_iter"] > 0 and on_cpu[0]["dense"]["converged"]
     assert "skipped" in (tmp_path / "gpu_tests.txt").read_text()
     assert "tests exit 0, suite exit 0" in (tmp_path / "gpu_summary.txt").read_text()
+
+
+def test_the_version_lives_in_one_place_and_ci_checks_the_wheel():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    from importlib.metadata import version
+
+    import pnmf
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert "version" not in project and "version" in project["dynamic"]
+    assert version(project["name"]) == pnmf.__version__
+    assert project["scripts"]["pnmf"] == "pnmf.cli:main"
+    assert "bash .ci/wheel" in (ROOT / ".ci" / "run").read_text().splitlines()
+    wheel = (ROOT / ".ci" / "wheel").read_text()
+    assert "twine check --strict" in wheel and 'pnmf" --help' in wheel

@@ -3,7 +3,8 @@
 ``--suite scale``: one process against two gloo processes on a sparse matrix;
 ``--suite gpu``: every GPU here against cuSPARSE and the CPU;
 ``--suite defaults``: the candidates for PNMF()'s defaults, held-out deviance and time;
-``--suite batches``: size factors and batch effects on counts simulated with them)."""
+``--suite batches``: size factors and batch effects on counts simulated with them;
+``--suite workflow``: what restarts, consensus and K selection cost)."""
 
 from __future__ import annotations
 
@@ -30,11 +31,12 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--suite",
         default="natural",
-        choices=["natural", "speed", "scale", "gpu", "defaults", "batches"],
+        choices=["natural", "speed", "scale", "gpu", "defaults", "batches", "workflow"],
         help="natural: the natural-gradient benchmark; speed: digits, sparse and scaling timings; "
         "scale: 1 process against 2 distributed processes; gpu: every GPU here against cuSPARSE and the CPU; "
         "defaults: the candidates for PNMF()'s defaults on three data sets; "
-        "batches: plain against batch-aware fits of counts simulated with batches",
+        "batches: plain against batch-aware fits of counts simulated with batches; "
+        "workflow: the cost of restarts, consensus and K selection",
     )
     parser.add_argument(
         "--quick", action="store_true", help="a short run (1500 iterations; about a minute with --backend all)"
@@ -95,6 +97,14 @@ def main(argv=None) -> list:
         rows = defaults.run(args.out, quick=args.quick, progress=not args.no_progress)
         print(f"\nwrote {args.out / 'defaults.json'}")
         return rows
+    if args.suite == "workflow":
+        from . import workflow
+
+        print(f"pnmf workflow suite on {ng.machine()}")
+        record = workflow.run(args.out)
+        print(workflow.report(record))
+        print(f"\nwrote {args.out / 'workflow.json'}")
+        return record
     if args.suite == "batches":
         from . import batches
 

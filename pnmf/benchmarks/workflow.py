@@ -1,0 +1,79 @@
+"""``--suite workflow``: what restarts cost: one fit against the consensus of 10 restarts,
+and K selection with and without restarts, on the seed data and on digits."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from .. import PNMF, consensus, make_counts, select_n_components
+from .natural_gradient import _grid, machine
+
+RESTARTS = 10
+
+
+def run(out: Path) -> dict:
+    from sklearn.datasets import load_digits
+
+    seed, _, _ = make_counts(200, 100, 5, random_state=42)
+    rows = []
+    for name, x, k, candidates in (
+        ("seed 200 x 100", seed, 5, [3, 4, 5, 6, 7]),
+        ("digits 1797 x 64", load_digits().data, 10, [6, 8, 10, 12, 14]),
+    ):
+        PNMF(k, max_iter=5).fit(x)  # warm up
+        start = time.perf_counter()
+        single = PNMF(k, random_state=0).fit(x)
+        single_s = time.perf_counter() - start
+        start = time.perf_counter()
+        model = consensus(x, k, RESTARTS, random_state=0)
+        consensus_s = time.perf_counter() - start
+        start = time.perf_counter()
+        plain = select_n_components(x, candidates)
+        select_s = time.perf_counter() - start
+        start = time.perf_counter()
+        table = select_n_components(x, candidates, n_restarts=RESTARTS)
+        select_restarts_s = time.perf_counter() - start
+        rows.append(
+            dict(
+                data=name,
+                n_components=k,
+                single_fit_s=single_s,
+                single_elbo=float(single.elbo_),
+                consensus_s=consensus_s,
+                consensus_elbo=float(model.elbo_),
+                stability=model.stability_,
+                outliers=model.n_outliers_,
+                candidates=candidates,
+                select_s=select_s,
+                select_restarts_s=select_restarts_s,
+                chosen=plain["best"],
+                chosen_with_restarts=table["best"],
+                stability_per_k=[float(v) for v in table["stability"]],
+            )
+        )
+    record = dict(machine=machine(), restarts=RESTARTS, rows=rows)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "workflow.json").write_text(json.dumps(record, indent=1))
+    return record
+
+
+def report(record: dict) -> str:
+    header = ("data", "K", "1 fit (s)", f"consensus of {record['restarts']} (s)", "stability", "select K (s)",
+              f"select K, {record['restarts']} restarts (s)", "chosen K", "stability per candidate")  # fmt: skip
+    body = [
+        (
+            r["data"],
+            r["n_components"],
+            f"{r['single_fit_s']:.2f}",
+            f"{r['consensus_s']:.2f}",
+            f"{r['stability']:.3f}",
+            f"{r['select_s']:.2f}",
+            f"{r['select_restarts_s']:.2f}",
+            f"{r['chosen']} / {r['chosen_with_restarts']}",
+            ", ".join(f"{k}: {s:.2f}" for k, s in zip(r["candidates"], r["stability_per_k"])),
+        )
+        for r in record["rows"]
+    ]
+    return _grid(header, body)
