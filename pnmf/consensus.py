@@ -40,7 +40,8 @@ def consensus(
     one component),
     ``restart_elbos_`` (n_restarts,) and ``n_outliers_`` (components dropped);
     ``n_iter_`` is the longest restart's and ``converged_`` whether all converged. The
-    restarts run one after another; batch effects (``fit(batch=...)``) are not part of it.
+    restarts run one after another on one copy of X on the device (checked and moved there
+    once); batch effects (``fit(batch=...)``) are not part of it.
     Deterministic for a fixed ``random_state``; ``pnmf_params`` go to ``PNMF``.
     """
     if isinstance(n_restarts, bool) or not isinstance(n_restarts, (int, np.integer)) or n_restarts < 2:
@@ -51,7 +52,7 @@ def consensus(
         )
     rng = check_random_state(random_state)
     seeds = rng.randint(np.iinfo(np.int32).max, size=n_restarts)
-    fits = [PNMF(n_components, random_state=int(seed), **pnmf_params).fit(X) for seed in seeds]
+    fits = PNMF(n_components, **pnmf_params)._fit_restarts(X, seeds)
     raw = np.concatenate([fit.loadings_.T for fit in fits])  # (R * L, D)
     unit = raw / np.maximum(np.linalg.norm(raw, axis=1, keepdims=True), 1e-300)
     neighbours = max(1, int(round(NEIGHBOURS * n_restarts)))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
-from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.base import BaseEstimator, TransformerMixin, clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, check_non_negative, validate_data
@@ -473,7 +473,27 @@ class PNMF(TransformerMixin, BaseEstimator):
             fingerprint["batches"] = None if self.batches_ is None else [str(v) for v in self.batches_]
         return io.Checkpoint(self.checkpoint, self.checkpoint_every, fingerprint, group)
 
-    def _fit_on(self, b, X, group, effects: RowEffects | None, xb: np.ndarray | None) -> None:
+    def _fit_restarts(self, X, seeds) -> list[PNMF]:
+        """Fits of X from each of ``seeds``, sharing one checked copy of X on the device (consensus)."""
+        self._validate_params()
+        if self.distributed:
+            raise ValueError("restarts (pnmf.consensus) run in one process; distributed=True is not supported there")
+        X = self._validate_data(X, reset=True)
+        b = get_backend(self.backend, self.device, self.dtype, sparse=sp.issparse(X))
+        effects, xb = self._fit_effects(X, None, None, None)
+        fitted = {k: v for k, v in vars(self).items() if k.endswith("_") and not k.startswith("_")}
+        fits = []
+        with b.threads(self._thread_limit(X)), b.scope():
+            counts = as_counts(b, X, None, None if effects is None else effects.scaling(b, X, xb))
+            for seed in seeds:
+                fit = clone(self).set_params(random_state=int(seed))
+                vars(fit).update(fitted)
+                fit._fit_on(b, X, None, effects, xb, counts)
+                fits.append(fit)
+        return fits
+
+    def _fit_on(self, b, X, group, effects: RowEffects | None, xb: np.ndarray | None, counts=None) -> None:
+        """Fit to X on backend b; ``counts``: X already on the device (restarts share it)."""
         rng = check_random_state(self.random_state)
         minibatch = self.batch_size is not None and self.batch_size < X.shape[0]
         # Mini-batch fits keep no q(F) of the rows between steps: only W is drawn here.
@@ -511,7 +531,8 @@ class PNMF(TransformerMixin, BaseEstimator):
             # Each rank draws its own Monte Carlo noise; rank 0 (or a single process) uses seed.
             noise_seed = seed if group is None else (seed + 1_000_003 * group.rank) % np.iinfo(np.int32).max
             with b.scope():
-                counts = as_counts(b, X, group, None if effects is None else effects.scaling(b, X, xb))
+                if counts is None:
+                    counts = as_counts(b, X, group, None if effects is None else effects.scaling(b, X, xb))
                 result = loop.run(
                     b,
                     self._phases(counts, fit_batches=self.batches_ is not None),
