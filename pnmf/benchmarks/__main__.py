@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import warnings
 from pathlib import Path
@@ -18,6 +19,9 @@ from sklearn.exceptions import ConvergenceWarning
 from ..backends import BACKENDS, available, get_backend
 from . import natural_gradient as ng
 from . import speed
+
+# Suites that write benchmarks/SUITE.json with run(out, quick, progress) and report it with report(record).
+RECORD_SUITES = ("defaults", "batches", "workflow")
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -90,28 +94,12 @@ def main(argv=None) -> list:
         print(summary)
         print(f"\nwrote {args.out / 'gpu.json'} and {args.out / 'gpu_summary.txt'}")
         return record
-    if args.suite == "defaults":
-        from . import defaults
-
-        print(f"pnmf defaults suite on {ng.machine()}")
-        rows = defaults.run(args.out, quick=args.quick, progress=not args.no_progress)
-        print(f"\nwrote {args.out / 'defaults.json'}")
-        return rows
-    if args.suite == "workflow":
-        from . import workflow
-
-        print(f"pnmf workflow suite on {ng.machine()}")
-        record = workflow.run(args.out)
-        print(workflow.report(record))
-        print(f"\nwrote {args.out / 'workflow.json'}")
-        return record
-    if args.suite == "batches":
-        from . import batches
-
-        print(f"pnmf batches suite on {ng.machine()}")
-        record = batches.run(args.out)
-        print(batches.report(record))
-        print(f"\nwrote {args.out / 'batches.json'}")
+    if args.suite in RECORD_SUITES:
+        suite = importlib.import_module(f".{args.suite}", __package__)
+        print(f"pnmf {args.suite} suite on {ng.machine()}")
+        record = suite.run(args.out, quick=args.quick, progress=not args.no_progress)
+        print(suite.report(record))
+        print(f"\nwrote {args.out / (args.suite + '.json')}")
         return record
     if args.suite == "speed":
         print(f"pnmf speed suite on {ng.machine()}; backends: {', '.join(backends)}")

@@ -12,7 +12,6 @@ effects are estimated with the loadings fixed.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ from sklearn.model_selection import cross_val_score
 from .. import PNMF
 from ..data import make_batched_counts
 from .natural_gradient import _grid, machine
+from .speed import timed
 
 PARAMS = dict(mode="lower-bound", training_mode="natural", dtype="float64", random_state=0)
 
@@ -39,7 +39,7 @@ def batch_accuracy(factors: np.ndarray, labels: np.ndarray) -> float:
     return float(cross_val_score(LogisticRegression(max_iter=2000), np.log(factors), labels, cv=5).mean())
 
 
-def run(out: Path) -> dict:
+def run(out: Path, quick: bool = False, progress: bool = True) -> dict:
     data = make_batched_counts(600, 200, 6, random_state=42)
     x, labels = data["X"], data["batch"]
     fits = {}
@@ -55,10 +55,9 @@ def run(out: Path) -> dict:
         ),
     ):
         model = PNMF(6, **{**PARAMS, **params})
-        start = time.perf_counter()
-        factors = model.fit_transform(x, **kwargs)
+        factors, wall = timed(model.fit_transform, x, **kwargs)
         fits[name] = dict(
-            wall_s=time.perf_counter() - start,
+            wall_s=wall,
             n_iter=int(model.n_iter_),
             elbo=float(model.elbo_),
             loadings_cosine=matched_cosine(model.loadings_, data["W"]),

@@ -10,7 +10,6 @@ wall time, iterations, whether it converged, the training ELBO and the held-out 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ import scipy.sparse as sp
 from .. import PNMF, make_counts, poisson_deviance, thin
 from ..data import make_batched_counts
 from .natural_gradient import _grid, machine
+from .speed import timed
 
 # (name, PNMF parameters) of the candidates; every other parameter at its default.
 CANDIDATES = [
@@ -78,7 +78,7 @@ def heldout_rate(model: PNMF) -> np.ndarray:
     return rate if model.size_factors_ is None else model.size_factors_[:, None] * rate
 
 
-def run(out: Path, quick: bool = False, progress: bool = True) -> list[dict]:
+def run(out: Path, quick: bool = False, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
     jobs = [(d, c) for d in datasets(quick) for c in CANDIDATES]
@@ -89,10 +89,7 @@ def run(out: Path, quick: bool = False, progress: bool = True) -> list[dict]:
             if data_name not in splits:
                 splits[data_name] = thin(x, 0.5, random_state=0)
             train, test = splits[data_name]
-            model = PNMF(n_components, **{**COMMON, **params})
-            start = time.perf_counter()
-            model.fit(train)
-            wall = time.perf_counter() - start
+            model, wall = timed(PNMF(n_components, **{**COMMON, **params}).fit, train)
             rows.append(
                 dict(
                     data=data_name,
@@ -108,8 +105,11 @@ def run(out: Path, quick: bool = False, progress: bool = True) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     record = dict(machine=machine(), common=COMMON, rows=rows)
     (out / "defaults.json").write_text(json.dumps(record, indent=1))
-    print(table(rows))
-    return rows
+    return record
+
+
+def report(record: dict) -> str:
+    return table(record["rows"])
 
 
 def table(rows: list[dict]) -> str:

@@ -50,14 +50,16 @@ def sparse_counts(n_rows: int, n_cols: int, nnz: int, seed: int = 0) -> sp.csr_m
     return x
 
 
+def timed(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` and the seconds it took: ``(result, seconds)``."""
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, time.perf_counter() - start
+
+
 def best_time(fn, repeats: int = 3) -> float:
     """The least wall time of ``repeats`` calls of ``fn``: on a shared machine, noise only adds."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(timed(fn)[1] for _ in range(repeats))
 
 
 def fit_times(x, n_components: int, iterations=(2, 8), repeats: int = 2, **params) -> tuple[float, float]:

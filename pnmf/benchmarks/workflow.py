@@ -4,16 +4,16 @@ and K selection with and without restarts, on the seed data and on digits."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 from .. import PNMF, consensus, make_counts, select_n_components
 from .natural_gradient import _grid, machine
+from .speed import timed
 
 RESTARTS = 10
 
 
-def run(out: Path) -> dict:
+def run(out: Path, quick: bool = False, progress: bool = True) -> dict:
     from sklearn.datasets import load_digits
 
     seed, _, _ = make_counts(200, 100, 5, random_state=42)
@@ -23,18 +23,10 @@ def run(out: Path) -> dict:
         ("digits 1797 x 64", load_digits().data, 10, [6, 8, 10, 12, 14]),
     ):
         PNMF(k, max_iter=5).fit(x)  # warm up
-        start = time.perf_counter()
-        single = PNMF(k, random_state=0).fit(x)
-        single_s = time.perf_counter() - start
-        start = time.perf_counter()
-        model = consensus(x, k, RESTARTS, random_state=0)
-        consensus_s = time.perf_counter() - start
-        start = time.perf_counter()
-        plain = select_n_components(x, candidates)
-        select_s = time.perf_counter() - start
-        start = time.perf_counter()
-        table = select_n_components(x, candidates, n_restarts=RESTARTS)
-        select_restarts_s = time.perf_counter() - start
+        single, single_s = timed(PNMF(k, random_state=0).fit, x)
+        model, consensus_s = timed(consensus, x, k, RESTARTS, random_state=0)
+        plain, select_s = timed(select_n_components, x, candidates)
+        table, select_restarts_s = timed(select_n_components, x, candidates, n_restarts=RESTARTS)
         rows.append(
             dict(
                 data=name,
