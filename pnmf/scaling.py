@@ -104,7 +104,8 @@ def union_labels(labels: np.ndarray, group) -> np.ndarray:
     for length in lengths:
         every.extend(json.loads(gathered[offset : offset + length].decode()))
         offset += length
-    return np.unique(np.asarray(every, dtype=local.dtype if local.dtype.kind in "US" else None))
+    # str, not this rank's own string dtype: another rank's labels may be longer.
+    return np.unique(np.asarray(every, dtype=str if local.dtype.kind in "US" else None))
 
 
 def batch_sums(x, codes: np.ndarray, n_batches: int) -> np.ndarray:

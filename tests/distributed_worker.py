@@ -26,8 +26,9 @@ from pnmf.distributed import Group
 
 
 def batch_labels(start: int, stop: int) -> np.ndarray:
-    """The batch labels of global rows start..stop-1."""
-    return np.array([f"b{n % 3}" for n in range(start, stop)])
+    """The batch labels of global rows start..stop-1 (of different lengths: a rank holding only
+    short ones must still learn the long ones whole)."""
+    return np.array([("a", "batch-b", "cc")[n % 3] for n in range(start, stop)])
 
 
 def main() -> None:
@@ -74,6 +75,7 @@ def main() -> None:
             transform=model.transform(data, batch=batch),
             batch_effects=np.zeros(0) if model.batch_effects_ is None else model.batch_effects_,
             prior_scale=model.prior_scale_,
+            batches=np.zeros(0) if model.batches_ is None else model.batches_.astype(str),
         )
     if job.get("engine", "torch") == "torch":
         dist.destroy_process_group()

@@ -125,6 +125,8 @@ def test_fit_over_processes_is_the_single_process_fit(tmp_path, bounds):
         np.testing.assert_allclose(ranks[0]["elbo"], reference.elbo_, rtol=1e-10)
         if fit.get("batches"):
             np.testing.assert_allclose(ranks[0]["batch_effects"], reference.batch_effects_, rtol=1e-8)
+            for r in ranks:  # every rank knows every label whole, whichever it holds itself
+                np.testing.assert_array_equal(r["batches"], reference.batches_)
             np.testing.assert_allclose(ranks[0]["prior_scale"], reference.prior_scale_, rtol=1e-8)
             assert np.ptp(reference.prior_scale_) > 0.01  # fitted per component, not left at 1
         # transform works on each rank's rows; its stopping rule reads their own ELBO, so a
