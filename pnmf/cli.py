@@ -10,6 +10,7 @@ nothing is written.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -124,6 +125,7 @@ def _model_params(args) -> dict:
         training_mode=args.training_mode,
         backend=args.backend,
         device=args.device,
+        dtype=args.dtype,
         max_iter=args.max_iter,
         tol=args.tol,
         random_state=args.seed,
@@ -333,6 +335,7 @@ def parser() -> argparse.ArgumentParser:
         sub.add_argument("--out", "-o", required=True, help="folder for the outputs")
         sub.add_argument("--backend", default="auto", choices=["auto", "numpy", "torch", "mlx"])
         sub.add_argument("--device", help="torch: cpu, cuda, mps; MLX: cpu, gpu")
+        sub.add_argument("--dtype", default="float32", choices=["float32", "float64"])
         if model_options:
             sub.add_argument("--mode", default="lower-bound", choices=MODES)
             sub.add_argument("--training-mode", default="natural", choices=["natural", "standard"])
@@ -393,6 +396,9 @@ def main(argv=None) -> int:
     except UsageError as err:
         print(f"pnmf: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader (``| head``) left: stop quietly, as command-line tools do
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (Python flushes it at exit)
+        return 0
     except (ValueError, TypeError, KeyError, ImportError, FloatingPointError) as err:
         print(f"pnmf: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
         return 2

@@ -63,9 +63,11 @@ def read_factors(path: Path) -> np.ndarray:
 def test_fit_reads_every_format_and_writes_what_the_api_computes(files, name, tmp_path):
     folder, data = files
     out = tmp_path / "out"
-    done = pnmf_command("fit", folder / name, "-k", 3, "--seed", 0, "--backend", "numpy", "-o", out, cwd=tmp_path)
+    done = pnmf_command(
+        "fit", folder / name, "-k", 3, "--seed", 0, "--backend", "numpy", "--dtype", "float64", "-o", out, cwd=tmp_path
+    )
     assert done.returncode == 0, done.stderr
-    model = PNMF(3, random_state=0, backend="numpy")
+    model = PNMF(3, random_state=0, backend="numpy", dtype="float64")
     expected = model.fit_transform(data["X"])
     if name.endswith(".h5ad"):
         written = anndata.read_h5ad(out / "factors.h5ad")
@@ -73,9 +75,9 @@ def test_fit_reads_every_format_and_writes_what_the_api_computes(files, name, tm
         factors = written.obsm["X_pnmf"]
     else:
         factors = read_factors(out / "factors.csv")
-    np.testing.assert_allclose(factors, expected, rtol=1e-4)
+    np.testing.assert_allclose(factors, expected, rtol=1e-6)
     saved = PNMF.load(out / "model.npz")
-    np.testing.assert_allclose(saved.loadings_, model.loadings_, rtol=1e-5)
+    np.testing.assert_allclose(saved.loadings_, model.loadings_, rtol=1e-8)
     programs = pd.read_csv(out / "programs.csv", dtype={"feature": str})
     names = [f"gene{j}" for j in range(50)] if name != "counts.npz" else [str(j) for j in range(50)]
     assert list(programs.feature) == list(model.top_features(20, feature_names=names).feature)
@@ -175,12 +177,13 @@ def test_fit_runs_unchanged_under_torchrun(files, tmp_path):
         pytest.skip("torchrun is not installed")
     folder, data = files
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
-    command = [torchrun, "--nproc-per-node", "2", "--master-port", "29517", "-m", "pnmf", "fit", folder / "counts.csv",
-               "-k", 3, "--distributed", "--backend", "numpy", "--seed", 0, "-o", tmp_path / "d"]  # fmt: skip
+    command = [torchrun, "--nproc-per-node", "2", "--master-port", "29517", "-m", "pnmf", "fit"]
+    command += [folder / "counts.csv", "-k", 3, "--distributed", "--backend", "numpy", "--dtype", "float64"]
+    command += ["--seed", 0, "-o", tmp_path / "d"]
     done = subprocess.run([str(a) for a in command], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
-    whole = PNMF(3, random_state=0, backend="numpy").fit(data["X"])
-    np.testing.assert_allclose(PNMF.load(tmp_path / "d" / "model.npz").loadings_, whole.loadings_, rtol=1e-4)
+    whole = PNMF(3, random_state=0, backend="numpy", dtype="float64").fit(data["X"])
+    np.testing.assert_allclose(PNMF.load(tmp_path / "d" / "model.npz").loadings_, whole.loadings_, rtol=1e-8)
     halves = [read_factors(tmp_path / "d" / f"factors.rank-{r}-of-2.csv") for r in range(2)]
     # Each rank's transform stops on its own rows' ELBO: the same factors up to that tolerance.
     relative = np.abs(np.vstack(halves) / whole.transform(data["X"]) - 1)

@@ -72,10 +72,38 @@ def run(out: Path, quick: bool = False, progress: bool = True) -> dict:
         heldout_elbo_mapped=reference.score(x[~seen], batch=labels[~seen]),
         heldout_elbo_borrowed=reference.score(x[~seen], batch=np.full((~seen).sum(), "batch0")),
     )
-    record = dict(machine=machine(), fits=fits, mapping=mapping)
+    record = dict(machine=machine(), fits=fits, mapping=mapping, prior=prior_check(quick))
     out.mkdir(parents=True, exist_ok=True)
     (out / "batches.json").write_text(json.dumps(record, indent=1))
     return record
+
+
+def prior_check(quick: bool = False) -> list[dict]:
+    """A batch-aware fit of 20,000 x 2,000 sparse counts (4 batches, depths, 10 programs,
+    thinned to about 6% non-zeros) with the prior scale fixed at 1 and fitted ('auto')."""
+    import scipy.sparse as sp
+
+    from ..data import thin
+
+    rows = 4000 if quick else 20_000
+    data = make_batched_counts(rows, 2000, 10, n_batches=4, random_state=3)
+    x = sp.csr_matrix(thin(data["X"], 0.003, random_state=1)[0])
+    results = []
+    for prior in (1.0, "auto"):
+        model = PNMF(10, size_factors="total", prior_scale=prior, random_state=0)
+        _, wall = timed(model.fit, x, batch=data["batch"])
+        results.append(
+            dict(
+                prior_scale=prior,
+                rows=rows,
+                nonzero=float(x.nnz / np.prod(x.shape)),
+                elbo=float(model.elbo_),
+                loadings_cosine=matched_cosine(model.loadings_, data["W"]),
+                n_iter=int(model.n_iter_),
+                wall_s=wall,
+            )
+        )
+    return results
 
 
 def report(record: dict) -> str:
@@ -98,4 +126,11 @@ def report(record: dict) -> str:
         + f" log g with the planted one (both relative to batch0) {m['new_batch_effects_correlation']:.3f};"
         + f" ELBO of its rows {m['heldout_elbo_mapped']:,.0f} with its own g against"
         + f" {m['heldout_elbo_borrowed']:,.0f} with batch0's."
+        + "\n\nPrior scale on a batch-aware fit of "
+        + f"{record['prior'][0]['rows']:,} x 2,000 ({100 * record['prior'][0]['nonzero']:.1f}% non-zero): "
+        + "; ".join(
+            f"{p['prior_scale']}: ELBO {p['elbo']:,.0f}, loadings cosine {p['loadings_cosine']:.3f}, "
+            f"{p['n_iter']} iterations, {p['wall_s']:.1f} s"
+            for p in record["prior"]
+        )
     )
