@@ -526,7 +526,7 @@ class PNMF(TransformerMixin, BaseEstimator):
             g = result.extra.get("g")
             self._set_prior(result.extra.get("prior"))
             if self.batches_ is not None:
-                g, self.loadings_ = normalise(g, self.loadings_, batch_sums(X, effects.codes, len(self.batches_)))
+                g, self.loadings_ = normalise(g, self.loadings_, xb)
             self.mean_, self.var_, self.elbo_ = self._infer_rows(
                 X, b, None if effects is None else RowEffects(effects.s, effects.codes, g)
             )
@@ -620,7 +620,7 @@ class PNMF(TransformerMixin, BaseEstimator):
     def _row_start(self, x, loadings: np.ndarray, effects: RowEffects | None = None) -> tuple[np.ndarray, np.ndarray]:
         """A start for q(F) of the rows of x with the loadings fixed: every component at the
         level that matches the row's total count, variance ``init_var``."""
-        row_sums = np.asarray(x.sum(axis=1), dtype=np.float64).ravel()
+        row_sums = row_totals(x)
         per_unit = float(loadings.sum()) if effects is None else effects.row_scale(loadings)
         level = np.maximum(row_sums / np.maximum(per_unit, 1e-30), 1e-8)
         mu0 = np.repeat(np.log(level)[:, None], loadings.shape[1], axis=1) - 0.5 * self.init_var

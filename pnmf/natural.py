@@ -29,7 +29,7 @@ import numpy as np
 
 from .backends.base import Array, Backend
 from .elbo import MEAN_BOUND, VAR_BOUNDS, Noise, evaluate, prior_update
-from .optim import Trainer, loadings_state, update_loadings
+from .optim import EXTRA, Trainer, loadings_state, update_loadings
 
 # Largest change of one mean per step: at most a factor e on the scale of exp(F).
 MAX_MEAN_STEP = 1.0
@@ -38,9 +38,6 @@ SCHEDULE_TAU, SCHEDULE_KAPPA = 50.0, 0.7
 # A checked step may lower the ELBO by at most this many float epsilons (relative).
 ROUNDING = 8
 DEFAULT_NGD_LR = {"lower-bound": 1.0, "expanded": 0.2, "simple": 0.2}
-# Fitted parameters besides q(F) and W, where the model has them: batch effects g (B, D) and
-# a per-component prior scale (L,) (prior_scale='auto').
-EXTRA = ("g", "prior")
 # The parameters a checked step keeps the last accepted value of.
 PARAMS = ("mu", "precision", "w", *EXTRA)
 

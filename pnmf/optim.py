@@ -15,6 +15,9 @@ from .elbo import MEAN_BOUND, VAR_BOUNDS, Noise, Terms, evaluate, prior_update, 
 LOADINGS_UPDATES = ("adam", "multiplicative")
 BETA1, BETA2, ADAM_EPS = 0.9, 0.999, 1e-8
 LOG_SD_BOUNDS = tuple(0.5 * math.log(v) for v in VAR_BOUNDS)
+# Fitted parameters besides q(F) and W, where the model has them: batch effects g (B, D) and
+# a per-component prior scale (L,) (prior_scale='auto'). Trainers carry them in their state.
+EXTRA = ("g", "prior")
 
 
 def adam_scales(t: Array, lr: float) -> tuple[Array, Array]:
@@ -127,7 +130,7 @@ class StandardTrainer(Trainer):
 
     def params(self, state: dict) -> tuple[Array, Array, Array, dict]:
         mu, log_sd, _ = self._split(state["theta"])
-        return mu, self.b.exp(2 * log_sd), state["w"], {k: state[k] for k in ("g", "prior") if k in state}
+        return mu, self.b.exp(2 * log_sd), state["w"], {k: state[k] for k in EXTRA if k in state}
 
     def step(self, state: dict, key):
         """Evaluate the ELBO and its gradients at the current parameters, then take one Adam step."""

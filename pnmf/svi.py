@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from .elbo import evaluate
-from .optim import multiplicative_loadings
+from .optim import EXTRA, multiplicative_loadings
 from .scaling import RowEffects
 
 # Local natural steps per batch, and the loadings' Robbins-Monro schedule. On 2000 x 60
@@ -46,7 +46,7 @@ class MinibatchTrainer:
         return dict(state, **{k: np.asarray(v, dtype=np.float64) for k, v in (extra or {}).items()})
 
     def params(self, state: dict) -> tuple[None, None, np.ndarray, dict]:
-        return None, None, state["w"], {k: state[k] for k in ("g", "prior") if k in state}
+        return None, None, state["w"], {k: state[k] for k in EXTRA if k in state}
 
     def _rows(self, t: int) -> np.ndarray:
         """The sorted rows of step t's batch."""
