@@ -226,6 +226,7 @@ class Terms:
     w_numerator: Array | None = None
     expected_sum: Array | None = None
     prior_sum: Array | None = None
+    mu_sum: Array | None = None
     rows: Array | None = None
 
 
@@ -284,7 +285,7 @@ def evaluate(
     var_gradient: str = "reparam",
     control_variate: bool = False,
     chunk: int | None = None,
-    prior_statistics: bool = False,
+    row_statistics: bool = False,
 ) -> Terms:
     """The ELBO of ``mode`` at (mu, var, W) and, if ``gradients``, its gradients.
 
@@ -307,8 +308,9 @@ def evaluate(
     ``chunk`` caps the Monte Carlo samples handled at once (below the counts' own cap).
 
     ``prior_scale`` is s of the prior N(0, s^2) on F: one number or one per component (L,).
-    ``prior_statistics`` adds to the terms ``prior_sum`` = sum_n (mu^2 + var) (L,) and the
-    number of ``rows``, summed over a distributed fit's processes, for :func:`prior_update`.
+    ``row_statistics`` adds to the terms ``prior_sum`` = sum_n (mu^2 + var) (L,),
+    ``mu_sum`` = sum_n mu (L,) and the number of ``rows``, summed over a distributed fit's
+    processes: for :func:`prior_update` and the recentring of natural Monte Carlo steps.
     """
     b = counts.backend
     if noise is not None and noise.balanced(n_samples):
@@ -374,21 +376,21 @@ def evaluate(
             g_mu = g_mu - rate_slope
             g_var = -0.5 * rate_slope if g_var is None else g_var - 0.5 * rate_slope
     value = value - counts.lgamma_sum - kl_divergence(b, mu, var, prior_scale)
-    prior_sum = rows = None
-    if prior_statistics:
-        prior_sum, rows = b.sum(mu * mu + var, axis=0), b.scalar(float(mu.shape[0]))
+    prior_sum = mu_sum = rows = None
+    if row_statistics:
+        prior_sum, mu_sum, rows = b.sum(mu * mu + var, axis=0), b.sum(mu, axis=0), b.scalar(float(mu.shape[0]))
     if scaling is not None:
         value = value + scaling.log_size  # this block's rows' sum X log s
     if counts.group is not None:
         # X is one block of rows: the value and the loadings' statistics are sums over rows,
         # so one all-reduce makes them those of the whole matrix on every rank (DESIGN §7).
-        value, w_num, expected_sum, sampled_sum, prior_sum, rows = counts.group.all_sum(
-            b, value, w_num, expected_sum, sampled_sum, prior_sum, rows
+        value, w_num, expected_sum, sampled_sum, prior_sum, mu_sum, rows = counts.group.all_sum(
+            b, value, w_num, expected_sum, sampled_sum, prior_sum, mu_sum, rows
         )
     if scaling is not None:
         value = value + scaling.log_effects(g)  # sum X log g, from the batch sums of all rows
     if not gradients:
-        return Terms(value, prior_sum=prior_sum, rows=rows)
+        return Terms(value, prior_sum=prior_sum, mu_sum=mu_sum, rows=rows)
     if mode == "simple":
         # d/dW of the sampled rate sum: -(1/E) sum_e sum_n exp(F_e), the same for every d.
         g_w = w_num - rate_denominator(b, None if scaling is None else g, sampled_sum / n_samples)
@@ -396,7 +398,9 @@ def evaluate(
         g_w = w_num - rate_denominator(b, None if scaling is None else g, expected_sum)
     s2 = prior_scale * prior_scale
     prior_mu = mu if isinstance(s2, (int, float)) and s2 == 1 else mu / s2
-    return Terms(value, g_mu - prior_mu, g_var + (0.5 / var - 0.5 / s2), g_w, w_num, expected_sum, prior_sum, rows)
+    return Terms(
+        value, g_mu - prior_mu, g_var + (0.5 / var - 0.5 / s2), g_w, w_num, expected_sum, prior_sum, mu_sum, rows
+    )
 
 
 def _plus(total: Array | None, part: Array) -> Array:

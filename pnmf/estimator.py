@@ -26,7 +26,7 @@ from .elbo import MEAN_BOUND, MODES, Noise, as_counts, evaluate
 from .init import INITS, initialize
 from .loop import Phase
 from .natural import NaturalTrainer
-from .optim import LOADINGS_UPDATES, StandardTrainer
+from .optim import LOADINGS_UPDATES, Averaged, StandardTrainer
 from .scaling import (
     SIZE_FACTORS,
     RowEffects,
@@ -46,9 +46,11 @@ TRAINING_MODES = ("standard", "natural")
 # to 2x (torch) whenever the other core was busy; from ~1e6 on it saves 15-45%.
 SMALL_WORK = 1_000_000
 FINAL_SAMPLES = 64  # Monte Carlo samples for the reported ELBO
+NATURAL_SAMPLES, STANDARD_SAMPLES = 2, 10  # E's defaults (see its docstring)
 # The lower-bound warm start of a natural Monte Carlo fit stops at this tolerance: the
 # benchmark reached 1e-3 of the best ELBO in ~95 iterations with it, 354 with 1e-5.
 WARMUP_TOL = 3e-4
+AVERAGE_ETA = 3.0
 
 
 def _one_of(name: str, value, allowed) -> None:
@@ -96,18 +98,25 @@ class PNMF(TransformerMixin, BaseEstimator):
         then on the CPU NumPy for dense counts and torch (if installed) for sparse ones.
     device : str, optional
         Device within the backend: torch 'cpu', 'cuda', 'cuda:1', 'mps'; MLX 'cpu', 'gpu'.
-    E : int
+    E : int, optional
         Monte Carlo samples per iteration in the 'simple' and 'expanded' modes, drawn in
-        antithetic pairs (eps, -eps): an even E gets the most from them.
+        antithetic pairs (eps, -eps): an even E gets the most from them. Default: 2 under
+        natural training, whose averaged iterates absorb the noise of one antithetic pair
+        (E=10 cost about 5x the time for the same ELBO: docs/natural_gradient.md), 10 under
+        standard training.
     max_iter : int
         Most iterations (every phase of a fit together).
     tol : float
-        Stop when the relative change of the mean ELBO over the last window of
-        iterations, against the window before, falls below ``tol`` (windows of 10
-        iterations in 'lower-bound' mode, 50 in the Monte Carlo modes). In the Monte Carlo
-        modes the change must be below ``tol`` by two standard errors of the estimate, so
-        noise does not stop a fit by chance; a ``tol`` below the noise floor (about 1e-5
-        with E=10 on typical data) runs to ``max_iter``. 0 disables early stopping.
+        When to stop. In 'lower-bound' mode: when the mean ELBO over the last 10 iterations
+        changed by less than ``tol`` (relative) against the 10 before. In the Monte Carlo
+        modes the fitted parameters are the average of the last iterates (Polyak averaging)
+        and the rule reads their ELBO estimated with the same noise at every check (every 10
+        iterations): it stops when both the gain over the last third of the phase and the gain
+        still to come, extrapolated from how the gains shrink, are under ``tol`` times |ELBO|,
+        so ``tol`` is about the relative distance to the ELBO the fit converges to; not
+        before 100 iterations, and never on the noise of a single estimate (mini-batch fits:
+        the windowed rule, with the change below ``tol`` by two standard errors).
+        0 disables early stopping.
     learning_rate : float
         Adam's step size (standard training, and the loadings under ``loadings_update='adam'``).
     ngd_lr : float in (0, 1], optional
@@ -216,7 +225,7 @@ class PNMF(TransformerMixin, BaseEstimator):
         training_mode: str = "natural",
         backend: str = "auto",
         device: str | None = None,
-        E: int = 10,
+        E: int | None = None,
         max_iter: int = 2000,
         tol: float = 1e-4,
         learning_rate: float = 0.05,
@@ -265,13 +274,20 @@ class PNMF(TransformerMixin, BaseEstimator):
         tags.input_tags.sparse = True
         return tags
 
+    @property
+    def _samples(self) -> int:
+        """E, or its default for the training mode."""
+        if self.E is not None:
+            return self.E
+        return NATURAL_SAMPLES if self.training_mode == "natural" else STANDARD_SAMPLES
+
     # -- validation -------------------------------------------------------------------
     def _validate_params(self) -> None:
         _number("n_components", self.n_components, integer=True, low=1)
         _one_of("mode", self.mode, MODES)
         _one_of("training_mode", self.training_mode, TRAINING_MODES)
         _one_of("backend", self.backend, ("auto", *BACKENDS))
-        _number("E", self.E, integer=True, low=1)
+        _number("E", self.E, integer=True, low=1, allow_none=True)
         _number("max_iter", self.max_iter, integer=True, low=0)
         _number("tol", self.tol, low=0)
         _number("learning_rate", self.learning_rate, low=0, low_open=True)
@@ -332,7 +348,7 @@ class PNMF(TransformerMixin, BaseEstimator):
             prior = 1.0 if self.prior_scale == "auto" else float(self.prior_scale)
         common = dict(
             mode=mode,
-            n_samples=self.E,
+            n_samples=self._samples,
             prior_scale=prior,
             learning_rate=self.learning_rate,
             loadings_update=rule,
@@ -345,14 +361,18 @@ class PNMF(TransformerMixin, BaseEstimator):
 
     def _phases(self, counts, fit_batches: bool) -> list[Phase]:
         """The phases of ``fit``: natural Monte Carlo fits start from a lower-bound natural fit."""
-        if self.training_mode == "natural" and self.mode != "lower-bound":
-            warmup = self._trainer(counts, "natural", "lower-bound", True, fit_batches)
-            return [
-                Phase.of_mode(warmup, "lower-bound", max(self.tol, WARMUP_TOL)),
-                Phase.of_mode(self._trainer(counts, "natural", self.mode, True, fit_batches), self.mode, self.tol),
-            ]
         trainer = self._trainer(counts, self.training_mode, self.mode, True, fit_batches)
-        return [Phase.of_mode(trainer, self.mode, self.tol)]
+        if self.mode == "lower-bound":
+            return [Phase.of_mode(trainer, self.mode, self.tol)]
+        # Monte Carlo: the parameters are averaged over the phase's last iterates, and the
+        # stopping rule reads their ELBO under fixed noise (loop.has_settled).
+        if AVERAGE_ETA is not None:
+            trainer = Averaged(trainer, AVERAGE_ETA)
+        main = Phase(trainer, self.tol, noisy=True)
+        if self.training_mode == "standard":
+            return [main]
+        warmup = self._trainer(counts, "natural", "lower-bound", True, fit_batches)
+        return [Phase.of_mode(warmup, "lower-bound", max(self.tol, WARMUP_TOL)), main]
 
     def _prior_on(self, b):
         """The fitted prior scale for inference: a number, or per component on backend b ('auto')."""
@@ -370,8 +390,8 @@ class PNMF(TransformerMixin, BaseEstimator):
             # Independent draws with the control variate: for the value alone they are less
             # noisy than antithetic pairs (whose gain is in the gradients).
             noise=Noise(b, b.key(seed), antithetic=False),
-            n_samples=max(self.E, FINAL_SAMPLES),
-            chunk=self.E,  # the chunks of the fit's steps: their scratch memory is reused
+            n_samples=max(self._samples, FINAL_SAMPLES),
+            chunk=self._samples,  # the chunks of the fit's steps: their scratch memory is reused
             prior_scale=extra["prior"] if "prior" in extra else self._prior_on(b),
             gradients=False,
             control_variate=True,
@@ -457,7 +477,7 @@ class PNMF(TransformerMixin, BaseEstimator):
         if isinstance(X, DiskRows):
             return None
         entries = X.nnz if sp.issparse(X) else X.size
-        samples = 1 if self.mode == "lower-bound" else self.E
+        samples = 1 if self.mode == "lower-bound" else self._samples
         return 1 if entries * samples <= SMALL_WORK else None
 
     def _checkpoint(self, X, group, effects: RowEffects | None = None) -> io.Checkpoint | None:

@@ -167,6 +167,7 @@ class Checkpoint:
                 "phase_start": metadata["phase_start"],
                 "key": arrays.pop("key"),
                 "history": arrays.pop("history"),
+                "monitors": list(metadata.get("monitors", [])),
                 "state": {name[len("state.") :]: value for name, value in arrays.items()},
             }
         if self.group is not None and self.group.size > 1:
@@ -180,14 +181,18 @@ class Checkpoint:
                 )
         return saved
 
-    def save(self, phase: int, phase_start: int, state: dict, key: np.ndarray, history: list[float]) -> None:
-        """Write the state of a fit ``len(history)`` iterations in (phase ``phase``, begun at ``phase_start``)."""
+    def save(
+        self, phase: int, phase_start: int, state: dict, key: np.ndarray, history: list[float], monitors=()
+    ) -> None:
+        """Write the state of a fit ``len(history)`` iterations in (phase ``phase``, begun at ``phase_start``),
+        with the phase's ``monitors`` (:func:`pnmf.loop.run`)."""
         metadata = {
             "format": CHECKPOINT_FORMAT,
             "fingerprint": self.fingerprint,
             "phase": phase,
             "phase_start": phase_start,
             "n_iter": len(history),
+            "monitors": [float(v) for v in monitors],
         }
         arrays = {"state." + name: np.asarray(value) for name, value in state.items()}
         partial = self.path.with_name(self.path.name + ".partial")

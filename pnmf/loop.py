@@ -26,6 +26,9 @@ from .backends.base import Array, Backend
 
 CHECK_EVERY = 10  # iterations between reads of the ELBO history (each read waits for the device)
 WINDOW = {"lower-bound": 10, "expanded": 50, "simple": 50}  # moving-average window of the stopping rule
+# The stopping rule of a Monte Carlo phase (has_settled): it reads the fixed-noise ELBO at
+# iterations t, t / GROWTH and t / GROWTH^2 of the phase, and not before SETTLE iterations.
+SETTLE, GROWTH = 150, 1.5
 
 
 @dataclass
@@ -96,9 +99,14 @@ def run(
             trainer = phase.trainer
             state = trainer.init(mu, var, w, extra)
             start = len(history)
+            # A Monte Carlo phase whose trainer can estimate its ELBO with common random numbers
+            # stops on those estimates (see has_settled), read at every check.
+            monitor = getattr(trainer, "monitor", None) if phase.noisy else None
+            monitors: list[float] = []
             if saved is not None:
                 state = {name: b.asarray(value) for name, value in saved["state"].items()}
-                key, start, saved = b.key_from_numpy(saved["key"]), saved["phase_start"], None
+                key, start, monitors = b.key_from_numpy(saved["key"]), saved["phase_start"], saved["monitors"]
+                saved = None
             step = b.compile(trainer.step)
             pending: list[Array] = []
             converged = False
@@ -115,11 +123,19 @@ def run(
                     history.extend(values)
                     progress.update(len(values), values[-1])
                     pending = []
-                if check:
+                if check and monitor is not None:
+                    monitors.append(float(b.to_numpy(monitor(state))))
+                    converged = has_settled(monitors, phase.tol)
+                elif check:
                     converged = has_converged(history[start:], phase.window, phase.tol, phase.noisy)
                 if save and not converged:
                     checkpoint.save(
-                        index, start, {k: b.to_numpy(v) for k, v in state.items()}, b.key_to_numpy(key), history
+                        index,
+                        start,
+                        {k: b.to_numpy(v) for k, v in state.items()},
+                        b.key_to_numpy(key),
+                        history,
+                        monitors,
                     )
             mu, var, w, extra = trainer.params(state)
             if not last and not converged:
@@ -151,6 +167,32 @@ def check_finite(b: Backend, values: list[float], params, first: int) -> None:
             raise FloatingPointError(
                 f"the {name} became non-finite between iterations {first} and {first + len(values) - 1}; {hint}"
             )
+
+
+def has_settled(monitors: list[float], tol: float, every: int = CHECK_EVERY) -> bool:
+    """Whether a Monte Carlo phase is within ``tol`` (relative) of the ELBO it converges to.
+
+    ``monitors[k]`` is the ELBO at iteration ``(k + 1) * every`` of the phase, estimated with
+    the same noise every time (common random numbers) at the averaged parameters: a smooth
+    function of parameters that settle, so Monte Carlo noise can neither fake a stop nor hide
+    one. Its gains over the windows (t / GROWTH^2, t / GROWTH] and (t / GROWTH, t] shrink by
+    a ratio r as the fit converges; the gain still to come is then about the last gain times
+    r / (1 - r) (Aitken's extrapolation over windows that grow with t, exact for gains that
+    decay geometrically or as a power of t). The fit has settled when the last gain and the
+    gain to come are both at most ``tol * |ELBO|``. Not before SETTLE iterations.
+    """
+    n = len(monitors)
+    if tol <= 0 or n * every < SETTLE:
+        return False
+    middle, first = round(n / GROWTH) - 1, round(n / GROWTH**2) - 1
+    last, before = monitors[-1] - monitors[middle], monitors[middle] - monitors[first]
+    scale = tol * abs(monitors[-1])
+    if last <= 0:  # no gain: settled unless the ELBO fell by more than tol
+        return bool(-last <= scale)
+    if before <= last:  # not slowing down
+        return False
+    ratio = last / before
+    return bool(last <= scale and last * ratio / (1.0 - ratio) <= scale)
 
 
 def has_converged(history: list[float], window: int, tol: float, noisy: bool) -> bool:

@@ -88,6 +88,9 @@ class NaturalTrainer(Trainer):
         self.rho0 = DEFAULT_NGD_LR[self.mode] if ngd_lr is None else ngd_lr
         # Adam's loadings step does not shrink with rho, so only the multiplicative rule is checked.
         self.checked = self.mode == "lower-bound" and (self.rule == "multiplicative" or not self.fit_loadings)
+        # Monte Carlo steps recentre each component (see step): without it the fit creeps along
+        # the exp(F) / W symmetry at the decaying rho long after its loadings have settled.
+        self.recentre = self.mode != "lower-bound" and self.fit_loadings
         # Float rounding makes a sum of 1e5 terms uncertain by ~eps * |ELBO|: a smaller "loss"
         # is noise, and rejecting it would stall a float32 fit short of its optimum.
         self.rounding = float(ROUNDING * np.finfo(self.b.dtype).eps)
@@ -133,7 +136,7 @@ class NaturalTrainer(Trainer):
             prior_scale=prior,
             var_gradient="price",
             control_variate=True,
-            prior_statistics="prior" in state,
+            row_statistics="prior" in state or self.recentre,
         )
         t = state["t"] + 1
         new = dict(state, t=t)
@@ -172,4 +175,11 @@ class NaturalTrainer(Trainer):
             new["g"] = self.counts.scaling.update(g, new["w"], terms.expected_sum)
         if "prior" in state:
             new["prior"] = prior_update(b, terms)
+        if self.recentre:
+            # exp(F - a) W e^a = exp(F) W: shifting a component's means by a and scaling its
+            # loadings by e^a leaves every rate, sampled or expected, as it was; a = mean_n mu
+            # minimises the KL term along that line.
+            shift = terms.mu_sum / terms.rows
+            new["mu"] = b.clip(new["mu"] - shift, -MEAN_BOUND, MEAN_BOUND)
+            new["w"] = new["w"] * b.exp(shift)
         return new, noise.key, reported

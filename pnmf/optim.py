@@ -18,6 +18,8 @@ LOG_SD_BOUNDS = tuple(0.5 * math.log(v) for v in VAR_BOUNDS)
 # Fitted parameters besides q(F) and W, where the model has them: batch effects g (B, D) and
 # a per-component prior scale (L,) (prior_scale='auto'). Trainers carry them in their state.
 EXTRA = ("g", "prior")
+MONITOR_SEED = 7919  # the fixed noise of Trainer.monitor
+AVERAGE = "average_"  # the prefix of the averaged parameters in an Averaged trainer's state
 
 
 def adam_scales(t: Array, lr: float) -> tuple[Array, Array]:
@@ -94,6 +96,66 @@ class Trainer:
         self.fit_loadings = update_loadings
         self.fit_batches = update_batches
 
+    def monitor(self, state: dict) -> Array:
+        """The ELBO at the state's parameters, estimated with the same noise at every call
+        (common random numbers): what the stopping rule of a Monte Carlo fit reads."""
+        return self.fixed_noise_elbo(*self.params(state))
+
+    def fixed_noise_elbo(self, mu: Array, var: Array, w: Array, extra: dict) -> Array:
+        """The ELBO at (mu, var, W, extra) under the noise of seed MONITOR_SEED (see monitor)."""
+        b = self.b
+        return evaluate(
+            self.counts,
+            mu,
+            var,
+            w,
+            extra.get("g"),
+            mode=self.mode,
+            noise=Noise(b, b.key(MONITOR_SEED), antithetic=False),
+            n_samples=self.n_samples,
+            prior_scale=extra.get("prior", self.prior_scale),
+            gradients=False,
+            control_variate=True,
+        ).value
+
+
+class Averaged:
+    """A Monte Carlo trainer whose fitted parameters are the average of its iterates.
+
+    Under Monte Carlo gradients the iterates jitter about the optimum by an amount that
+    shrinks only as the step does; their average does not (Polyak-Ruppert averaging). The
+    average weights iterate t by the polynomial-decay rule c_t = (eta + 1) / (t + eta)
+    (Shamir & Zhang, 2013): about the last 1 / (eta + 1) of the phase counts, so the early
+    iterates, far from the optimum, are forgotten. ``params`` and ``monitor`` (what the
+    stopping rule reads) are those of the average; the steps themselves are the trainer's.
+    """
+
+    def __init__(self, trainer, eta: float):
+        self.trainer, self.b, self.eta = trainer, trainer.b, eta
+
+    def init(self, mu: Array, var: Array, w: Array, extra: dict | None = None) -> dict:
+        state = self.trainer.init(mu, var, w, extra)
+        average = {"mu": mu, "var": var, "w": w, **(extra or {})}
+        return {**state, AVERAGE + "t": self.b.scalar(0.0), **{AVERAGE + k: v for k, v in average.items()}}
+
+    def step(self, state: dict, key):
+        inner = {k: v for k, v in state.items() if not k.startswith(AVERAGE)}
+        new, key, value = self.trainer.step(inner, key)
+        mu, var, w, extra = self.trainer.params(new)
+        t = state[AVERAGE + "t"] + 1
+        c = (self.eta + 1.0) / (t + self.eta)
+        new[AVERAGE + "t"] = t
+        for name, current in {"mu": mu, "var": var, "w": w, **extra}.items():
+            new[AVERAGE + name] = state[AVERAGE + name] + c * (current - state[AVERAGE + name])
+        return new, key, value
+
+    def params(self, state: dict) -> tuple[Array, Array, Array, dict]:
+        extra = {k: state[AVERAGE + k] for k in EXTRA if AVERAGE + k in state}
+        return state[AVERAGE + "mu"], state[AVERAGE + "var"], state[AVERAGE + "w"], extra
+
+    def monitor(self, state: dict) -> Array:
+        return self.trainer.fixed_noise_elbo(*self.params(state))
+
 
 class StandardTrainer(Trainer):
     """Adam on mu, log sd = log(var)/2 and the loadings (DESIGN §3, ``training_mode='standard'``).
@@ -149,7 +211,7 @@ class StandardTrainer(Trainer):
             n_samples=self.n_samples,
             prior_scale=extra.get("prior", self.prior_scale),
             control_variate=True,
-            prior_statistics="prior" in extra,
+            row_statistics="prior" in extra,
         )
         t = state["t"] + 1
         # Gradients in theta's coordinates: d/dlog sd = g_var * 2 var, d/dlog W = g_w * W.

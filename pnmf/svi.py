@@ -78,7 +78,7 @@ class MinibatchTrainer:
                 noise=None,
                 n_samples=1,
                 prior_scale=extra["prior"],
-                prior_statistics="prior" in state,
+                row_statistics="prior" in state,
             )
             w_device = multiplicative_loadings(b, w, terms, g)
             w_batch = b.to_numpy(w_device).astype(np.float64)

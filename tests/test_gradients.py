@@ -101,7 +101,7 @@ def test_per_component_prior_scale_gradients_and_update(name, mode):
     x, mu, var, w, eps = small_problem(seed=4)
     prior = np.array([0.5, 1.0, 2.5])
     b = cpu_backend(name)
-    terms = evaluate_on(b, x, mu, var, w, mode, eps, prior_scale=b.asarray(prior), prior_statistics=True)
+    terms = evaluate_on(b, x, mu, var, w, mode, eps, prior_scale=b.asarray(prior), row_statistics=True)
 
     def oracle(scale):
         t = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in dict(mu=mu, var=var, w=w).items()}

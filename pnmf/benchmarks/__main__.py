@@ -4,7 +4,8 @@
 ``--suite gpu``: every GPU here against cuSPARSE and the CPU;
 ``--suite defaults``: the candidates for PNMF()'s defaults, held-out deviance and time;
 ``--suite batches``: size factors and batch effects on counts simulated with them;
-``--suite workflow``: what restarts, consensus and K selection cost)."""
+``--suite workflow``: what restarts, consensus and K selection cost;
+``--suite stopping``: where Monte Carlo fits stop at tol=1e-4, and what the tighter bound costs)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from . import natural_gradient as ng
 from . import speed
 
 # Suites that write benchmarks/SUITE.json with run(out, quick, progress) and report it with report(record).
-RECORD_SUITES = ("defaults", "batches", "workflow")
+RECORD_SUITES = ("defaults", "batches", "workflow", "stopping")
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -35,12 +36,13 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--suite",
         default="natural",
-        choices=["natural", "speed", "scale", "gpu", "defaults", "batches", "workflow"],
+        choices=["natural", "speed", "scale", "gpu", "defaults", "batches", "workflow", "stopping"],
         help="natural: the natural-gradient benchmark; speed: digits, sparse and scaling timings; "
         "scale: 1 process against 2 distributed processes; gpu: every GPU here against cuSPARSE and the CPU; "
         "defaults: the candidates for PNMF()'s defaults on three data sets; "
         "batches: plain against batch-aware fits of counts simulated with batches; "
-        "workflow: the cost of restarts, consensus and K selection",
+        "workflow: the cost of restarts, consensus and K selection; stopping: where Monte Carlo fits stop at "
+        "tol=1e-4 against the same fits run to max_iter",
     )
     parser.add_argument(
         "--quick", action="store_true", help="a short run (1500 iterations; about a minute with --backend all)"
