@@ -102,8 +102,8 @@ class PNMF(TransformerMixin, BaseEstimator):
         Monte Carlo samples per iteration in the 'simple' and 'expanded' modes, drawn in
         antithetic pairs (eps, -eps): an even E gets the most from them. Default: 2 under
         natural training, whose averaged iterates absorb the noise of one antithetic pair
-        (E=10 cost about 5x the time for the same ELBO: docs/natural_gradient.md), 10 under
-        standard training.
+        (E=10 costs 4-5x the time for an ELBO within 1e-4: docs/natural_gradient.md), 10
+        under standard training.
     max_iter : int
         Most iterations (every phase of a fit together).
     tol : float
