@@ -112,9 +112,9 @@ class PNMF(TransformerMixin, BaseEstimator):
         modes the fitted parameters are the average of the last iterates (Polyak averaging)
         and the rule reads their ELBO estimated with the same noise at every check (every 10
         iterations): it stops when both the gain over the last third of the phase and the gain
-        still to come, extrapolated from how the gains shrink, are under ``tol`` times |ELBO|,
+        still to come, extrapolated from how the gains shrink, are under ``tol * |ELBO|``,
         so ``tol`` is about the relative distance to the ELBO the fit converges to; not
-        before 100 iterations, and never on the noise of a single estimate (mini-batch fits:
+        before 150 iterations of that phase, and never on the noise of a single estimate (mini-batch fits:
         the windowed rule, with the change below ``tol`` by two standard errors).
         0 disables early stopping.
     learning_rate : float
