@@ -45,7 +45,7 @@ def parse(argv=None) -> argparse.Namespace:
         "tol=1e-4 against the same fits run to max_iter",
     )
     parser.add_argument(
-        "--quick", action="store_true", help="a short run (1500 iterations; about a minute with --backend all)"
+        "--quick", action="store_true", help="a short run (1500 iterations; under two minutes with --backend all)"
     )
     parser.add_argument(
         "--peer-python",
