@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import platform
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np
 
 from .. import PNMF, make_counts, poisson_deviance, thin
 from ..elbo import MODES
+from .speed import timed
 
 # (training_mode, loadings_update) of the compared trainers.
 TRAININGS = (("standard", "adam"), ("natural", "multiplicative"), ("natural", "adam"))
@@ -76,14 +76,8 @@ def run_one(x, train, test, setting: Setting, backend: str, mode: str, training:
         random_state=setting.seed,
     )
     PNMF(**{**params, "max_iter": 20}).fit(x)  # warm up: imports, compilation, caches
-    model = PNMF(**params)
-    start = time.perf_counter()
-    model.fit(x)
-    wall = time.perf_counter() - start
-    stopping = PNMF(**{**params, "tol": STOP_TOL})
-    start = time.perf_counter()
-    stopping.fit(x)
-    stop_wall = time.perf_counter() - start
+    model, wall = timed(PNMF(**params).fit, x)
+    stopping, stop_wall = timed(PNMF(**{**params, "tol": STOP_TOL}).fit, x)
     half = PNMF(**params).fit(train)
     rate = np.exp(half.mean_ + half.var_ / 2) @ half.components_  # test and train halves share the rate
     return Run(

@@ -15,13 +15,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-
 from .. import PNMF, make_counts
-from .natural_gradient import _grid, machine
+from .natural_gradient import STOP_TOL, _grid, iterations_to, machine, smoothed
 from .speed import timed
 
-STOP_TOL, CLOSE, SMOOTH = 1e-4, 1e-3, 10
 SEED_SETTINGS = dict(E=10, learning_rate=0.005, max_iter=8000, random_state=42, prior_scale=1.0)
 SPARSE_SETTINGS = dict(max_iter=2000, random_state=0, prior_scale=1.0)
 TRAININGS = ("natural", "standard")
@@ -44,11 +41,9 @@ def datasets(quick: bool = False) -> list[tuple[str, object, int, dict]]:
     ]
 
 
-def reached(history: np.ndarray) -> int:
-    """First iteration whose 10-iteration moving average is within CLOSE of its best."""
-    values = np.convolve(history, np.ones(SMOOTH) / SMOOTH, mode="valid")
-    best = values.max()
-    return SMOOTH + int(np.argmax(values >= best - CLOSE * abs(best)))
+def reached(history, mode: str) -> int:
+    """First iteration whose 10-iteration moving average is within 1e-3 of its best."""
+    return iterations_to(history, smoothed(history, mode)[1].max(), mode)
 
 
 def run(out: Path, quick: bool = False, progress: bool = True) -> dict:
@@ -62,7 +57,7 @@ def run(out: Path, quick: bool = False, progress: bool = True) -> dict:
             params = dict(n_components=n_components, mode=mode, training_mode=training, **settings)
             whole, whole_wall = timed(PNMF(**{**params, "tol": 0}).fit, x)
             stopped, wall = timed(PNMF(**{**params, "tol": STOP_TOL}).fit, x)
-            first = reached(np.asarray(whole.elbo_history_))
+            first = reached(whole.elbo_history_, mode)
             rows.append(
                 dict(
                     data=name,
