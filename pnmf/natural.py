@@ -33,6 +33,10 @@ from .optim import EXTRA, Trainer, loadings_state, update_loadings
 
 # Largest change of one mean per step: at most a factor e on the scale of exp(F).
 MAX_MEAN_STEP = 1.0
+# Heavy-ball momentum of the Monte Carlo steps' multiplicative loadings update (see step), and
+# the largest change of log W per step: at most a factor e^0.3.
+LOADINGS_MOMENTUM, MAX_LOG_STEP = 0.9, 0.3
+TINY_LOADING = 1e-30  # guards W_mu / W where a loading is zero
 # Robbins-Monro schedule of the Monte Carlo modes: rho_t = rho0 (1 + t / TAU) ** -KAPPA.
 SCHEDULE_TAU, SCHEDULE_KAPPA = 50.0, 0.7
 # A checked step may lower the ELBO by at most this many float epsilons (relative).
@@ -89,8 +93,10 @@ class NaturalTrainer(Trainer):
         # Adam's loadings step does not shrink with rho, so only the multiplicative rule is checked.
         self.checked = self.mode == "lower-bound" and (self.rule == "multiplicative" or not self.fit_loadings)
         # Monte Carlo steps recentre each component (see step): without it the fit creeps along
-        # the exp(F) / W symmetry at the decaying rho long after its loadings have settled.
+        # the exp(F) / W symmetry at the decaying rho long after its loadings have settled;
         self.recentre = self.mode != "lower-bound" and self.fit_loadings
+        # and their multiplicative loadings update carries momentum (see step).
+        self.momentum = LOADINGS_MOMENTUM if self.recentre and self.rule == "multiplicative" else 0.0
         # Float rounding makes a sum of 1e5 terms uncertain by ~eps * |ELBO|: a smaller "loss"
         # is noise, and rejecting it would stall a float32 fit short of its optimum.
         self.rounding = float(ROUNDING * np.finfo(self.b.dtype).eps)
@@ -100,6 +106,8 @@ class NaturalTrainer(Trainer):
         state = {"mu": mu, "precision": 1.0 / var, "w": w, "t": b.scalar(0.0), **(extra or {})}
         if self.fit_loadings:
             state.update(loadings_state(b, w, self.rule))
+        if self.momentum:
+            state["velocity"] = b.zeros_like(w)
         if self.checked:
             g = state.get("g")
             state.update(
@@ -171,6 +179,17 @@ class NaturalTrainer(Trainer):
         if self.fit_loadings:
             new["w"], moments = update_loadings(b, dict(state, w=w, g=g), terms, t, self.rule, self.lr)
             new.update(moments)
+            if self.momentum:
+                # Heavy ball on log W: velocity = beta velocity + log(W_mu / W), W <- W e^velocity,
+                # each entry's change capped at MAX_LOG_STEP. q(F) and W settle together slowly
+                # (the slow mode of alternating updates); momentum along it halved the Monte Carlo
+                # phase on the sparse benchmark set. A zero loading (a feature never seen) stays zero.
+                bound = math.exp(MAX_LOG_STEP)
+                ratio = b.where(w > 0, b.clip(new["w"] / b.clip(w, TINY_LOADING, None), 1.0 / bound, bound), 1.0)
+                new["velocity"] = b.clip(
+                    self.momentum * state["velocity"] + b.log(ratio), -MAX_LOG_STEP, MAX_LOG_STEP
+                )
+                new["w"] = w * b.exp(new["velocity"])
         if self.fit_batches:
             new["g"] = self.counts.scaling.update(g, new["w"], terms.expected_sum)
         if "prior" in state:

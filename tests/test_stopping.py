@@ -45,6 +45,18 @@ def test_has_settled_fires_once_the_gain_still_to_come_is_under_tol(gap):
     assert n - 1 <= 2 * max(crossed, SETTLE // CHECK_EVERY)
 
 
+def test_has_settled_does_not_take_a_transient_for_the_tail():
+    # A fast transient (geometric) on top of a slow tail (1 / t): early on, the windows' gains
+    # shrink fast, which alone extrapolates too short a remainder (the stop was 1.85 tol short
+    # without the ratio's floor; 1.32 tol with it).
+    t = CHECK_EVERY * np.arange(1, 3001)
+    limit, tol = -1000.0, 1e-4
+    gap = 300.0 * 0.97**t + 100.0 / t
+    n = first_stop(limit - gap, tol)
+    assert n is not None
+    assert gap[n - 1] <= 1.5 * tol * abs(limit)
+
+
 def test_has_settled_waits_for_settle_and_never_fires_at_tol_zero():
     flat = [-5.0] * 100
     assert not has_settled(flat[: SETTLE // CHECK_EVERY - 1], 1e-4)
