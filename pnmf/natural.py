@@ -186,9 +186,7 @@ class NaturalTrainer(Trainer):
                 # phase on the sparse benchmark set. A zero loading (a feature never seen) stays zero.
                 bound = math.exp(MAX_LOG_STEP)
                 ratio = b.where(w > 0, b.clip(new["w"] / b.clip(w, TINY_LOADING, None), 1.0 / bound, bound), 1.0)
-                new["velocity"] = b.clip(
-                    self.momentum * state["velocity"] + b.log(ratio), -MAX_LOG_STEP, MAX_LOG_STEP
-                )
+                new["velocity"] = b.clip(self.momentum * state["velocity"] + b.log(ratio), -MAX_LOG_STEP, MAX_LOG_STEP)
                 new["w"] = w * b.exp(new["velocity"])
         if self.fit_batches:
             new["g"] = self.counts.scaling.update(g, new["w"], terms.expected_sum)
