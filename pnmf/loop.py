@@ -28,12 +28,13 @@ CHECK_EVERY = 10  # iterations between reads of the ELBO history (each read wait
 WINDOW = {"lower-bound": 10, "expanded": 50, "simple": 50}  # moving-average window of the stopping rule
 # The stopping rule of a Monte Carlo phase (has_settled): it reads the fixed-noise ELBO at
 # iterations t, t / GROWTH and t / GROWTH^2 of the phase, and not before SETTLE iterations.
-SETTLE, GROWTH = 150, 1.5
-# The least ratio of successive window gains has_settled assumes: the gain still to come is at
-# least 1.5x the last gain (remaining gaps that fall no faster than t^-1.26). An early fast
-# transient otherwise makes a slow tail look geometric (measured: a sparse fit stopped 1.0e-4
-# short at its first check, 8e-5 with the floor).
-RATIO_FLOOR = 0.6
+SETTLE, GROWTH = 150, 1.3
+# The rule assumes that the distance to the limit falls no faster than t^-TAIL, so it takes the
+# ratio of successive window gains as at least GROWTH^-TAIL (0.72): the gain still to come is
+# at least 2.6x the last gain. An early fast transient otherwise makes the slow tail look
+# geometric (measured: a sparse fit stopped 1.0e-4 short at its first check, 8e-5 with it).
+TAIL = 1.25
+RATIO_FLOOR = GROWTH**-TAIL
 
 
 @dataclass
@@ -183,7 +184,8 @@ def has_settled(monitors: list[float], tol: float, every: int = CHECK_EVERY) -> 
     one. Its gains over the windows (t / GROWTH^2, t / GROWTH] and (t / GROWTH, t] shrink by
     a ratio r as the fit converges; the gain still to come is then about the last gain times
     r / (1 - r) (Aitken's extrapolation over windows that grow with t, exact for gains that
-    decay geometrically or as a power of t), with r taken as at least RATIO_FLOOR. The fit has
+    decay geometrically or as a power of t), with r taken as at least RATIO_FLOOR (a
+    remaining distance that falls no faster than t^-TAIL). The fit has
     settled when the last gain and the gain to come are both at most ``tol * |ELBO|``. Not
     before SETTLE iterations.
     """

@@ -180,7 +180,8 @@ def test_loadings_momentum_speeds_the_monte_carlo_phase(monkeypatch):
     import pnmf.natural
 
     x = make_counts(600, 200, 6, random_state=3)[0]
-    params = dict(n_components=6, mode="expanded", max_iter=200, tol=0, random_state=0, backend="numpy", dtype="float64")
+    params = dict(n_components=6, mode="expanded", max_iter=200, tol=0, random_state=0, backend="numpy")
+    params["dtype"] = "float64"
     with_momentum = PNMF(**params).fit(x).elbo_
     monkeypatch.setattr(pnmf.natural, "LOADINGS_MOMENTUM", 0.0)
     without = PNMF(**params).fit(x).elbo_

@@ -40,7 +40,7 @@ def test_has_settled_fires_once_the_gain_still_to_come_is_under_tol(gap):
     n = first_stop(monitors, tol)
     assert n is not None
     # Stopped within tol of the limit, and not long after the gap fell under it.
-    assert gap(t[n - 1]) <= tol * abs(limit) * 1.1  # the windows end on checks: about
+    assert gap(t[n - 1]) <= tol * abs(limit) * 1.2  # the windows end on checks: about
     crossed = np.argmax(gap(t) <= tol * abs(limit))
     assert n - 1 <= 2 * max(crossed, SETTLE // CHECK_EVERY)
 
@@ -65,7 +65,7 @@ def test_has_settled_waits_for_settle_and_never_fires_at_tol_zero():
     # An ELBO that keeps climbing at a steady rate has not settled, however small each gain.
     assert not has_settled(list(-1000.0 + 1e-3 * np.arange(100)), 1e-4)
     # One that fell by more than tol has not either.
-    falling = [-1000.0] * 30 + [-1000.5] * 10  # within the last window
+    falling = [-1000.0] * 31 + [-1000.5] * 9  # within the last window
     assert not has_settled(falling, 1e-4)
 
 
