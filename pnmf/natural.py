@@ -84,7 +84,9 @@ class NaturalTrainer(Trainer):
     accepted parameters, which therefore never decreases by more than float rounding
     (8 eps |ELBO|: 1e-6 relative in float32, 2e-15 in float64). With Adam on the loadings rho
     stays at ``ngd_lr``. The Monte Carlo modes follow the schedule
-    rho_t = ngd_lr (1 + t / 50) ** -0.7 and are best started from a lower-bound fit.
+    rho_t = ngd_lr (1 + t / 50) ** -0.7, are best started from a lower-bound fit, and give
+    the multiplicative loadings update heavy-ball momentum on log W (LOADINGS_MOMENTUM,
+    each entry's step capped at MAX_LOG_STEP).
     """
 
     def __init__(self, counts, *, ngd_lr, **settings):
