@@ -47,8 +47,8 @@ def test_has_settled_fires_once_the_gain_still_to_come_is_under_tol(gap):
 
 def test_has_settled_does_not_take_a_transient_for_the_tail():
     # A fast transient (geometric) on top of a slow tail (1 / t): early on, the windows' gains
-    # shrink fast, which alone extrapolates too short a remainder (the stop was 1.85 tol short
-    # without the ratio's floor; 1.32 tol with it).
+    # shrink fast, which alone extrapolates too short a remainder (the stop was 2.52 tol short
+    # without the ratio's floor; 1.25 tol with it).
     t = CHECK_EVERY * np.arange(1, 3001)
     limit, tol = -1000.0, 1e-4
     gap = 300.0 * 0.97**t + 100.0 / t
