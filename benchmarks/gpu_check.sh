@@ -10,9 +10,13 @@
 # Python (3.12 here):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux_2_35_x86_64 -d .whl mlx mlx-cuda-13
-# Without them the MLX part of the check skips, saying why. Writes the test log, the
-# suite's JSON record and its text summary to OUT_DIR; exits non-zero if either failed.
-# PNMF_GPU_CHECK_ARGS adds arguments to the suite (--quick: small sizes, also on a CPU).
+# Without them the MLX part of the check skips, saying why. A wheel of PyPI's pnmf 0.1.0
+# there (`pip download --no-deps pnmf==0.1.0`) goes into an environment of its own,
+# /tmp/peer, and the suite times it as the peer. Writes the test log, the suite's JSON
+# record and its text summary to OUT_DIR; exits non-zero if either failed.
+# PNMF_GPU_CHECK_ARGS adds arguments to the suite (--quick: small sizes, also on a CPU;
+# --cpu no: the GPUs alone); PNMF_GPU_TESTS picks the tests (pytest -k, e.g. "mlx");
+# PNMF_GPU_TESTS_TIMEOUT and PNMF_GPU_SUITE_TIMEOUT bound each part (270 and 330 s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-benchmarks/gpu}}"
@@ -20,10 +24,28 @@ mkdir -p "$out"
 python="${PYTHON:-python3}"
 wheels="${PNMF_WHEELS:-.whl}"
 export PYTHONUNBUFFERED=1
-if compgen -G "$wheels/*.whl" >/dev/null; then
-  "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    "$wheels"/*.whl || { echo "gpu_check: installing the wheels in $wheels failed" >&2; exit 2; }
+install() {  # install TARGET WHEEL...
+  local target=$1
+  shift
+  "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$target" "$@" ||
+    { echo "gpu_check: installing $* failed" >&2; exit 2; }
+}
+mapfile -t ours < <(compgen -G "$wheels/*.whl" | grep -v '/pnmf-0\.1\.0-')
+if [ "${#ours[@]}" -gt 0 ]; then
+  install /tmp/site "${ours[@]}"
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+  # mlx-cuda finds CUDA's libraries beside itself (rpath $ORIGIN/../../nvidia/...): point
+  # there at the ones torch's environment already has.
+  if nvidia=$("$python" -c "import nvidia; print(list(nvidia.__path__)[0])" 2>/dev/null) && [ ! -e /tmp/site/nvidia ]; then
+    ln -s "$nvidia" /tmp/site/nvidia
+  fi
+fi
+peer=()
+if peer_wheel=$(compgen -G "$wheels/pnmf-0.1.0-*.whl"); then
+  install /tmp/peer "$peer_wheel"
+  printf '#!/bin/sh\nPYTHONPATH=/tmp/peer exec %s "$@"\n' "$(command -v "$python")" >/tmp/peer/python
+  chmod +x /tmp/peer/python
+  peer=(--peer-python /tmp/peer/python)
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 start=$(date +%s)
@@ -36,11 +58,20 @@ try:
     print("torch", torch.__version__, "| CUDA", torch.version.cuda, "|", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device")
 except ImportError:
     print("torch: not installed")
+try:
+    import mlx.core as mx
+    print("mlx", mx.__version__, "| default device", mx.default_device(), "| GPU", mx.is_available(mx.gpu))
+except Exception as err:  # the reason MLX is missing from the backends above
+    print("mlx: not usable:", repr(err))
 PY
-timeout 270 "$python" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.txt" | tail -25
+pick=()
+[ -n "${PNMF_GPU_TESTS:-}" ] && pick=(-k "$PNMF_GPU_TESTS")
+# Four workers where pytest-xdist is installed: the float64 references are CPU work.
+"$python" -c "import xdist" 2>/dev/null && pick+=(-n 4)
+timeout "${PNMF_GPU_TESTS_TIMEOUT:-270}" "$python" -m pytest -m gpu -q -p no:cacheprovider --durations=8 "${pick[@]}" tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.txt" | tail -40
 tests=${PIPESTATUS[0]}
 # shellcheck disable=SC2086  # PNMF_GPU_CHECK_ARGS is a list of arguments
-timeout 330 "$python" -m pnmf.benchmarks --suite gpu --out "$out" ${PNMF_GPU_CHECK_ARGS:-} 2>&1 | tee "$out/gpu_suite.txt" | tail -30
+timeout "${PNMF_GPU_SUITE_TIMEOUT:-330}" "$python" -m pnmf.benchmarks --suite gpu --out "$out" "${peer[@]}" ${PNMF_GPU_CHECK_ARGS:-} 2>&1 | tee "$out/gpu_suite.txt" | tail -30
 suite=${PIPESTATUS[0]}
 echo "gpu_check: tests exit $tests, suite exit $suite, $(($(date +%s) - start)) s" | tee -a "$out/gpu_summary.txt"
 [ "$tests" -eq 0 ] && [ "$suite" -eq 0 ]

@@ -7,7 +7,7 @@ import pytest
 import scipy.sparse as sp
 from scipy import stats
 
-from pnmf import PNMF, estimator
+from pnmf import PNMF, estimator, make_counts
 from pnmf.backends import get_backend
 from pnmf.backends import numpy as numpy_backend
 from pnmf.backends.base import Backend
@@ -250,3 +250,48 @@ def test_lgamma_sum_is_the_sum_of_lgamma(values):
     x = np.asarray(values, dtype=np.float64)
     assert lgamma_sum(x) == pytest.approx(float(gammaln(x + 1.0).sum()), rel=1e-13, abs=1e-13)
     assert lgamma_sum(x.astype(np.float32)) == pytest.approx(float(gammaln(x.astype(np.float32) + 1.0).sum()), rel=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["simple", "expanded", "lower-bound"])
+@pytest.mark.parametrize("training", ["natural", "standard"])
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_torch_device_steps_neither_copy_from_nor_wait_for_the_host(monkeypatch, mode, training, sparse):
+    # A step captured in a CUDA graph may not copy from the host or read a value back. The
+    # path CUDA runs (no NumPy hand-off) is checked here on the CPU, every such call refused.
+    torch = pytest.importorskip("torch")
+    from pnmf.backends import torch as torch_backend
+
+    monkeypatch.setattr(torch_backend, "NumpyBackend", lambda dtype: None)
+    refused = []
+
+    def refuse(name, original):
+        def call(*args, **kwargs):
+            if stepping:
+                refused.append(name)
+            return original(*args, **kwargs)
+
+        return call
+
+    stepping = False
+    for name in ("tensor", "as_tensor", "from_numpy"):
+        monkeypatch.setattr(torch, name, refuse(name, getattr(torch, name)))
+    for name in ("item", "cpu", "numpy", "tolist", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse(name, getattr(torch.Tensor, name)))
+
+    def compile(self, fn):
+        def step(state, key):
+            nonlocal stepping
+            stepping = True
+            try:
+                return fn(state, key)
+            finally:
+                stepping = False
+
+        return step
+
+    monkeypatch.setattr(torch_backend.TorchBackend, "compile", compile)
+    x, _, _ = make_counts(40, 15, 3, random_state=2)
+    model = PNMF(3, mode=mode, training_mode=training, backend="torch", max_iter=150, tol=0, random_state=0)
+    model.fit(sp.csr_matrix(x) if sparse else x)
+    assert model.n_iter_ == 150 and np.isfinite(model.elbo_)
+    assert not refused, f"host transfers or reads inside a step: {sorted(set(refused))}"

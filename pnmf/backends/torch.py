@@ -16,6 +16,66 @@ import torch
 from .base import TINY_RATE, Backend, csr_transpose_order
 from .numpy import NumpyBackend
 
+# Replay each training step from a CUDA graph (see _Graphed). Off by default until measured.
+CUDA_GRAPHS = False
+# Eager steps before the capture (the first calls allocate the backend's scratch buffers).
+GRAPH_WARMUP = 3
+
+
+class _Graphed:
+    """A training step ``(state, key) -> (state, key, value)`` replayed from a CUDA graph.
+
+    At the seed size a step is a few dozen tiny kernels, and launching them from Python costs
+    more than running them. After ``GRAPH_WARMUP`` eager calls the step is captured once, with
+    the state copied into fixed input tensors and the generator registered with the graph;
+    each later call copies the state in (one batched copy; none when the state is the last
+    call's output, which it is inside the fit loop), replays, and returns the fixed output
+    tensors, valid until the next call, and a copy of the value. A step that cannot be
+    captured (a host transfer or synchronisation in it) runs eagerly, with a warning.
+    """
+
+    def __init__(self, fn):
+        self.fn, self.calls, self.graph, self.failed = fn, 0, None, None
+
+    def __call__(self, state, key):
+        if self.graph is None:
+            if self.failed is not None or self.calls < GRAPH_WARMUP:
+                self.calls += 1
+                return self.fn(state, key)
+            try:
+                self._capture(state, key)
+            except Exception as err:  # any failure to capture leaves the eager step, which works
+                self.graph, self.failed = None, f"{type(err).__name__}: {err}"
+                torch.cuda.synchronize()
+                warnings.warn(
+                    f"the training step could not be captured in a CUDA graph ({self.failed}); it runs eagerly",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                return self.fn(state, key)
+        elif key is not self.key:
+            raise ValueError("a captured step must be called with the generator it was captured with")
+        else:
+            stale = [(self.inputs[k], v) for k, v in state.items() if v is not self.inputs[k]]
+            if stale:
+                torch._foreach_copy_([a for a, _ in stale], [v for _, v in stale])
+        self.graph.replay()
+        return dict(self.outputs), key, self.value.clone()
+
+    def _capture(self, state, key):
+        self.inputs = {k: v.clone() for k, v in state.items()}
+        self.key = key
+        graph = torch.cuda.CUDAGraph()
+        if isinstance(key, torch.Generator):
+            graph.register_generator_state(key)
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph):
+            outputs, out_key, value = self.fn(self.inputs, key)
+        if out_key is not key or set(outputs) != set(self.inputs):
+            raise RuntimeError("the step changes its generator or its state's keys")
+        # An output that is an input tensor (state the step leaves as it is) stays that tensor.
+        self.graph, self.outputs, self.value = graph, outputs, value
+
 
 @dataclass
 class _Pattern:
@@ -75,6 +135,15 @@ class TorchBackend(Backend):
 
     def asarray(self, x):
         return torch.tensor(np.asarray(x), dtype=self._dtype, device=self._device)
+
+    def scalar(self, value):
+        # A fill, not a copy from the host: a step with constants in it can be captured.
+        return torch.full((), float(value), dtype=self._dtype, device=self._device)
+
+    def compile(self, fn):
+        if self._device.type == "cuda" and CUDA_GRAPHS:
+            return _Graphed(fn)
+        return fn
 
     def asindex(self, x):
         return torch.as_tensor(np.asarray(x, dtype=np.int64), device=self._device)

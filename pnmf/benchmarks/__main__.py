@@ -50,7 +50,13 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--peer-python",
         default=None,
-        help="speed suite: a Python with PyPI's pnmf 0.1.0 installed, to time it on the seed setting",
+        help="speed and gpu suites: a Python with PyPI's pnmf 0.1.0 installed, to time it on the seed setting",
+    )
+    parser.add_argument(
+        "--cpu",
+        default="also",
+        choices=["also", "no", "only"],
+        help="gpu suite: the same fits on 2 CPU threads after the GPUs (also), not at all (no), or alone (only)",
     )
     parser.add_argument("--max-iter", type=int, default=None, help="iterations per fit (default 8000)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks"), help="folder for JSON and figures")
@@ -88,9 +94,9 @@ def main(argv=None) -> list:
     if args.suite == "gpu":
         from . import gpu
 
-        record = gpu.run(quick=args.quick, peer_python=args.peer_python)
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "gpu.json").write_text(json.dumps(record, indent=1))
+        save = lambda record: (args.out / "gpu.json").write_text(json.dumps(record, indent=1))  # noqa: E731
+        record = gpu.run(quick=args.quick, peer_python=args.peer_python, save=save, cpu=args.cpu)
         summary = gpu.report(record)
         (args.out / "gpu_summary.txt").write_text(summary + "\n")
         print(summary)

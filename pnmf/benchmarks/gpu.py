@@ -3,8 +3,9 @@
 On every GPU a framework here can use (torch on CUDA or MPS, MLX on its GPU), in one run:
 
 * seed setting (200 x 100, 5 components, ``expanded``, E = 10): time per iteration of
-  natural and standard training (fits of 20 and 220 iterations); with ``--peer-python``
-  also PyPI ``pnmf`` 0.1.0 run from its own environment;
+  natural and standard training (fits of 20 and 220 iterations), for torch on CUDA also with
+  its steps replayed from CUDA graphs; with ``--peer-python`` also PyPI ``pnmf`` 0.1.0 run
+  from its own environment;
 * dense 20,000 x 2,000 Poisson counts, 20 components, ``lower-bound`` natural: time per
   iteration, and time and iterations to converge;
 * sparse 1,000,000 x 20,000 at 0.5% (1e8 non-zeros), 20 components, ``lower-bound``
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 
 import numpy as np
 
@@ -117,15 +119,24 @@ def cusparse_floor(x, n_components: int) -> float | None:
     return best_time(products, 5)
 
 
-def run(quick: bool = False, peer_python: str | None = None, progress=print) -> dict:
-    """Every measurement above on every GPU here (on the CPU too with ``quick`` when there is none)."""
+def run(quick: bool = False, peer_python: str | None = None, progress=print, save=None, cpu: str = "also") -> dict:
+    """Every measurement above on every GPU here (on the CPU too with ``quick`` when there is none).
+
+    torch's GPU comes first, then the cuSPARSE floor, PyPI pnmf, MLX's GPU and the CPU; ``save(record)`` is
+    called after each part, so that a run cut short keeps what it measured. ``cpu``: "also"
+    (the CPU after the GPUs), "no" (GPUs only) or "only" (the CPU's part alone, to be run
+    on another machine than the GPU's).
+    """
     from .natural_gradient import machine
 
+    if cpu not in ("also", "no", "only"):
+        raise ValueError(f"cpu must be 'also', 'no' or 'only', not {cpu!r}")
+    save = save or (lambda record: None)
     sizes = QUICK if quick else FULL
-    devices = gpu_devices()
-    if not devices and not quick:
+    devices = [] if cpu == "only" else gpu_devices()
+    if not devices and not quick and cpu != "only":
         raise SystemExit("--suite gpu found no GPU (torch sees no CUDA or MPS, MLX no GPU); --quick runs it on the CPU")
-    devices = devices or [("torch", "cpu")]
+    devices = devices or ([] if cpu == "only" else [("torch", "cpu")])
     record = {"machine": machine(), "quick": quick, "devices": [f"{n}:{d}" for n, d in devices], "runs": []}
     seed, _, _ = make_counts(200, 100, 5, random_state=42)
     dense, _, _ = make_counts(*sizes["dense"], sizes["components"], random_state=0)
@@ -133,39 +144,79 @@ def run(quick: bool = False, peer_python: str | None = None, progress=print) -> 
     sparse = sparse_counts(rows, cols, int(rows * cols * sizes["density"]))
     components = sizes["components"]
     record["sparse_nnz"] = int(sparse.nnz)
-    if peer_python:
-        from .speed import peer_run
+    # torch first, then the floor and the peer, which are torch's too; MLX after them.
+    devices = sorted(devices, key=lambda d: d[0] != "torch")
+    for index, (name, device) in enumerate(devices):
+        record["runs"].append(measure(name, device, seed, dense, sparse, components, progress))
+        save(record)
+        if index == 0:
+            progress("cuSPARSE floor ...")
+            record["cusparse_floor_s"] = cusparse_floor(sparse, components)
+            save(record)
+            if peer_python:
+                from .speed import peer_run
 
-        progress("seed setting against PyPI pnmf 0.1.0 ...")
-        record["peer"] = peer_run(peer_python, sorted({name for name, _ in devices}))
-    targets = list(devices) + ([("torch", "cpu")] if ("torch", "cpu") not in devices else [])
-    for name, device in targets:
-        on_cpu = device == "cpu"
-        with cpu_threads(CPU_THREADS) if on_cpu else contextlib.nullcontext():
-            entry = {"backend": name, "device": get_backend(name, device).device}
-            if not on_cpu:
-                progress(f"[{name}:{device}] seed setting ...")
-                entry["seed"] = {
-                    training: per_iteration(
-                        seed, name, device, 5, iterations=(20, 220), mode="expanded", training_mode=training, E=10
-                    )["s_per_iter"]
-                    for training in ("natural", "standard")
-                }
-            progress(f"[{name}:{device}] dense {sizes['dense'][0]:,} x {sizes['dense'][1]:,} ...")
-            entry["dense"] = per_iteration(dense, name, device, components, mode="lower-bound", training_mode="natural")
-            entry["dense"].update(converge(dense, name, device, components))
-            progress(f"[{name}:{device}] sparse {rows:,} x {cols:,}, {sparse.nnz:,} non-zeros ...")
-            # Few iterations on the CPU: one takes seconds at 1e8 non-zeros.
-            iterations, repeats = ((3, 8), 1) if on_cpu else ((11, 31), 2)
-            entry["sparse"] = per_iteration(
-                sparse, name, device, components, iterations, repeats, mode="lower-bound", training_mode="natural"
-            )
-            if not on_cpu:
-                entry["sparse"].update(converge(sparse, name, device, components, max_iter=1000))
-        record["runs"].append(entry)
-    progress("cuSPARSE floor ...")
-    record["cusparse_floor_s"] = cusparse_floor(sparse, components)
+                progress("seed setting against PyPI pnmf 0.1.0 ...")
+                record["peer"] = peer_run(peer_python, sorted({name for name, _ in devices}))
+                save(record)
+    if cpu != "no" and ("torch", "cpu") not in devices:
+        record["runs"].append(measure("torch", "cpu", seed, dense, sparse, components, progress))
+        save(record)
     return record
+
+
+def measure(name: str, device: str, seed, dense, sparse, components: int, progress=print) -> dict:
+    """One device's entry: the seed setting (GPUs only), the dense and the sparse fit."""
+    on_cpu = device == "cpu"
+    with cpu_threads(CPU_THREADS) if on_cpu else contextlib.nullcontext():
+        entry = {"backend": name, "device": get_backend(name, device).device}
+        if not on_cpu:
+            progress(f"[{name}:{device}] seed setting ...")
+            entry["seed"] = seed_setting(seed, name, device)
+            if name == "torch" and device.startswith("cuda"):
+                progress(f"[{name}:{device}] seed setting, steps replayed from CUDA graphs ...")
+                entry["seed_graphed"] = seed_setting(seed, name, device, graphs=True)
+        progress(f"[{name}:{device}] dense {dense.shape[0]:,} x {dense.shape[1]:,} ...")
+        entry["dense"] = per_iteration(dense, name, device, components, mode="lower-bound", training_mode="natural")
+        entry["dense"].update(converge(dense, name, device, components))
+        progress(f"[{name}:{device}] sparse {sparse.shape[0]:,} x {sparse.shape[1]:,}, {sparse.nnz:,} non-zeros ...")
+        # Few iterations on the CPU: one takes seconds at 1e8 non-zeros.
+        iterations, repeats = ((3, 8), 1) if on_cpu else ((11, 31), 2)
+        entry["sparse"] = per_iteration(
+            sparse, name, device, components, iterations, repeats, mode="lower-bound", training_mode="natural"
+        )
+        if not on_cpu:
+            entry["sparse"].update(converge(sparse, name, device, components, max_iter=1000))
+    return entry
+
+
+def seed_setting(seed, name: str, device: str, graphs: bool = False) -> dict:
+    """Seconds per iteration on the seed setting, natural and standard training; with ``graphs``
+    torch's steps are replayed from CUDA graphs, and the record says whether each was captured."""
+    from ..backends import torch as torch_backend
+
+    result = {}
+    with contextlib.ExitStack() as stack:
+        if graphs:
+            stack.enter_context(_graphs_on(torch_backend))
+            caught = stack.enter_context(warnings.catch_warnings(record=True))
+            warnings.simplefilter("always", RuntimeWarning)
+        for training in ("natural", "standard"):
+            result[training] = per_iteration(
+                seed, name, device, 5, iterations=(20, 220), mode="expanded", training_mode=training, E=10
+            )["s_per_iter"]
+        if graphs:
+            result["capture_failures"] = sorted({str(w.message) for w in caught if "CUDA graph" in str(w.message)})
+    return result
+
+
+@contextlib.contextmanager
+def _graphs_on(module):
+    before, module.CUDA_GRAPHS = module.CUDA_GRAPHS, True
+    try:
+        yield
+    finally:
+        module.CUDA_GRAPHS = before
 
 
 @contextlib.contextmanager
@@ -198,6 +249,11 @@ def report(record: dict) -> str:
             lines.append(
                 f"  seed setting: {natural * 1e3:.3f} ms (natural), {standard * 1e3:.3f} ms (standard) per iteration"
             )
+        if "seed_graphed" in entry:
+            graphed = entry["seed_graphed"]
+            text = f"  seed setting, steps replayed from CUDA graphs: {graphed['natural'] * 1e3:.3f} ms (natural)"
+            text += f", {graphed['standard'] * 1e3:.3f} ms (standard)"
+            lines.append(text + "".join(f"; not captured: {f}" for f in graphed["capture_failures"]))
         d = entry["dense"]
         text = f"  dense: {d['s_per_iter'] * 1e3:.2f} ms per iteration"
         text += f"; converged in {d['n_iter']} iterations, {d['s']:.2f} s"
