@@ -68,7 +68,9 @@ pick=()
 [ -n "${PNMF_GPU_TESTS:-}" ] && pick=(-k "$PNMF_GPU_TESTS")
 # Four workers where pytest-xdist is installed: the float64 references are CPU work.
 "$python" -c "import xdist" 2>/dev/null && pick+=(-n 4)
-timeout "${PNMF_GPU_TESTS_TIMEOUT:-270}" "$python" -m pytest -m gpu -q -p no:cacheprovider --durations=8 "${pick[@]}" tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.txt" | tail -40
+# -v: each test's name and outcome as it ends, so that a run cut short still says which failed.
+timeout "${PNMF_GPU_TESTS_TIMEOUT:-270}" "$python" -m pytest -m gpu -v --tb=short -p no:cacheprovider --durations=8 \
+  "${pick[@]}" tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.txt" | tail -40
 tests=${PIPESTATUS[0]}
 # shellcheck disable=SC2086  # PNMF_GPU_CHECK_ARGS is a list of arguments
 timeout "${PNMF_GPU_SUITE_TIMEOUT:-330}" "$python" -m pnmf.benchmarks --suite gpu --out "$out" "${peer[@]}" ${PNMF_GPU_CHECK_ARGS:-} 2>&1 | tee "$out/gpu_suite.txt" | tail -30

@@ -113,7 +113,7 @@ def run(
                 state = {name: b.asarray(value) for name, value in saved["state"].items()}
                 key, start, monitors = b.key_from_numpy(saved["key"]), saved["phase_start"], saved["monitors"]
                 saved = None
-            step = b.compile(trainer.step)
+            step = b.compile(trainer.step, capture=getattr(trainer, "capturable", False))
             pending: list[Array] = []
             converged = False
             while len(history) + len(pending) < max_iter and not converged:

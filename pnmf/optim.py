@@ -10,7 +10,7 @@ import math
 import numpy as np
 
 from .backends.base import Array, Backend
-from .elbo import MEAN_BOUND, VAR_BOUNDS, Noise, Terms, evaluate, prior_update, rate_denominator
+from .elbo import MEAN_BOUND, VAR_BOUNDS, DenseCounts, Noise, Terms, evaluate, prior_update, rate_denominator
 
 LOADINGS_UPDATES = ("adam", "multiplicative")
 BETA1, BETA2, ADAM_EPS = 0.9, 0.999, 1e-8
@@ -96,6 +96,13 @@ class Trainer:
         self.fit_loadings = update_loadings
         self.fit_batches = update_batches
 
+    @property
+    def capturable(self) -> bool:
+        """Whether a step may be recorded once and replayed (a CUDA graph; see
+        :meth:`Backend.compile`): dense counts on one process. A distributed step's all-reduce
+        is not recorded, nor a sparse step, whose replay has not been checked on a GPU."""
+        return isinstance(self.counts, DenseCounts) and self.counts.group is None
+
     def monitor(self, state: dict) -> Array:
         """The ELBO at the state's parameters, estimated with the same noise at every call
         (common random numbers): what the stopping rule of a Monte Carlo fit reads."""
@@ -132,6 +139,10 @@ class Averaged:
 
     def __init__(self, trainer, eta: float):
         self.trainer, self.b, self.eta = trainer, trainer.b, eta
+
+    @property
+    def capturable(self) -> bool:
+        return self.trainer.capturable
 
     def init(self, mu: Array, var: Array, w: Array, extra: dict | None = None) -> dict:
         state = self.trainer.init(mu, var, w, extra)

@@ -120,3 +120,20 @@ def test_the_version_lives_in_one_place_and_ci_checks_the_wheel():
     assert "bash .ci/wheel" in (ROOT / ".ci" / "run").read_text().splitlines()
     wheel = (ROOT / ".ci" / "wheel").read_text()
     assert "twine check --strict" in wheel and 'pnmf" --help' in wheel
+
+
+def test_the_gpu_suites_cpu_part_joins_the_record_a_gpu_machine_left(tmp_path):
+    from pnmf.benchmarks.natural_gradient import machine
+
+    fits = {"s_per_iter": 0.01, "setup_s": 1.0, "s": 2.0, "n_iter": 100, "converged": True, "elbo": -1.0}
+    gpu_entry = {"backend": "torch", "device": "cuda", "dense": fits, "sparse": dict(fits, peak_device_gb=1.0)}
+    old_cpu = {"backend": "torch", "device": "cpu", "dense": fits, "sparse": fits}
+    earlier = {"machine": "a GPU machine", "quick": True, "runs": [gpu_entry, old_cpu], "sparse_nnz": 10}
+    (tmp_path / "gpu.json").write_text(json.dumps(earlier))
+    main(["--suite", "gpu", "--quick", "--cpu", "only", "--out", str(tmp_path)])
+    record = json.loads((tmp_path / "gpu.json").read_text())
+    assert record["machine"] == "a GPU machine" and record["cpu_machine"] == machine()
+    assert [r["device"] for r in record["runs"]] == ["cuda", "cpu"]
+    assert record["runs"][0] == gpu_entry and record["runs"][1]["sparse"]["s_per_iter"] != 0.01
+    summary = (tmp_path / "gpu_summary.txt").read_text()
+    assert "the CPU's fits on" in summary and "faster per iteration than 2 CPU threads" in summary

@@ -113,6 +113,7 @@ def test_a_step_replayed_from_a_cuda_graph_fits_as_the_eager_step(gpu, training,
 
     x, _, _ = make_counts(200, 100, 5, random_state=42)
     params = dict(mode=mode, training_mode=training, backend="torch", device=gpu.device, random_state=0, tol=0)
+    monkeypatch.setattr(torch_backend, "CUDA_GRAPHS", False)
     eager = PNMF(5, max_iter=300, **params).fit(x)
     monkeypatch.setattr(torch_backend, "CUDA_GRAPHS", True)
     with warnings.catch_warnings():

@@ -272,13 +272,15 @@ def test_torch_device_steps_neither_copy_from_nor_wait_for_the_host(monkeypatch,
 
         return call
 
-    stepping = False
+    stepping, captures = False, []
     for name in ("tensor", "as_tensor", "from_numpy"):
         monkeypatch.setattr(torch, name, refuse(name, getattr(torch, name)))
     for name in ("item", "cpu", "numpy", "tolist", "__bool__", "__float__", "__int__"):
         monkeypatch.setattr(torch.Tensor, name, refuse(name, getattr(torch.Tensor, name)))
 
-    def compile(self, fn):
+    def compile(self, fn, capture=False):
+        captures.append(capture)
+
         def step(state, key):
             nonlocal stepping
             stepping = True
@@ -295,3 +297,21 @@ def test_torch_device_steps_neither_copy_from_nor_wait_for_the_host(monkeypatch,
     model.fit(sp.csr_matrix(x) if sparse else x)
     assert model.n_iter_ == 150 and np.isfinite(model.elbo_)
     assert not refused, f"host transfers or reads inside a step: {sorted(set(refused))}"
+    # The loop asks for dense steps to be captured; sparse ones are not (not yet checked on a GPU).
+    assert captures and all(c == (not sparse) for c in captures)
+
+
+@pytest.mark.parametrize("preset", [None, "1"])
+def test_mlx_multiplies_in_full_float32_unless_the_user_chose_otherwise(preset):
+    # MLX's default on GPUs with matrix units is TF32 (errors near 1e-3 per product).
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("mlx.core")
+    env = {k: v for k, v in os.environ.items() if k != "MLX_ENABLE_TF32"}
+    if preset is not None:
+        env["MLX_ENABLE_TF32"] = preset
+    script = "import os, pnmf.backends.mlx; print(os.environ['MLX_ENABLE_TF32'])"
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == (preset or "0")

@@ -234,8 +234,14 @@ class Backend:
         raise NotImplementedError
 
     # -- execution ----------------------------------------------------------------
-    def compile(self, fn: Callable) -> Callable:
-        """A faster equivalent of a pure function of arrays (identity by default)."""
+    def compile(self, fn: Callable, capture: bool = False) -> Callable:
+        """A faster equivalent of a pure function of arrays (identity by default).
+
+        ``capture``: ``fn`` is a training step ``(state, key) -> (state, key, value)`` whose
+        calls may be recorded once and replayed (its arrays keep their shapes, it reads
+        nothing back to the host and talks to no other process); torch on CUDA then replays
+        it from a CUDA graph.
+        """
         return fn
 
     def threads(self, limit: int | None) -> contextlib.AbstractContextManager:

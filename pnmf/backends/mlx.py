@@ -11,10 +11,18 @@ there its exp and log are about float32-accurate.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
-import mlx.core as mx
-import numpy as np
+# MLX runs float32 matrix products at TF32 precision on GPUs with matrix units (CUDA tensor
+# cores, Apple M5) unless MLX_ENABLE_TF32=0 is set before its first operation: errors near
+# 1e-3 of each product, where the ELBO and the checked natural steps assume float32's 1e-7.
+# The products here have L columns and are bound by memory, not arithmetic, so full float32
+# costs little. A value the user set stays.
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
 
 from .base import Backend
 from .numpy import NumpyBackend
@@ -64,7 +72,7 @@ class MLXBackend(Backend):
     def launch(self, *trees):
         mx.async_eval(trees)
 
-    def compile(self, fn):
+    def compile(self, fn, capture=False):
         return mx.compile(fn) if self._traceable else fn
 
     def asarray(self, x):

@@ -1,7 +1,9 @@
 """PyTorch backend: CUDA, MPS or CPU.
 
 On the CPU the dense hot loop (the log term and its gradients) runs in NumPy on the
-tensors' own memory, which was faster here; sparse counts use torch's CSR kernels.
+tensors' own memory, which was faster here; sparse counts use torch's CSR kernels. On
+CUDA a full-batch step on dense counts is replayed from a CUDA graph (``CUDA_GRAPHS``;
+set it to False to launch every kernel from Python).
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import torch
 from .base import TINY_RATE, Backend, csr_transpose_order
 from .numpy import NumpyBackend
 
-# Replay each training step from a CUDA graph (see _Graphed). Off by default until measured.
-CUDA_GRAPHS = False
+# Replay the training steps that allow it from CUDA graphs (see _Graphed): on an H100 a step
+# of the seed setting took 0.28-0.36 ms so against 0.98-1.84 ms launched from Python.
+CUDA_GRAPHS = True
 # Eager steps before the capture (the first calls allocate the backend's scratch buffers).
 GRAPH_WARMUP = 3
 
@@ -140,8 +143,8 @@ class TorchBackend(Backend):
         # A fill, not a copy from the host: a step with constants in it can be captured.
         return torch.full((), float(value), dtype=self._dtype, device=self._device)
 
-    def compile(self, fn):
-        if self._device.type == "cuda" and CUDA_GRAPHS:
+    def compile(self, fn, capture=False):
+        if capture and CUDA_GRAPHS and self._device.type == "cuda":
             return _Graphed(fn)
         return fn
 

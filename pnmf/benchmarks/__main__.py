@@ -95,8 +95,11 @@ def main(argv=None) -> list:
         from . import gpu
 
         args.out.mkdir(parents=True, exist_ok=True)
-        save = lambda record: (args.out / "gpu.json").write_text(json.dumps(record, indent=1))  # noqa: E731
-        record = gpu.run(quick=args.quick, peer_python=args.peer_python, save=save, cpu=args.cpu)
+        path = args.out / "gpu.json"
+        # --cpu only adds the CPU's fits to the record a GPU machine left there, if any.
+        earlier = json.loads(path.read_text()) if args.cpu == "only" and path.exists() else None
+        save = lambda record: path.write_text(json.dumps(gpu.combine(earlier, record), indent=1))  # noqa: E731
+        record = gpu.combine(earlier, gpu.run(quick=args.quick, peer_python=args.peer_python, save=save, cpu=args.cpu))
         summary = gpu.report(record)
         (args.out / "gpu_summary.txt").write_text(summary + "\n")
         print(summary)

@@ -172,12 +172,16 @@ def measure(name: str, device: str, seed, dense, sparse, components: int, progre
         entry = {"backend": name, "device": get_backend(name, device).device}
         if not on_cpu:
             progress(f"[{name}:{device}] seed setting ...")
-            entry["seed"] = seed_setting(seed, name, device)
+            entry["seed"] = seed_setting(seed, name, device)  # torch: each kernel launched from Python
             if name == "torch" and device.startswith("cuda"):
                 progress(f"[{name}:{device}] seed setting, steps replayed from CUDA graphs ...")
                 entry["seed_graphed"] = seed_setting(seed, name, device, graphs=True)
         progress(f"[{name}:{device}] dense {dense.shape[0]:,} x {dense.shape[1]:,} ...")
-        entry["dense"] = per_iteration(dense, name, device, components, mode="lower-bound", training_mode="natural")
+        # On a GPU an iteration of the dense fit is about a millisecond: 200 of them tell it from the noise.
+        lengths = (11, 31) if on_cpu else (11, 211)
+        entry["dense"] = per_iteration(
+            dense, name, device, components, lengths, mode="lower-bound", training_mode="natural"
+        )
         entry["dense"].update(converge(dense, name, device, components))
         progress(f"[{name}:{device}] sparse {sparse.shape[0]:,} x {sparse.shape[1]:,}, {sparse.nnz:,} non-zeros ...")
         # Few iterations on the CPU: one takes seconds at 1e8 non-zeros.
@@ -191,16 +195,16 @@ def measure(name: str, device: str, seed, dense, sparse, components: int, progre
 
 
 def seed_setting(seed, name: str, device: str, graphs: bool = False) -> dict:
-    """Seconds per iteration on the seed setting, natural and standard training; with ``graphs``
-    torch's steps are replayed from CUDA graphs, and the record says whether each was captured."""
+    """Seconds per iteration on the seed setting, natural and standard training, with torch's
+    steps launched from Python or (``graphs``) replayed from CUDA graphs; with ``graphs`` the
+    record says which steps could not be captured."""
     from ..backends import torch as torch_backend
 
     result = {}
     with contextlib.ExitStack() as stack:
-        if graphs:
-            stack.enter_context(_graphs_on(torch_backend))
-            caught = stack.enter_context(warnings.catch_warnings(record=True))
-            warnings.simplefilter("always", RuntimeWarning)
+        stack.enter_context(_graphs(torch_backend, graphs))
+        caught = stack.enter_context(warnings.catch_warnings(record=True))
+        warnings.simplefilter("always", RuntimeWarning)
         for training in ("natural", "standard"):
             result[training] = per_iteration(
                 seed, name, device, 5, iterations=(20, 220), mode="expanded", training_mode=training, E=10
@@ -211,8 +215,8 @@ def seed_setting(seed, name: str, device: str, graphs: bool = False) -> dict:
 
 
 @contextlib.contextmanager
-def _graphs_on(module):
-    before, module.CUDA_GRAPHS = module.CUDA_GRAPHS, True
+def _graphs(module, on: bool):
+    before, module.CUDA_GRAPHS = module.CUDA_GRAPHS, on
     try:
         yield
     finally:
@@ -234,9 +238,20 @@ def cpu_threads(count: int):
         torch.set_num_threads(previous)
 
 
+def combine(gpu_record: dict | None, cpu_record: dict) -> dict:
+    """The GPU machine's record with the CPU's fits from another machine's ``--cpu only`` run
+    (its entry replaces any CPU entry there; ``cpu_machine`` names where it ran)."""
+    if gpu_record is None or gpu_record.get("quick") != cpu_record.get("quick"):
+        return cpu_record
+    runs = [r for r in gpu_record["runs"] if r["device"] != "cpu"] + cpu_record["runs"]
+    return {**gpu_record, "runs": runs, "cpu_machine": cpu_record["machine"]}
+
+
 def report(record: dict) -> str:
     """The GPU suite's record as text: one block per device, ratios to the floor, the CPU and torch."""
     lines = [f"pnmf GPU suite on {record['machine']}{' (quick sizes)' if record['quick'] else ''}"]
+    if "cpu_machine" in record:
+        lines.append(f"(the CPU's fits on {record['cpu_machine']})")
     floor = record.get("cusparse_floor_s")
     by_device = {f"{r['backend']}:{r['device']}": r for r in record["runs"]}
     cpu = by_device.get("torch:cpu")
@@ -248,6 +263,7 @@ def report(record: dict) -> str:
             natural, standard = entry["seed"]["natural"], entry["seed"]["standard"]
             lines.append(
                 f"  seed setting: {natural * 1e3:.3f} ms (natural), {standard * 1e3:.3f} ms (standard) per iteration"
+                + (", launched from Python" if "seed_graphed" in entry else "")
             )
         if "seed_graphed" in entry:
             graphed = entry["seed_graphed"]
@@ -255,9 +271,12 @@ def report(record: dict) -> str:
             text += f", {graphed['standard'] * 1e3:.3f} ms (standard)"
             lines.append(text + "".join(f"; not captured: {f}" for f in graphed["capture_failures"]))
         d = entry["dense"]
-        text = f"  dense: {d['s_per_iter'] * 1e3:.2f} ms per iteration"
+        if d["s_per_iter"] > 0:
+            text = f"  dense: {d['s_per_iter'] * 1e3:.2f} ms per iteration"
+        else:  # the longer fit was not the slower: an iteration is below the timing's noise
+            text = "  dense: time per iteration below the noise of the fits' difference"
         text += f"; converged in {d['n_iter']} iterations, {d['s']:.2f} s"
-        if faster:
+        if faster and d["s_per_iter"] > 0:
             text += f"; {cpu['dense']['s_per_iter'] / d['s_per_iter']:.1f}x faster per iteration than the CPU"
         lines.append(text)
         s = entry["sparse"]
