@@ -24,7 +24,7 @@ from .backends import BACKENDS, get_backend
 from .data import DiskRows, on_disk
 from .elbo import MEAN_BOUND, MODES, Noise, as_counts, evaluate
 from .init import INITS, initialize
-from .loop import Phase
+from .loop import TAIL_STANDARD, Phase
 from .natural import NaturalTrainer
 from .optim import LOADINGS_UPDATES, Averaged, StandardTrainer
 from .scaling import (
@@ -372,9 +372,9 @@ class PNMF(TransformerMixin, BaseEstimator):
         # stopping rule reads their ELBO under fixed noise (loop.has_settled).
         if AVERAGE_ETA is not None:
             trainer = Averaged(trainer, AVERAGE_ETA)
-        main = Phase(trainer, self.tol, noisy=True)
         if self.training_mode == "standard":
-            return [main]
+            return [Phase(trainer, self.tol, noisy=True, tail=TAIL_STANDARD)]
+        main = Phase(trainer, self.tol, noisy=True)
         warmup = self._trainer(counts, "natural", "lower-bound", True, fit_batches)
         return [Phase.of_mode(warmup, "lower-bound", max(self.tol, WARMUP_TOL)), main]
 

@@ -8,7 +8,7 @@ import pytest
 
 from pnmf import PNMF, make_counts
 from pnmf.backends import get_backend
-from pnmf.loop import CHECK_EVERY, SETTLE, has_settled
+from pnmf.loop import CHECK_EVERY, SETTLE, TAIL, TAIL_STANDARD, has_settled
 from pnmf.optim import Averaged
 
 SEED = dict(E=10, random_state=42, prior_scale=1.0, backend="numpy", dtype="float64")
@@ -19,9 +19,9 @@ def seed_counts():
     return make_counts(200, 100, 5, random_state=42)[0]
 
 
-def first_stop(values, tol):
+def first_stop(values, tol, tail=TAIL):
     """The first check count at which has_settled fires on the prefix of ``values``."""
-    return next((n for n in range(1, len(values) + 1) if has_settled(list(values[:n]), tol)), None)
+    return next((n for n in range(1, len(values) + 1) if has_settled(list(values[:n]), tol, tail=tail)), None)
 
 
 @pytest.mark.parametrize(
@@ -55,6 +55,26 @@ def test_has_settled_does_not_take_a_transient_for_the_tail():
     n = first_stop(limit - gap, tol)
     assert n is not None
     assert gap[n - 1] <= 1.5 * tol * abs(limit)
+
+
+def test_adams_phase_assumes_the_faster_tail_of_its_average(seed_counts, monkeypatch):
+    # A remaining distance that falls as t^-4 (the averaged iterates of a constant-rate fit):
+    # the natural phases' assumption (no faster than t^-1.25) waits long after it is within
+    # tol; Adam's (t^-2.5) stops sooner, still within tol.
+    t = CHECK_EVERY * np.arange(1, 3001)
+    limit, tol = -1000.0, 1e-4
+    gap = 400.0 * (t / 150.0) ** -4.0
+    natural, adam = first_stop(limit - gap, tol), first_stop(limit - gap, tol, TAIL_STANDARD)
+    assert adam < natural and gap[adam - 1] <= tol * abs(limit)
+    # The estimator gives standard training's phase that rule, and natural training's the other.
+    import pnmf.loop as loop
+
+    tails = []
+    monkeypatch.setattr(loop, "has_settled", lambda monitors, tol, tail: tails.append(tail) or False)
+    for training in ("standard", "natural"):
+        PNMF(5, mode="expanded", training_mode=training, max_iter=300, **SEED).fit(seed_counts)
+        assert set(tails) == {TAIL_STANDARD if training == "standard" else TAIL}
+        tails.clear()
 
 
 def test_has_settled_waits_for_settle_and_never_fires_at_tol_zero():
@@ -125,7 +145,7 @@ def test_the_averaged_parameters_give_the_stopping_rule_a_smooth_elbo(seed_count
     import pnmf.loop as loop
 
     read = []
-    monkeypatch.setattr(loop, "has_settled", lambda monitors, tol: read.append(list(monitors)) or False)
+    monkeypatch.setattr(loop, "has_settled", lambda monitors, tol, **rule: read.append(list(monitors)) or False)
     falls, averaged = {}, estimator.AVERAGE_ETA
     for eta in (averaged, None):
         monkeypatch.setattr(estimator, "AVERAGE_ETA", eta)
