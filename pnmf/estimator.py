@@ -89,7 +89,7 @@ class PNMF(TransformerMixin, BaseEstimator):
         default), 'expanded' (Monte Carlo log term, exact expected rate) or 'simple' (both
         by Monte Carlo). 'expanded' gives a tighter bound and, measured on three data sets
         (docs/defaults.md), a 0.14-3.8% lower held-out deviance under natural training, for
-        3-20x the time.
+        3-17x the time.
     training_mode : {'natural', 'standard'}
         'natural' (the default): natural-gradient steps on q(F) (see ``ngd_lr``); the Monte
         Carlo modes start from a 'lower-bound' natural fit. 'standard': Adam on the mean,
