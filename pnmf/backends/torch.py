@@ -19,7 +19,7 @@ from .base import TINY_RATE, Backend, csr_transpose_order
 from .numpy import NumpyBackend
 
 # Replay the training steps that allow it from CUDA graphs (see _Graphed): on an H100 a step
-# of the seed setting took 0.28-0.36 ms so against 0.98-1.84 ms launched from Python.
+# of the seed setting took 0.28-0.36 ms against 0.98-1.84 ms launched from Python.
 CUDA_GRAPHS = True
 # Eager steps before the capture (the first calls allocate the backend's scratch buffers).
 GRAPH_WARMUP = 3
@@ -31,9 +31,10 @@ class _Graphed:
     At the seed size a step is a few dozen tiny kernels, and launching them from Python costs
     more than running them. After ``GRAPH_WARMUP`` eager calls the step is captured once, with
     the state copied into fixed input tensors and the generator registered with the graph;
-    each later call copies the state in (one batched copy; none when the state is the last
-    call's output, which it is inside the fit loop), replays, and returns the fixed output
-    tensors, valid until the next call, and a copy of the value. A step that cannot be
+    each later call copies into them, in one batched copy, the entries of the state that are
+    not those tensors already (inside the fit loop: the entries the last replay changed),
+    replays, and returns the fixed output tensors, valid until the next call, with a copy of
+    the value. A step that cannot be
     captured (a host transfer or synchronisation in it) runs eagerly, with a warning.
     """
 

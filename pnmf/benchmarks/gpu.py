@@ -7,12 +7,15 @@ On every GPU a framework here can use (torch on CUDA or MPS, MLX on its GPU), in
   its steps replayed from CUDA graphs; with ``--peer-python`` also PyPI ``pnmf`` 0.1.0 run
   from its own environment;
 * dense 20,000 x 2,000 Poisson counts, 20 components, ``lower-bound`` natural: time per
-  iteration, and time and iterations to converge;
+  iteration ((T(211) - T(11)) / 200 on a GPU, (T(31) - T(11)) / 20 on the CPU), and time
+  and iterations to converge;
 * sparse 1,000,000 x 20,000 at 0.5% (1e8 non-zeros), 20 components, ``lower-bound``
   natural: time per iteration ((T(31) - T(11)) / 20), set-up, time to converge and peak
   device memory, against the floor of two cuSPARSE products of the same shapes
   (``torch.sparse.mm``: X @ M and X.T @ M2, 20 columns) timed in the same run;
-* the dense and sparse fits again with torch on the machine's CPU, 2 threads, for the ratio.
+* the dense and sparse fits again with torch on the machine's CPU, 2 threads, for the ratio
+  (``--cpu no`` leaves them out; ``--cpu only`` runs them alone and adds them to the
+  ``gpu.json`` a GPU machine left in the output folder).
 
 ``--quick`` shrinks every size (for a check of the suite itself, which then also runs
 where there is no GPU, on the CPU).
@@ -122,10 +125,10 @@ def cusparse_floor(x, n_components: int) -> float | None:
 def run(quick: bool = False, peer_python: str | None = None, progress=print, save=None, cpu: str = "also") -> dict:
     """Every measurement above on every GPU here (on the CPU too with ``quick`` when there is none).
 
-    torch's GPU comes first, then the cuSPARSE floor, PyPI pnmf, MLX's GPU and the CPU; ``save(record)`` is
-    called after each part, so that a run cut short keeps what it measured. ``cpu``: "also"
-    (the CPU after the GPUs), "no" (GPUs only) or "only" (the CPU's part alone, to be run
-    on another machine than the GPU's).
+    torch's GPU comes first, then the cuSPARSE floor, PyPI pnmf, MLX's GPU and the CPU;
+    ``save(record)`` is called after each part, so that a run cut short keeps what it
+    measured. ``cpu``: "also" (the CPU after the GPUs), "no" (GPUs only) or "only" (the
+    CPU's part alone, to be run on another machine than the GPU's).
     """
     from .natural_gradient import machine
 
