@@ -141,6 +141,10 @@ def run(quick: bool = False, peer_python: str | None = None, progress=print, sav
         raise SystemExit("--suite gpu found no GPU (torch sees no CUDA or MPS, MLX no GPU); --quick runs it on the CPU")
     devices = devices or ([] if cpu == "only" else [("torch", "cpu")])
     record = {"machine": machine(), "quick": quick, "devices": [f"{n}:{d}" for n, d in devices], "runs": []}
+    if any(d.startswith("cuda") for _, d in devices):
+        import torch
+
+        record["gpu"] = torch.cuda.get_device_name(0)
     seed, _, _ = make_counts(200, 100, 5, random_state=42)
     dense, _, _ = make_counts(*sizes["dense"], sizes["components"], random_state=0)
     rows, cols = sizes["sparse"]
@@ -252,7 +256,8 @@ def combine(gpu_record: dict | None, cpu_record: dict) -> dict:
 
 def report(record: dict) -> str:
     """The GPU suite's record as text: one block per device, ratios to the floor, the CPU and torch."""
-    lines = [f"pnmf GPU suite on {record['machine']}{' (quick sizes)' if record['quick'] else ''}"]
+    gpu = f", {record['gpu']}" if "gpu" in record else ""
+    lines = [f"pnmf GPU suite on {record['machine']}{gpu}{' (quick sizes)' if record['quick'] else ''}"]
     if "cpu_machine" in record:
         lines.append(f"(the CPU's fits on {record['cpu_machine']})")
     floor = record.get("cusparse_floor_s")
