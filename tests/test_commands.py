@@ -137,3 +137,13 @@ def test_the_gpu_suites_cpu_part_joins_the_record_a_gpu_machine_left(tmp_path):
     assert record["runs"][0] == gpu_entry and record["runs"][1]["sparse"]["s_per_iter"] != 0.01
     summary = (tmp_path / "gpu_summary.txt").read_text()
     assert "the CPU's fits on" in summary and "faster per iteration than 2 CPU threads" in summary
+
+
+def test_the_gpu_suite_leaves_torchs_parts_out_where_torch_is_missing(monkeypatch):
+    # On an MLX-only machine the floor (torch.sparse.mm) and the CPU's fits (torch) are skipped.
+    from pnmf.benchmarks import gpu
+
+    monkeypatch.setattr(gpu, "available", lambda: ["mlx", "numpy"])
+    assert gpu.cusparse_floor(None, 3) is None
+    record = gpu.run(quick=True, cpu="only", progress=lambda message: None)
+    assert record["runs"] == []

@@ -34,8 +34,8 @@ class _Graphed:
     each later call copies into them, in one batched copy, the entries of the state that are
     not those tensors already (inside the fit loop: the entries the last replay changed),
     replays, and returns the fixed output tensors, valid until the next call, with a copy of
-    the value. A step that cannot be
-    captured (a host transfer or synchronisation in it) runs eagerly, with a warning.
+    the value. A step that cannot be captured (a host transfer or synchronisation in it)
+    runs eagerly, with a warning.
     """
 
     def __init__(self, fn):

@@ -30,7 +30,7 @@ import warnings
 import numpy as np
 
 from .. import PNMF, make_counts
-from ..backends import get_backend, gpu_devices
+from ..backends import available, get_backend, gpu_devices
 from .speed import best_time, fit_times, sparse_counts
 
 FULL = {"dense": (20_000, 2_000), "sparse": (1_000_000, 20_000), "density": 0.005, "components": 20}
@@ -96,6 +96,8 @@ def converge(x, name: str, device: str, n_components: int, max_iter: int = 2000)
 
 def cusparse_floor(x, n_components: int) -> float | None:
     """Seconds for X @ M and X.T @ M2 with ``torch.sparse.mm`` on CUDA (best of 5), or None."""
+    if "torch" not in available():
+        return None
     import torch
 
     if not torch.cuda.is_available():
@@ -137,9 +139,12 @@ def run(quick: bool = False, peer_python: str | None = None, progress=print, sav
     save = save or (lambda record: None)
     sizes = QUICK if quick else FULL
     devices = [] if cpu == "only" else gpu_devices()
-    if not devices and not quick and cpu != "only":
-        raise SystemExit("--suite gpu found no GPU (torch sees no CUDA or MPS, MLX no GPU); --quick runs it on the CPU")
-    devices = devices or ([] if cpu == "only" else [("torch", "cpu")])
+    if not devices and cpu != "only":
+        if not quick:
+            raise SystemExit(
+                "--suite gpu found no GPU (torch sees no CUDA or MPS, MLX no GPU); --quick runs it on the CPU"
+            )
+        devices = [("torch", "cpu")]
     record = {"machine": machine(), "quick": quick, "devices": [f"{n}:{d}" for n, d in devices], "runs": []}
     if any(d.startswith("cuda") for _, d in devices):
         import torch
@@ -166,7 +171,8 @@ def run(quick: bool = False, peer_python: str | None = None, progress=print, sav
                 progress("seed setting against PyPI pnmf 0.1.0 ...")
                 record["peer"] = peer_run(peer_python, sorted({name for name, _ in devices}))
                 save(record)
-    if cpu != "no" and ("torch", "cpu") not in devices:
+    # The CPU's fits and the floor are torch's: an MLX-only machine measures its GPU alone.
+    if cpu != "no" and ("torch", "cpu") not in devices and "torch" in available():
         record["runs"].append(measure("torch", "cpu", seed, dense, sparse, components, progress))
         save(record)
     return record
@@ -205,11 +211,12 @@ def seed_setting(seed, name: str, device: str, graphs: bool = False) -> dict:
     """Seconds per iteration on the seed setting, natural and standard training, with torch's
     steps launched from Python or (``graphs``) replayed from CUDA graphs; with ``graphs`` the
     record says which steps could not be captured."""
-    from ..backends import torch as torch_backend
-
     result = {}
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_graphs(torch_backend, graphs))
+        if name == "torch":
+            from ..backends import torch as torch_backend
+
+            stack.enter_context(_graphs(torch_backend, graphs))
         caught = stack.enter_context(warnings.catch_warnings(record=True))
         warnings.simplefilter("always", RuntimeWarning)
         for training in ("natural", "standard"):
