@@ -27,6 +27,7 @@ from .init import INITS, initialize
 from .loop import TAIL_STANDARD, Phase
 from .natural import NaturalTrainer
 from .optim import LOADINGS_UPDATES, Averaged, StandardTrainer
+from .restarts import LaneTrainer, lanes_per_step
 from .scaling import (
     SIZE_FACTORS,
     RowEffects,
@@ -512,12 +513,45 @@ class PNMF(TransformerMixin, BaseEstimator):
         fits = []
         with b.threads(self._thread_limit(X)), b.scope():
             counts = as_counts(b, X, None, None if effects is None else effects.scaling(b, X, xb))
-            for seed in seeds:
-                fit = clone(self).set_params(random_state=int(seed))
-                vars(fit).update(fitted)
-                fit._fit_on(b, X, None, effects, xb, counts)
-                fits.append(fit)
+            lanes = lanes_per_step(self, X, b)
+            for first in range(0, len(seeds), lanes):
+                group = [clone(self).set_params(random_state=int(seed)) for seed in seeds[first : first + lanes]]
+                for fit in group:
+                    vars(fit).update(fitted)
+                if len(group) == 1:
+                    group[0]._fit_on(b, X, None, effects, xb, counts)
+                else:
+                    self._fit_lanes(b, X, counts, group)
+                fits.extend(group)
         return fits
+
+    def _fit_lanes(self, b, X: np.ndarray, counts, fits: list[PNMF]) -> None:
+        """Fit ``fits`` (this model's clones with their own seeds) together, as lanes of one
+        step (:mod:`pnmf.restarts`): each ends as its own ``fit`` would."""
+        starts = []
+        for fit in fits:
+            rng = check_random_state(fit.random_state)
+            h, w = initialize(X, self.n_components, self.init, rng)
+            starts.append((np.log(h) - 0.5 * self.init_var, w))
+        mu = np.stack([mu for mu, _ in starts])
+        trainer = LaneTrainer(counts, lanes=len(fits), prior_scale=float(self.prior_scale), ngd_lr=self.ngd_lr)
+        result = loop.run(
+            b,
+            [Phase.of_mode(trainer, "lower-bound", self.tol)],
+            b.asarray(mu),
+            b.asarray(np.full(mu.shape, self.init_var)),
+            b.asarray(np.stack([w for _, w in starts])),
+            seed=0,  # the lower-bound steps draw no noise
+            max_iter=self.max_iter,
+            progress=loop.progress_bar(self.verbose, self.max_iter, f"PNMF fits ({len(fits)} restarts together)"),
+        )
+        for lane, fit in enumerate(fits):
+            mu, var, w = result.mu[lane], result.var[lane], result.w[lane]
+            fit.elbo_ = fit._final_elbo(counts, mu, var, w, {}, seed=0)
+            fit.mean_, fit.var_, fit.loadings_ = (b.to_numpy(a).astype(np.float64) for a in (mu, var, w))
+            fit._set_prior(None)
+            fit.batch_effects_ = None
+            fit._set_run(b, result.history[: result.stops[lane], lane], result.converged[lane])
 
     def _fit_on(self, b, X, group, effects: RowEffects | None, xb: np.ndarray | None, counts=None) -> None:
         """Fit to X on backend b; ``counts``: X already on the device (restarts share it)."""
@@ -582,17 +616,21 @@ class PNMF(TransformerMixin, BaseEstimator):
             if self.batches_ is not None:
                 g, self.loadings_ = normalise(g, self.loadings_, xb)
         self.batch_effects_ = g if self.batches_ is not None else None
+        self._set_run(b, result.history, result.converged)
+
+    def _set_run(self, b, history: np.ndarray, converged: bool) -> None:
+        """The attributes every fit sets from its loadings and its run; warns at max_iter."""
         self.components_ = self.loadings_.T
-        self.elbo_history_ = result.history
-        self.n_iter_ = len(result.history)
-        self.converged_ = result.converged
+        self.elbo_history_ = history
+        self.n_iter_ = len(history)
+        self.converged_ = bool(converged)
         self.backend_, self.device_ = b.name, b.device
         if not self.converged_ and self.n_iter_ == self.max_iter and self.tol > 0:
             warnings.warn(
                 f"PNMF stopped at max_iter={self.max_iter} before the ELBO settled to tol={self.tol}; "
                 "raise max_iter (or tol) for a converged fit",
                 ConvergenceWarning,
-                stacklevel=4,  # the caller of fit
+                stacklevel=5,  # the caller of fit
             )
 
     def _start_extra(self, asarray, effects: RowEffects | None) -> dict:

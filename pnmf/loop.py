@@ -69,6 +69,9 @@ class Result:
     history: np.ndarray
     converged: bool
     extra: dict = field(default_factory=dict)
+    # Restarts run as lanes (a trainer with ``lanes``): history is (iterations, lanes), and
+    # lane j's own fit is its first stops[j] values; converged is then per lane.
+    stops: np.ndarray | None = None
 
 
 def run(
@@ -93,6 +96,11 @@ def run(
     interrupted with Ctrl-C returns what it had reached, with a warning. ``checkpoint``
     (a :class:`pnmf.io.Checkpoint`) is written every ``checkpoint.every`` iterations and,
     when it holds a saved state, the run resumes from it.
+
+    A trainer with ``lanes`` (R restarts in one step, :mod:`pnmf.restarts`) reports one ELBO
+    per lane; each lane's stopping rule reads its own history, a lane that stops is frozen
+    (``trainer.freeze``) and the run ends when every lane has stopped. Such a run has one
+    phase and no checkpoint.
     """
     progress = progress or Silent()
     key = b.key(seed)
@@ -104,13 +112,14 @@ def run(
         if saved is not None:
             first_phase, history = saved["phase"], list(saved["history"])
             progress.update(len(history), history[-1] if history else math.nan)
-    trainer = state = None
+    trainer = state = lanes = None
     try:
         for index in range(first_phase, len(phases)):
             phase, last = phases[index], index == len(phases) - 1
             trainer = phase.trainer
             state = trainer.init(mu, var, w, extra)
             start = len(history)
+            lanes = Lanes(trainer, len(phases), checkpoint) if hasattr(trainer, "lanes") else None
             # A Monte Carlo phase whose trainer can estimate its ELBO with common random numbers
             # stops on those estimates (see has_settled), read at every check.
             monitor = getattr(trainer, "monitor", None) if phase.noisy else None
@@ -130,12 +139,16 @@ def run(
                 check = (done - start) % CHECK_EVERY == 0 or done == max_iter
                 save = checkpoint is not None and done % checkpoint.every == 0
                 if check or save:
-                    values = [float(b.to_numpy(v)) for v in pending]
+                    values = [
+                        b.to_numpy(v).astype(np.float64) if lanes is not None else float(b.to_numpy(v)) for v in pending
+                    ]
                     check_finite(b, values, trainer.params(state), len(history) + 1)
                     history.extend(values)
-                    progress.update(len(values), values[-1])
+                    progress.update(len(values), float(np.max(values[-1])))
                     pending = []
-                if check and monitor is not None:
+                if check and lanes is not None:
+                    state, converged = lanes.check(state, history, start, phase)
+                elif check and monitor is not None:
                     monitors.append(float(b.to_numpy(monitor(state))))
                     converged = has_settled(monitors, phase.tol, tail=phase.tail)
                 elif check:
@@ -163,14 +176,50 @@ def run(
             mu, var, w, extra = trainer.params(state)
     finally:
         progress.close()
+    if lanes is not None:
+        return lanes.result(mu, var, w, history)
     return Result(mu, var, w, np.asarray(history), converged, extra or {})
+
+
+class Lanes:
+    """The stopping rule of a run whose trainer steps several restarts (``trainer.lanes``)."""
+
+    def __init__(self, trainer, n_phases: int, checkpoint):
+        if n_phases != 1 or checkpoint is not None:
+            raise ValueError("restarts run as lanes in one phase and without a checkpoint")
+        self.trainer = trainer
+        self.stops = np.zeros(trainer.lanes, dtype=np.int64)  # 0: still running
+
+    def check(self, state: dict, history: list, start: int, phase: Phase) -> tuple[dict, bool]:
+        """Stop every running lane whose own history has converged; (state, all stopped)."""
+        running = self.stops == 0
+        columns = np.asarray(history[start:])
+        for lane in np.flatnonzero(running):
+            if has_converged(list(columns[:, lane]), phase.window, phase.tol, phase.noisy):
+                self.stops[lane] = len(history)
+        if (self.stops == 0).sum() < running.sum():
+            state = self.trainer.freeze(state, self.stops == 0)
+        return state, bool((self.stops > 0).all())
+
+    def result(self, mu: Array, var: Array, w: Array, history: list) -> Result:
+        """Lanes that never stopped ran to the end of the run (max_iter or Ctrl-C), unconverged."""
+        converged = self.stops > 0
+        stops = np.where(converged, self.stops, len(history))
+        return Result(mu, var, w, np.asarray(history).reshape(len(history), -1), converged, {}, stops)
+
+
+def _read(b: Backend, value: Array) -> float | np.ndarray:
+    """An ELBO read from the device: a number, or one per lane."""
+    array = b.to_numpy(value)
+    return float(array) if np.ndim(array) == 0 else array.astype(np.float64)
 
 
 def check_finite(b: Backend, values: list[float], params, first: int) -> None:
     """Raise FloatingPointError naming the iteration and quantity that stopped being finite."""
     hint = "try dtype='float64', a smaller learning_rate or ngd_lr, or check the counts"
     for offset, value in enumerate(values):
-        if not math.isfinite(value):
+        if not np.isfinite(value).all():
+            value = np.asarray(value)[~np.isfinite(value)].flat[0]  # of the first lane that failed
             raise FloatingPointError(f"the ELBO became {value} at iteration {first + offset}; {hint}")
     mu, var, w, extra = params
     arrays = {"mean of q(F)": mu, "variance of q(F)": var, "loadings": w, "batch effects": extra.get("g")}

@@ -32,10 +32,11 @@ def test_consensus_finds_the_planted_programs_stably(seed_counts):
     assert np.isfinite(model.elbo_) and model.elbo_ >= np.median(model.restart_elbos_) - 1e-4 * abs(model.elbo_)
     again = pnmf.consensus(x, 5, n_restarts=6, random_state=0, backend="numpy")
     np.testing.assert_array_equal(again.loadings_, model.loadings_)  # deterministic
-    # The restarts share one copy of X on the device and are the fits each seed gives alone.
+    # The restarts share one copy of X on the device and are the fits each seed gives alone
+    # (fitted together as lanes, their float32 sums round differently: see test_restarts).
     seeds = np.random.RandomState(0).randint(np.iinfo(np.int32).max, size=6)
     alone = [PNMF(5, random_state=int(seed), backend="numpy").fit(x).elbo_ for seed in seeds]
-    np.testing.assert_array_equal(model.restart_elbos_, alone)
+    np.testing.assert_allclose(model.restart_elbos_, alone, rtol=1e-5)
 
 
 def test_too_many_components_are_unstable_and_lose_outliers(seed_counts):

@@ -76,7 +76,7 @@ class MLXBackend(Backend):
         return mx.compile(fn) if self._traceable else fn
 
     def asarray(self, x):
-        return mx.array(np.asarray(x, dtype=self.dtype))
+        return mx.array(np.asarray(x, dtype=self.dtype), dtype=self._dtype)  # else float64 comes in as float32
 
     def asindex(self, x):
         return mx.array(np.asarray(x, dtype=np.int32))
