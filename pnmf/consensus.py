@@ -40,8 +40,11 @@ def consensus(
     one component),
     ``restart_elbos_`` (n_restarts,) and ``n_outliers_`` (components dropped);
     ``n_iter_`` is the longest restart's and ``converged_`` whether all converged. The
-    restarts run one after another on one copy of X on the device (checked and moved there
-    once); batch effects (``fit(batch=...)``) are not part of it.
+    restarts share one copy of X on the device (checked and moved there once); where the
+    data is small enough for a step to be bound by overhead and the fit is the default
+    kind (dense, ``lower-bound``, natural), they are fitted together, as lanes of one step
+    (:mod:`pnmf.restarts`), each still the fit its seed gives alone; otherwise one after
+    another. Batch effects (``fit(batch=...)``) are not part of it.
     Deterministic for a fixed ``random_state``; ``pnmf_params`` go to ``PNMF``.
     """
     if isinstance(n_restarts, bool) or not isinstance(n_restarts, (int, np.integer)) or n_restarts < 2:
