@@ -122,3 +122,21 @@ def test_a_step_replayed_from_a_cuda_graph_fits_as_the_eager_step(gpu, training,
     # The same kernels on the same random numbers: the two histories agree to float32 rounding.
     np.testing.assert_allclose(graphed.elbo_history_, eager.elbo_history_, rtol=1e-4)
     np.testing.assert_allclose(graphed.loadings_, eager.loadings_, rtol=1e-2, atol=1e-3 * eager.loadings_.max())
+
+
+def test_restarts_fitted_together_on_the_gpu_are_the_fits_one_by_one(gpu, monkeypatch):
+    from pnmf import restarts
+
+    x, _, _ = make_counts(200, 100, 5, random_state=42)
+    model = PNMF(5, backend=gpu.name, device=gpu.device)
+    assert restarts.lanes_per_step(model, x, gpu) >= 10  # the seed data's 10 restarts share a step
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a step that could not be captured fails here
+        together = model._fit_restarts(x, list(range(10)))
+    monkeypatch.setattr(restarts, "MIN_LANES", 10**9)
+    alone = model._fit_restarts(x, list(range(10)))
+    for fit, reference in zip(together, alone):
+        # float32 sums in another order: the same fit, though a checked step may flip near the end.
+        np.testing.assert_allclose(fit.elbo_, reference.elbo_, rtol=1e-4)
+        unit = [w / np.linalg.norm(w, axis=0) for w in (fit.loadings_, reference.loadings_)]
+        assert (unit[0] * unit[1]).sum(axis=0).min() > 0.999

@@ -252,27 +252,25 @@ def test_lgamma_sum_is_the_sum_of_lgamma(values):
     assert lgamma_sum(x.astype(np.float32)) == pytest.approx(float(gammaln(x.astype(np.float32) + 1.0).sum()), rel=1e-6)
 
 
-@pytest.mark.parametrize("mode", ["simple", "expanded", "lower-bound"])
-@pytest.mark.parametrize("training", ["natural", "standard"])
-@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
-def test_torch_device_steps_neither_copy_from_nor_wait_for_the_host(monkeypatch, mode, training, sparse):
-    # A step captured in a CUDA graph may not copy from the host or read a value back. The
-    # path CUDA runs (no NumPy hand-off) is checked here on the CPU, every such call refused.
+@pytest.fixture
+def device_path_steps(monkeypatch):
+    """Torch on the path CUDA runs (no NumPy hand-off), on the CPU, every host copy or read
+    made inside a training step recorded: a step captured in a CUDA graph may make none.
+    Yields (refused calls, the capture flag of every compiled step)."""
     torch = pytest.importorskip("torch")
     from pnmf.backends import torch as torch_backend
 
     monkeypatch.setattr(torch_backend, "NumpyBackend", lambda dtype: None)
-    refused = []
+    refused, captures, stepping = [], [], [False]
 
     def refuse(name, original):
         def call(*args, **kwargs):
-            if stepping:
+            if stepping[0]:
                 refused.append(name)
             return original(*args, **kwargs)
 
         return call
 
-    stepping, captures = False, []
     for name in ("tensor", "as_tensor", "from_numpy"):
         monkeypatch.setattr(torch, name, refuse(name, getattr(torch, name)))
     for name in ("item", "cpu", "numpy", "tolist", "__bool__", "__float__", "__int__"):
@@ -282,16 +280,23 @@ def test_torch_device_steps_neither_copy_from_nor_wait_for_the_host(monkeypatch,
         captures.append(capture)
 
         def step(state, key):
-            nonlocal stepping
-            stepping = True
+            stepping[0] = True
             try:
                 return fn(state, key)
             finally:
-                stepping = False
+                stepping[0] = False
 
         return step
 
     monkeypatch.setattr(torch_backend.TorchBackend, "compile", compile)
+    yield refused, captures
+
+
+@pytest.mark.parametrize("mode", ["simple", "expanded", "lower-bound"])
+@pytest.mark.parametrize("training", ["natural", "standard"])
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_torch_device_steps_neither_copy_from_nor_wait_for_the_host(device_path_steps, mode, training, sparse):
+    refused, captures = device_path_steps
     x, _, _ = make_counts(40, 15, 3, random_state=2)
     model = PNMF(3, mode=mode, training_mode=training, backend="torch", max_iter=150, tol=0, random_state=0)
     model.fit(sp.csr_matrix(x) if sparse else x)
@@ -299,6 +304,15 @@ def test_torch_device_steps_neither_copy_from_nor_wait_for_the_host(monkeypatch,
     assert not refused, f"host transfers or reads inside a step: {sorted(set(refused))}"
     # The loop asks for dense steps to be captured; sparse ones are not (not yet checked on a GPU).
     assert captures and all(c == (not sparse) for c in captures)
+
+
+def test_torch_device_steps_of_restarts_together_neither_copy_from_nor_wait_for_the_host(device_path_steps):
+    refused, captures = device_path_steps
+    x, _, _ = make_counts(60, 20, 3, random_state=2)
+    fits = PNMF(3, backend="torch", max_iter=300)._fit_restarts(x, [0, 1, 2, 3])
+    assert captures == [True]  # one step for the four restarts, captured
+    assert len({fit.n_iter_ for fit in fits}) > 1  # lanes were frozen (between steps) as they stopped
+    assert not refused, f"host transfers or reads inside a step: {sorted(set(refused))}"
 
 
 @pytest.mark.parametrize("preset", [None, "1"])
