@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pnmf import PNMF, make_counts
 from pnmf.benchmarks.__main__ import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,3 +148,25 @@ def test_the_gpu_suite_leaves_torchs_parts_out_where_torch_is_missing(monkeypatc
     assert gpu.cusparse_floor(None, 3) is None
     record = gpu.run(quick=True, cpu="only", progress=lambda message: None)
     assert record["runs"] == []
+
+
+def test_restart_times_compare_lanes_with_one_by_one_and_the_gpu_report_shows_them(monkeypatch):
+    from pnmf import restarts
+    from pnmf.benchmarks import gpu, workflow
+
+    x, _, _ = make_counts(200, 100, 5, random_state=42)
+    steps = []
+    original = restarts.LaneTrainer.step
+    monkeypatch.setattr(restarts.LaneTrainer, "step", lambda *a: steps.append(1) or original(*a))
+    times = workflow.restart_times(x, 5, "numpy", repeats=1)
+    assert times["together_s"] > 0 and times["one_by_one_s"] > 0
+    lane_steps = len(steps)
+    assert lane_steps > 0 and restarts.MIN_LANES == 4  # lanes in the first timing only, then restored
+    with workflow.one_by_one():
+        PNMF(5)._fit_restarts(x, [0, 1, 2, 3, 4])
+    assert len(steps) == lane_steps
+    fits = {"s_per_iter": 0.01, "setup_s": 1.0, "s": 2.0, "n_iter": 100, "converged": True, "elbo": -1.0}
+    entry = {"backend": "mlx", "device": "gpu", "dense": fits, "sparse": fits}
+    entry["restarts"] = {"together_s": 0.1, "one_by_one_s": 0.5}
+    text = gpu.report({"machine": "m", "quick": False, "runs": [entry], "sparse_nnz": 10})
+    assert "10 restarts of the seed data (lower-bound): 0.100 s together, 0.500 s one by one (5.00x)" in text

@@ -5,7 +5,8 @@ On every GPU a framework here can use (torch on CUDA or MPS, MLX on its GPU), in
 * seed setting (200 x 100, 5 components, ``expanded``, E = 10): time per iteration of
   natural and standard training (fits of 20 and 220 iterations), for torch on CUDA also with
   its steps replayed from CUDA graphs; with ``--peer-python`` also PyPI ``pnmf`` 0.1.0 run
-  from its own environment;
+  from its own environment; and the fits of 10 restarts of the seed data (the defaults),
+  together as lanes of one step and one by one (:mod:`pnmf.restarts`);
 * dense 20,000 x 2,000 Poisson counts, 20 components, ``lower-bound`` natural: time per
   iteration ((T(211) - T(11)) / 200 on a GPU, (T(31) - T(11)) / 20 on the CPU), and time
   and iterations to converge;
@@ -32,6 +33,7 @@ import numpy as np
 from .. import PNMF, make_counts
 from ..backends import available, get_backend, gpu_devices
 from .speed import best_time, fit_times, sparse_counts
+from .workflow import RESTARTS, restart_times
 
 FULL = {"dense": (20_000, 2_000), "sparse": (1_000_000, 20_000), "density": 0.005, "components": 20}
 QUICK = {"dense": (2_000, 300), "sparse": (20_000, 2_000), "density": 0.005, "components": 10}
@@ -189,6 +191,8 @@ def measure(name: str, device: str, seed, dense, sparse, components: int, progre
             if name == "torch" and device.startswith("cuda"):
                 progress(f"[{name}:{device}] seed setting, steps replayed from CUDA graphs ...")
                 entry["seed_graphed"] = seed_setting(seed, name, device, graphs=True)
+            progress(f"[{name}:{device}] {RESTARTS} restarts of the seed data, together and one by one ...")
+            entry["restarts"] = restart_times(seed, 5, name, device)
         progress(f"[{name}:{device}] dense {dense.shape[0]:,} x {dense.shape[1]:,} ...")
         # On a GPU an iteration of the dense fit is about a millisecond: 200 of them tell it from the noise.
         lengths = (11, 31) if on_cpu else (11, 211)
@@ -285,6 +289,12 @@ def report(record: dict) -> str:
             text = f"  seed setting, steps replayed from CUDA graphs: {graphed['natural'] * 1e3:.3f} ms (natural)"
             text += f", {graphed['standard'] * 1e3:.3f} ms (standard)"
             lines.append(text + "".join(f"; not captured: {f}" for f in graphed["capture_failures"]))
+        if "restarts" in entry:
+            r = entry["restarts"]
+            lines.append(
+                f"  {RESTARTS} restarts of the seed data (lower-bound): {r['together_s']:.3f} s together, "
+                f"{r['one_by_one_s']:.3f} s one by one ({r['one_by_one_s'] / r['together_s']:.2f}x)"
+            )
         d = entry["dense"]
         if d["s_per_iter"] > 0:
             text = f"  dense: {d['s_per_iter'] * 1e3:.2f} ms per iteration"

@@ -60,21 +60,25 @@ def run(out: Path, quick: bool = False, progress: bool = True) -> dict:
     return record
 
 
-def lanes(x, n_components: int = 5, repeats: int = 3) -> list[dict]:
-    """RESTARTS fits of x on every backend here, together (as lanes) and one by one: the
-    fits alone, without the consensus's clustering and refit (least time of ``repeats``)."""
-    rows = []
-    for backend in BACKENDS:
-        if importlib.util.find_spec(backend) is None:
-            continue
-        model = PNMF(n_components, backend=backend)
-        model._fit_restarts(x, [0, 1])  # warm up
-        fits = functools.partial(model._fit_restarts, x, list(range(RESTARTS)))
-        together = best_time(fits, repeats)
-        with one_by_one():
-            alone = best_time(fits, repeats)
-        rows.append(dict(backend=backend, together_s=together, one_by_one_s=alone))
-    return rows
+def lanes(x, n_components: int = 5) -> list[dict]:
+    """:func:`restart_times` of x on every backend here, on its default device."""
+    return [
+        dict(backend=backend, **restart_times(x, n_components, backend))
+        for backend in BACKENDS
+        if importlib.util.find_spec(backend) is not None
+    ]
+
+
+def restart_times(x, n_components: int, backend: str, device: str | None = None, repeats: int = 3) -> dict:
+    """Seconds for the fits of RESTARTS restarts of x, together (as lanes) and one by one,
+    without the consensus's clustering and refit (least time of ``repeats``)."""
+    model = PNMF(n_components, backend=backend, device=device)
+    model._fit_restarts(x, [0, 1])  # warm up
+    fits = functools.partial(model._fit_restarts, x, list(range(RESTARTS)))
+    together = best_time(fits, repeats)
+    with one_by_one():
+        alone = best_time(fits, repeats)
+    return dict(together_s=together, one_by_one_s=alone)
 
 
 @contextlib.contextmanager
