@@ -329,3 +329,18 @@ def test_mlx_multiplies_in_full_float32_unless_the_user_chose_otherwise(preset):
     script = "import os, pnmf.backends.mlx; print(os.environ['MLX_ENABLE_TF32'])"
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     assert done.stdout.strip() == (preset or "0")
+
+
+def test_mlx_float64_on_the_cpu_stays_float64_through_the_numpy_hand_off():
+    mx = pytest.importorskip("mlx.core")
+    b = get_backend("mlx", device="cpu", dtype="float64")
+    x = np.arange(12.0).reshape(3, 4) * 0.1
+    a = b.asarray(np.full((2, 3, 2), 1.0 + 1e-12))
+    w = b.asarray(np.ones((2, 4, 2)))
+    assert b.asarray(x).dtype == mx.float64  # MLX's own default would make it float32
+    value, g_f, g_w = b.lanes_log_term(b.asarray(x), a, w)  # computed by NumPy, handed back
+    assert {value.dtype, g_f.dtype, g_w.dtype} == {mx.float64}
+    # 1 + 1e-12 survives only in float64: rate = 2 (1 + 1e-12), d/dF = a * sum_d X / rate * W.
+    expected = (1.0 + 1e-12) * x.sum(axis=1) / (2 * (1.0 + 1e-12))
+    np.testing.assert_allclose(b.to_numpy(g_f)[0, :, 0], expected, rtol=1e-15)
+    assert b.to_numpy(a)[0, 0, 0] - 1.0 == pytest.approx(1e-12, rel=1e-3)

@@ -76,7 +76,7 @@ class MLXBackend(Backend):
         return mx.compile(fn) if self._traceable else fn
 
     def asarray(self, x):
-        return mx.array(np.asarray(x, dtype=self.dtype), dtype=self._dtype)  # else float64 comes in as float32
+        return mx.array(np.asarray(x, dtype=self.dtype), dtype=self._dtype)  # float64 would come in as float32
 
     def asindex(self, x):
         return mx.array(np.asarray(x, dtype=np.int32))
@@ -156,7 +156,7 @@ class MLXBackend(Backend):
         return np.asarray(a)
 
     def from_host(self, a):
-        return mx.array(a)
+        return mx.array(a, dtype=self._dtype)  # the host's float64 would come in as float32
 
     # The sparse log term goes to the host as well: its pattern is the host's (see sparse).
     def sparse_log_term(self, pattern, x, a, w, second):
