@@ -139,9 +139,7 @@ def run(
                 check = (done - start) % CHECK_EVERY == 0 or done == max_iter
                 save = checkpoint is not None and done % checkpoint.every == 0
                 if check or save:
-                    values = [
-                        b.to_numpy(v).astype(np.float64) if lanes is not None else float(b.to_numpy(v)) for v in pending
-                    ]
+                    values = [_read(b, v) for v in pending]
                     check_finite(b, values, trainer.params(state), len(history) + 1)
                     history.extend(values)
                     progress.update(len(values), float(np.max(values[-1])))
