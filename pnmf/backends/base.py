@@ -25,7 +25,7 @@ MAX_BUFFERS = 8
 TINY_RATE = 1e-18
 # Restarts fitted together (pnmf.restarts): the most lanes x N x D entries one step holds.
 # A CPU gains only while a step is bound by the overhead of each operation (the seed data's
-# 200 x 100, 10 lanes: 1.5x with NumPy, 2.8x with torch, 3.6x with MLX; 2 lanes of digits'
+# 200 x 100, 10 lanes: 1.5x with NumPy, 2.8x with torch, 3.4x with MLX; 2 lanes of digits'
 # 1797 x 64 were already 25% slower than one by one with NumPy); a GPU launches kernels far
 # slower than it computes small ones, so its lanes may hold much more (not yet measured).
 LANE_ENTRIES = {"cpu": 1 << 18, "accelerator": 1 << 24}
