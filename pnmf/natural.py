@@ -75,6 +75,37 @@ def natural_update(
     return mu + mean_step, precision_new
 
 
+def checked_step(
+    b: Backend, state: dict, value: Array, fresh: dict, rounding: float, rho0: float, active: Array | None = None
+) -> dict:
+    """The bookkeeping of a checked step: the state's entries that follow from whether the
+    ELBO ``value`` at the state's parameters is acceptable.
+
+    accept = value >= accepted_value - rounding * max(-accepted_value, 0) (and ``active``);
+    where accepted, every ``accepted_<p>`` (p in PARAMS) takes the state's p, the statistics
+    in ``fresh`` replace the state's, ``accepted_value`` takes ``value`` and rho doubles (up
+    to ``rho0``); elsewhere they stay and rho halves, or stays too where not ``active``.
+    ``value`` is one number, or one per lane (R,) for arrays whose first axis is the lanes.
+    """
+    slack = rounding * b.clip(-state["accepted_value"], 0.0, None)
+    accept = value >= state["accepted_value"] - slack
+    if active is not None:
+        accept = accept & active
+
+    def where(new: Array, old: Array) -> Array:
+        flag = accept if accept.ndim == 0 else accept.reshape(tuple(accept.shape) + (1,) * (new.ndim - accept.ndim))
+        return b.where(flag, new, old)
+
+    update = {"accepted_" + k: where(state[k], state["accepted_" + k]) for k in PARAMS if k in state}
+    update.update({k: where(v, state[k]) for k, v in fresh.items()})
+    update["accepted_value"] = where(value, state["accepted_value"])
+    rho = state["rho"]
+    update["rho"] = where(b.clip(2.0 * rho, None, rho0), 0.5 * rho)
+    if active is not None:
+        update["rho"] = b.where(active, update["rho"], rho)
+    return update
+
+
 class NaturalTrainer(Trainer):
     """Natural steps on q(F); loadings by the multiplicative update or by Adam.
 
@@ -153,19 +184,13 @@ class NaturalTrainer(Trainer):
         if self.checked:
             # Step from the last accepted point: the new one if the ELBO did not fall (up to
             # rounding), else the old one.
-            slack = self.rounding * b.clip(-state["accepted_value"], 0.0, None)
-            accept = terms.value >= state["accepted_value"] - slack
-            for name in PARAMS:
-                if name in state:
-                    new["accepted_" + name] = b.where(accept, state[name], state["accepted_" + name])
             statistics = ("g_mu", "g_var", "w_numerator", "expected_sum") + (
                 ("prior_sum", "rows") if "prior" in state else ()
             )
+            fresh = {name: getattr(terms, name) for name in statistics}
+            new.update(checked_step(b, state, terms.value, fresh, self.rounding, self.rho0))
             for name in statistics:
-                new[name] = b.where(accept, getattr(terms, name), state[name])
                 setattr(terms, name, new[name])
-            new["accepted_value"] = b.where(accept, terms.value, state["accepted_value"])
-            new["rho"] = b.where(accept, b.clip(2.0 * state["rho"], None, self.rho0), 0.5 * state["rho"])
             rho, reported = new["rho"], new["accepted_value"]
             mu, precision, w = new["accepted_mu"], new["accepted_precision"], new["accepted_w"]
             g = new.get("accepted_g")

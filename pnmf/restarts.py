@@ -22,12 +22,11 @@ import numpy as np
 
 from .backends.base import Array, Backend
 from .elbo import MEAN_BOUND, VAR_BOUNDS
-from .natural import DEFAULT_NGD_LR, ROUNDING, natural_update
+from .natural import DEFAULT_NGD_LR, ROUNDING, checked_step, natural_update
 
 # Fewest restarts worth a shared step: below it, lanes cost more in memory traffic than
 # they save in overhead (see LANE_ENTRIES).
 MIN_LANES = 4
-PARAMS = ("mu", "precision", "w")
 
 
 def lane_terms(b: Backend, x: Array, lgamma_sum: float, mu: Array, var: Array, w: Array, prior_scale: float):
@@ -112,19 +111,8 @@ class LaneTrainer:
         )
         # Step from each lane's last accepted point: the new one if its ELBO did not fall (up
         # to rounding) and the lane is still running, else the old one.
-        slack = self.rounding * b.clip(-state["accepted_value"], 0.0, None)
-        accept = (value >= state["accepted_value"] - slack) & state["active"]
-        rows = accept[:, None, None]
-        new = dict(state)
-        for name in PARAMS:
-            new["accepted_" + name] = b.where(rows, state[name], state["accepted_" + name])
-        fresh = {"g_mu": g_mu, "g_var": g_var, "w_numerator": w_numerator}
-        for name, current in fresh.items():
-            new[name] = b.where(rows, current, state[name])
-        new["expected_sum"] = b.where(accept[:, None], expected_sum, state["expected_sum"])
-        new["accepted_value"] = b.where(accept, value, state["accepted_value"])
-        grown = b.where(accept, b.clip(2.0 * state["rho"], None, self.rho0), 0.5 * state["rho"])
-        new["rho"] = b.where(state["active"], grown, state["rho"])
+        fresh = {"g_mu": g_mu, "g_var": g_var, "w_numerator": w_numerator, "expected_sum": expected_sum}
+        new = dict(state, **checked_step(b, state, value, fresh, self.rounding, self.rho0, state["active"]))
         mu, precision, w = new["accepted_mu"], new["accepted_precision"], new["accepted_w"]
         new_mu, new_precision = natural_update(
             b, mu, precision, new["g_mu"], new["g_var"], new["rho"][:, None, None], improved=False
