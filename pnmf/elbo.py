@@ -230,23 +230,26 @@ class Terms:
     rows: Array | None = None
 
 
-def kl_divergence(backend: Backend, mu: Array, var: Array, prior_scale: float | Array) -> Array:
+def kl_divergence(backend: Backend, mu: Array, var: Array, prior_scale: float | Array, lanes: bool = False) -> Array:
     """KL(q || p) = sum log(s) - log(var)/2 + (var + mu^2) / (2 s^2) - 1/2, summed term by term.
 
     ``prior_scale`` s is one number, or one per component (L,) (``prior_scale='auto'``).
+    ``lanes``: mu and var are (R, N, L), R fits side by side (:mod:`pnmf.restarts`), and the
+    KL is one per fit, (R,).
     """
-    b, (n, n_comp) = backend, mu.shape
+    b, (n, n_comp) = backend, mu.shape[-2:]
+    total = (lambda v: b.sum(b.sum(v, axis=-1), axis=-1)) if lanes else b.sum
     if isinstance(prior_scale, (int, float)):
         return (
             n * n_comp * (math.log(prior_scale) - 0.5)
-            + (b.sum(var) + b.sum(mu * mu)) / (2 * prior_scale**2)
-            - 0.5 * b.sum(b.log(var))
+            + (total(var) + total(mu * mu)) / (2 * prior_scale**2)
+            - 0.5 * total(b.log(var))
         )
     return (
         n * b.sum(b.log(prior_scale))
         - 0.5 * n * n_comp
-        + b.sum((var + mu * mu) * (0.5 / (prior_scale * prior_scale)))
-        - 0.5 * b.sum(b.log(var))
+        + total((var + mu * mu) * (0.5 / (prior_scale * prior_scale)))
+        - 0.5 * total(b.log(var))
     )
 
 

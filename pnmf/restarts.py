@@ -16,12 +16,10 @@ not bound by overhead on the device at hand.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from .backends.base import Array, Backend
-from .elbo import MEAN_BOUND, VAR_BOUNDS
+from .elbo import MEAN_BOUND, VAR_BOUNDS, kl_divergence
 from .natural import DEFAULT_NGD_LR, ROUNDING, checked_step, natural_update
 
 # Fewest restarts worth a shared step: below it, lanes cost more in memory traffic than
@@ -43,16 +41,11 @@ def lane_terms(b: Backend, x: Array, lgamma_sum: float, mu: Array, var: Array, w
     sum_n exp(mu + var/2) (R, L): :func:`pnmf.elbo.evaluate` of each lane on its own.
     """
     log_term, g_f, w_numerator = b.lanes_log_term(x, b.exp(mu), w)
-    n, n_comp = mu.shape[-2:]
     expected = b.exp(mu + 0.5 * var)
     expected_sum = b.sum(expected, axis=-2)
     coef = b.sum(w, axis=-2)  # (R, L): the expected rate sum is sum_l coef * expected_sum
     s2 = prior_scale * prior_scale
-    kl = (
-        n * n_comp * (math.log(prior_scale) - 0.5)
-        + b.sum(b.sum(var + mu * mu, axis=-1), axis=-1) / (2 * s2)
-        - 0.5 * b.sum(b.sum(b.log(var), axis=-1), axis=-1)
-    )
+    kl = kl_divergence(b, mu, var, prior_scale, lanes=True)
     value = log_term - b.sum(coef * expected_sum, axis=-1) - lgamma_sum - kl
     rate_slope = coef[:, None, :] * expected
     g_mu = g_f - rate_slope - mu / s2
