@@ -546,10 +546,7 @@ class PNMF(TransformerMixin, BaseEstimator):
             progress=loop.progress_bar(self.verbose, self.max_iter, f"PNMF fits ({len(fits)} restarts together)"),
         )
         for lane, fit in enumerate(fits):
-            mu, var, w = result.mu[lane], result.var[lane], result.w[lane]
-            fit.elbo_ = fit._final_elbo(counts, mu, var, w, {}, seed=0)
-            fit.mean_, fit.var_, fit.loadings_ = (b.to_numpy(a).astype(np.float64) for a in (mu, var, w))
-            fit._set_prior(None)
+            fit._set_posterior(counts, result.mu[lane], result.var[lane], result.w[lane], {}, seed=0)
             fit.batch_effects_ = None
             fit._set_run(b, result.history[: result.stops[lane], lane], result.converged[lane])
 
@@ -606,17 +603,21 @@ class PNMF(TransformerMixin, BaseEstimator):
                     progress=loop.progress_bar(show, self.max_iter, "PNMF fit"),
                     checkpoint=self._checkpoint(X, group, effects),
                 )
-                self.elbo_ = self._final_elbo(counts, result.mu, result.var, result.w, result.extra, noise_seed)
-                self.mean_, self.var_, self.loadings_ = (
-                    b.to_numpy(a).astype(np.float64) for a in (result.mu, result.var, result.w)
-                )
-                fitted = {k: b.to_numpy(v).astype(np.float64) for k, v in result.extra.items()}
-                g = fitted.get("g")
-                self._set_prior(fitted.get("prior"))
+                g = self._set_posterior(counts, result.mu, result.var, result.w, result.extra, noise_seed)
             if self.batches_ is not None:
                 g, self.loadings_ = normalise(g, self.loadings_, xb)
         self.batch_effects_ = g if self.batches_ is not None else None
         self._set_run(b, result.history, result.converged)
+
+    def _set_posterior(self, counts, mu, var, w, extra: dict, seed: int) -> np.ndarray | None:
+        """``elbo_``, ``mean_``, ``var_``, ``loadings_`` and ``prior_scale_`` from a run's
+        parameters on the device; returns the fitted batch effects g (None without them)."""
+        b = counts.backend
+        self.elbo_ = self._final_elbo(counts, mu, var, w, extra, seed)
+        self.mean_, self.var_, self.loadings_ = (b.to_numpy(a).astype(np.float64) for a in (mu, var, w))
+        fitted = {k: b.to_numpy(v).astype(np.float64) for k, v in extra.items()}
+        self._set_prior(fitted.get("prior"))
+        return fitted.get("g")
 
     def _set_run(self, b, history: np.ndarray, converged: bool) -> None:
         """The attributes every fit sets from its loadings and its run; warns at max_iter."""

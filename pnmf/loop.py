@@ -212,8 +212,9 @@ def _read(b: Backend, value: Array) -> float | np.ndarray:
     return float(array) if np.ndim(array) == 0 else array.astype(np.float64)
 
 
-def check_finite(b: Backend, values: list[float], params, first: int) -> None:
-    """Raise FloatingPointError naming the iteration and quantity that stopped being finite."""
+def check_finite(b: Backend, values: list, params, first: int) -> None:
+    """Raise FloatingPointError naming the iteration and quantity that stopped being finite
+    (``values``: the ELBOs read, a number each, or one per lane)."""
     hint = "try dtype='float64', a smaller learning_rate or ngd_lr, or check the counts"
     for offset, value in enumerate(values):
         if not np.isfinite(value).all():
