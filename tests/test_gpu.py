@@ -140,3 +140,22 @@ def test_restarts_fitted_together_on_the_gpu_are_the_fits_one_by_one(gpu, monkey
         np.testing.assert_allclose(fit.elbo_, reference.elbo_, rtol=1e-4)
         unit = [w / np.linalg.norm(w, axis=0) for w in (fit.loadings_, reference.loadings_)]
         assert (unit[0] * unit[1]).sum(axis=0).min() > 0.999
+
+
+def test_mlx_sparse_kernels_on_cuda_compute_the_sparse_products(gpu):
+    if gpu.name != "mlx" or not gpu._kernels:
+        pytest.skip("the sparse kernels are MLX's on CUDA")
+    rng = np.random.default_rng(0)
+    n, d, width = 3000, 700, 7
+    x = sp.random(n, d, density=0.02, random_state=1, format="csr", dtype=np.float64)
+    x = sp.csr_matrix(x.multiply(np.arange(n)[:, None] % 11 != 3))  # empty rows
+    x = sp.csr_matrix(x.multiply(np.arange(d)[None, :] % 13 != 2))  # and empty columns
+    a, b = rng.random((n, width)), rng.random((d, width))
+    pattern, values = gpu.sparse(x), gpu.asarray(x.data)
+    rows = np.repeat(np.arange(n), np.diff(x.indptr))
+    got = gpu.sampled_matmul(pattern, gpu.asarray(a), gpu.asarray(b))
+    np.testing.assert_allclose(gpu.to_numpy(got), np.sum(a[rows] * b[x.indices], axis=1), rtol=1e-5)
+    np.testing.assert_allclose(gpu.to_numpy(gpu.sparse_matmul(pattern, values, gpu.asarray(b))), x @ b, rtol=1e-5)
+    np.testing.assert_allclose(gpu.to_numpy(gpu.sparse_matmul_t(pattern, values, gpu.asarray(a))), x.T @ a, rtol=1e-5)
+    empty = gpu.sparse(sp.csr_matrix((n, d)))
+    assert not gpu.to_numpy(gpu.sparse_matmul_t(empty, gpu.asarray(np.zeros(0)), gpu.asarray(a))).any()

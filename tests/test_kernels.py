@@ -344,3 +344,103 @@ def test_mlx_float64_on_the_cpu_stays_float64_through_the_numpy_hand_off():
     expected = (1.0 + 1e-12) * x.sum(axis=1) / (2 * (1.0 + 1e-12))
     np.testing.assert_allclose(b.to_numpy(g_f)[0, :, 0], expected, rtol=1e-15)
     assert b.to_numpy(a)[0, 0, 0] - 1.0 == pytest.approx(1e-12, rel=1e-3)
+
+
+def _cuda_kernels_as_cpp() -> str:
+    """MLX CUDA kernels' bodies wrapped as MLX wraps them, compiled as C++ with a serial shim.
+
+    MLX puts each input's pointer in the signature, followed by its shape where the body
+    names ``<input>_shape``, then the outputs, then the template constants before the body.
+    Each kernel here is called once per thread index, which ``cg::this_grid()`` hands out.
+    """
+    from pnmf.backends import mlx as mlx_backend
+
+    def kernel(name, inputs, body, constants):
+        params = []
+        for input_name, ctype in inputs:
+            params.append(f"const {ctype}* {input_name}")
+            if f"{input_name}_shape" in body:
+                params.append(f"const Shape {input_name}_shape")
+        consts = "".join(f"  {line}\n" for line in constants)
+        return f"void {name}({', '.join(params)}, float* out) {{\n{consts}{body}\n}}\n"
+
+    segments = [("starts", "int32_t"), ("index", "int32_t"), ("order", "int32_t"), ("values", "float"), ("m", "float")]
+    sampled = [("a", "float"), ("b", "float"), ("rows", "int32_t"), ("cols", "int32_t")]
+    return (
+        "#include <array>\n#include <cstddef>\n#include <cstdint>\n#include <cstdio>\n"
+        "using Shape = std::array<int32_t, 8>;\nstatic size_t thread;\n"
+        "namespace cg { struct Grid { unsigned long long thread_rank() const { return thread; } };\n"
+        "inline Grid this_grid() { return {}; } }\n"
+        + kernel("sampled", sampled, mlx_backend._SAMPLED, ["using T = float;"])
+        + kernel("ordered", segments, mlx_backend._SEGMENTS, ["using T = float;", "constexpr bool ORDERED = true;"])
+        + kernel("in_order", segments, mlx_backend._SEGMENTS, ["using T = float;", "constexpr bool ORDERED = false;"])
+    )
+
+
+def test_mlx_cuda_kernels_compute_the_sparse_products(tmp_path):
+    """The CUDA kernels' bodies, run serially on the CPU: (a @ b.T) at the non-zeros, S @ b
+    and S.T @ a, with empty rows and columns and threads past the end (which must write
+    nothing: the arrays are exactly sized, and the address sanitizer watches them)."""
+    import shutil
+    import subprocess
+
+    pytest.importorskip("mlx")
+    compiler = shutil.which("g++") or shutil.which("clang++")
+    if compiler is None:
+        pytest.skip("no C++ compiler to build the CUDA kernels' bodies for the CPU")
+    from pnmf.backends.base import csr_transpose_order
+
+    rng = np.random.default_rng(0)
+    n, d, width = 37, 23, 5
+    x = sp.random(n, d, density=0.2, random_state=1, format="csr", dtype=np.float32)
+    x = sp.csr_matrix(x.multiply(np.arange(n)[:, None] % 7 != 3))  # empty rows
+    x = sp.csr_matrix(x.multiply(np.arange(d)[None, :] % 5 != 2))  # and empty columns
+    a, b = rng.random((n, width), dtype=np.float32), rng.random((d, width), dtype=np.float32)
+    rows = np.repeat(np.arange(n), np.diff(x.indptr))
+    starts_t, cols_t, order_t = csr_transpose_order(x)
+
+    def array(name, values, ctype):
+        return f"static {ctype} {name}[] = {{{', '.join(map(repr, np.asarray(values).ravel().tolist()))}}};\n"
+
+    main = (
+        array("A", a, "float")
+        + array("B", b, "float")
+        + array("ROWS", rows, "int32_t")
+        + array("COLS", x.indices, "int32_t")
+        + array("STARTS", x.indptr, "int32_t")
+        + array("VALUES", x.data, "float")
+        + array("STARTS_T", starts_t, "int32_t")
+        + array("COLS_T", cols_t, "int32_t")
+        + array("ORDER_T", order_t, "int32_t")
+        + f"""int main() {{
+  float* sampled_out = new float[{x.nnz}];
+  float* rows_out = new float[{n * width}];
+  float* cols_out = new float[{d * width}];
+  Shape a_shape{{{n}, {width}}}, b_shape{{{d}, {width}}}, nnz{{{x.nnz}}}, starts{{{n + 1}}}, starts_t{{{d + 1}}};
+  for (thread = 0; thread < {x.nnz + 300}; ++thread) sampled(A, a_shape, B, ROWS, nnz, COLS, sampled_out);
+  for (thread = 0; thread < {n * width + 300}; ++thread)
+    in_order(STARTS, starts, COLS, STARTS, VALUES, B, b_shape, rows_out);
+  for (thread = 0; thread < {d * width + 300}; ++thread)
+    ordered(STARTS_T, starts_t, COLS_T, ORDER_T, VALUES, A, a_shape, cols_out);
+  for (int i = 0; i < {x.nnz}; ++i) printf("%.9g ", sampled_out[i]);
+  printf("\\n");
+  for (int i = 0; i < {n * width}; ++i) printf("%.9g ", rows_out[i]);
+  printf("\\n");
+  for (int i = 0; i < {d * width}; ++i) printf("%.9g ", cols_out[i]);
+  printf("\\n");
+  delete[] sampled_out;
+  delete[] rows_out;
+  delete[] cols_out;
+}}
+"""
+    )
+    (tmp_path / "kernels.cpp").write_text(_cuda_kernels_as_cpp() + main)
+    build = [compiler, "-std=c++17", "-O1", "-fsanitize=address", "-o", str(tmp_path / "kernels")]
+    built = subprocess.run([*build, str(tmp_path / "kernels.cpp")], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    result = subprocess.run([str(tmp_path / "kernels")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    sampled_out, rows_out, cols_out = (np.array(line.split(), dtype=np.float64) for line in result.stdout.splitlines())
+    np.testing.assert_allclose(sampled_out, np.sum(a[rows] * b[x.indices], axis=1), rtol=1e-6)
+    np.testing.assert_allclose(rows_out, (x @ b).ravel(), rtol=1e-6)
+    np.testing.assert_allclose(cols_out, (x.T @ a).ravel(), rtol=1e-6)

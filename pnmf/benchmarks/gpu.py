@@ -13,7 +13,9 @@ On every GPU a framework here can use (torch on CUDA or MPS, MLX on its GPU), in
 * sparse 1,000,000 x 20,000 at 0.5% (1e8 non-zeros), 20 components, ``lower-bound``
   natural: time per iteration ((T(31) - T(11)) / 20), set-up, time to converge and peak
   device memory, against the floor of two cuSPARSE products of the same shapes
-  (``torch.sparse.mm``: X @ M and X.T @ M2, 20 columns) timed in the same run;
+  (``torch.sparse.mm``: X @ M and X.T @ M2, 20 columns) timed in the same run; for MLX on
+  CUDA also the time per iteration with the gathers and scatter-adds that Metal runs in
+  place of the CUDA kernels;
 * the dense and sparse fits again with torch on the machine's CPU, 2 threads, for the ratio
   (``--cpu no`` leaves them out; ``--cpu only`` runs them alone and adds them to the
   ``gpu.json`` a GPU machine left in the output folder).
@@ -208,6 +210,16 @@ def measure(name: str, device: str, seed, dense, sparse, components: int, progre
         )
         if not on_cpu:
             entry["sparse"].update(converge(sparse, name, device, components, max_iter=1000))
+        if getattr(get_backend(name, device), "_kernels", False):
+            from ..backends import mlx as mlx_backend
+
+            progress(f"[{name}:{device}] sparse, products by gathers and scatter-adds (Metal's path) ...")
+            peak_memory(name, device, reset=True)
+            with _switched(mlx_backend, "CUDA_KERNELS", False):
+                entry["sparse_gathered"] = per_iteration(
+                    sparse, name, device, components, (11, 31), 1, mode="lower-bound", training_mode="natural"
+                )
+            entry["sparse_gathered"]["peak_device_gb"] = peak_memory(name, device)
     return entry
 
 
@@ -220,7 +232,7 @@ def seed_setting(seed, name: str, device: str, graphs: bool = False) -> dict:
         if name == "torch":
             from ..backends import torch as torch_backend
 
-            stack.enter_context(_graphs(torch_backend, graphs))
+            stack.enter_context(_switched(torch_backend, "CUDA_GRAPHS", graphs))
         caught = stack.enter_context(warnings.catch_warnings(record=True))
         warnings.simplefilter("always", RuntimeWarning)
         for training in ("natural", "standard"):
@@ -233,12 +245,14 @@ def seed_setting(seed, name: str, device: str, graphs: bool = False) -> dict:
 
 
 @contextlib.contextmanager
-def _graphs(module, on: bool):
-    before, module.CUDA_GRAPHS = module.CUDA_GRAPHS, on
+def _switched(module, flag: str, on: bool):
+    """``module.flag`` set to ``on`` for the duration."""
+    before = getattr(module, flag)
+    setattr(module, flag, on)
     try:
         yield
     finally:
-        module.CUDA_GRAPHS = before
+        setattr(module, flag, before)
 
 
 @contextlib.contextmanager
@@ -319,6 +333,14 @@ def report(record: dict) -> str:
         if entry["backend"] == "mlx" and torch_gpu:
             text += f"; {s['s_per_iter'] / torch_gpu['sparse']['s_per_iter']:.2f}x torch's time"
         lines.append(text)
+        if "sparse_gathered" in entry:
+            g = entry["sparse_gathered"]
+            text = "  sparse, products by gathers and scatter-adds instead of the CUDA kernels: "
+            ratio = g["s_per_iter"] / s["s_per_iter"]
+            text += f"{g['s_per_iter'] * 1e3:.1f} ms per iteration ({ratio:.2f}x the kernels' time)"
+            if g.get("peak_device_gb") is not None:
+                text += f"; peak device memory {g['peak_device_gb']:.2f} GB"
+            lines.append(text)
     if "peer" in record:
         peer = record["peer"]
         lines.append(f"\nPyPI pnmf 0.1.0: {peer['peer_s_per_iter'] * 1e3:.3f} ms per iteration on the seed setting")
