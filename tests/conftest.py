@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 from hypothesis import settings
 
 from pnmf.backends import get_backend
@@ -54,6 +55,18 @@ def small_problem(seed: int = 0, n: int = 9, d: int = 7, n_components: int = 3, 
     w = rng.uniform(0.1, 1.0, (d, n_components))
     eps = rng.standard_normal((n_samples, n, n_components))
     return x, mu, var, w, eps
+
+
+def sparse_products_problem(n, d, width, density, empty_every=(7, 5), dtype=np.float64):
+    """Operands of the sparse products: a CSR x (n, d) whose every ``empty_every[0]``-th row
+    and ``empty_every[1]``-th column (from the fourth and third) are empty, dense a (n, width)
+    and b (d, width), and the row of each non-zero."""
+    rng = np.random.default_rng(0)
+    x = sp.random(n, d, density=density, random_state=1, format="csr", dtype=dtype)
+    x = sp.csr_matrix(x.multiply(np.arange(n)[:, None] % empty_every[0] != 3))
+    x = sp.csr_matrix(x.multiply(np.arange(d)[None, :] % empty_every[1] != 2))
+    a, b = rng.random((n, width), dtype=dtype), rng.random((d, width), dtype=dtype)
+    return x, a, b, np.repeat(np.arange(n), np.diff(x.indptr))
 
 
 def evaluate_on(b, data, mu, var, w, mode, eps=None, **kwargs):

@@ -170,3 +170,19 @@ def test_restart_times_compare_lanes_with_one_by_one_and_the_gpu_report_shows_th
     entry["restarts"] = {"together_s": 0.1, "one_by_one_s": 0.5}
     text = gpu.report({"machine": "m", "quick": False, "runs": [entry], "sparse_nnz": 10})
     assert "10 restarts of the seed data (lower-bound): 0.100 s together, 0.500 s one by one (5.00x)" in text
+
+
+def test_the_gpu_report_says_when_an_iteration_is_below_the_timings_noise():
+    from pnmf.benchmarks import gpu
+
+    fits = {"s_per_iter": 0.02, "setup_s": 7.0, "s": 9.7, "n_iter": 150, "converged": True, "elbo": -1.0}
+    torch_entry = {"backend": "torch", "device": "cuda", "dense": fits, "sparse": fits}
+    mlx_entry = {"backend": "mlx", "device": "gpu", "dense": fits, "sparse": {**fits, "s_per_iter": -0.0038}}
+    mlx_entry["sparse_gathered"] = {"s_per_iter": 0.1514, "setup_s": 3.8, "peak_device_gb": 26.9}
+    record = {"machine": "m", "quick": False, "runs": [torch_entry, mlx_entry], "sparse_nnz": 10}
+    text = gpu.report({**record, "cusparse_floor_s": 0.014})
+    mlx_lines = text.split("mlx:gpu")[1]
+    assert "sparse (10 non-zeros): time per iteration below the noise of the fits' difference, set-up 7.00 s" in text
+    assert not re.search(r"-\d", mlx_lines)  # no negative time or ratio
+    assert "151.4 ms per iteration; peak device memory 26.90 GB" in mlx_lines
+    assert "20.0 ms per iteration, set-up 7.00 s; 1.43x the cuSPARSE floor" in text.split("mlx:gpu")[0]

@@ -14,7 +14,7 @@ import scipy.sparse as sp
 from pnmf import PNMF, backends, make_counts
 from pnmf.backends import get_backend
 
-from .conftest import as_numpy, evaluate_on, lower_bound_at, small_problem
+from .conftest import as_numpy, evaluate_on, lower_bound_at, small_problem, sparse_products_problem
 
 pytestmark = pytest.mark.gpu
 
@@ -145,17 +145,11 @@ def test_restarts_fitted_together_on_the_gpu_are_the_fits_one_by_one(gpu, monkey
 def test_mlx_sparse_kernels_on_cuda_compute_the_sparse_products(gpu):
     if gpu.name != "mlx" or not gpu._kernels:
         pytest.skip("the sparse kernels are MLX's on CUDA")
-    rng = np.random.default_rng(0)
-    n, d, width = 3000, 700, 7
-    x = sp.random(n, d, density=0.02, random_state=1, format="csr", dtype=np.float64)
-    x = sp.csr_matrix(x.multiply(np.arange(n)[:, None] % 11 != 3))  # empty rows
-    x = sp.csr_matrix(x.multiply(np.arange(d)[None, :] % 13 != 2))  # and empty columns
-    a, b = rng.random((n, width)), rng.random((d, width))
+    x, a, b, rows = sparse_products_problem(3000, 700, 7, 0.02, empty_every=(11, 13))
     pattern, values = gpu.sparse(x), gpu.asarray(x.data)
-    rows = np.repeat(np.arange(n), np.diff(x.indptr))
     got = gpu.sampled_matmul(pattern, gpu.asarray(a), gpu.asarray(b))
     np.testing.assert_allclose(gpu.to_numpy(got), np.sum(a[rows] * b[x.indices], axis=1), rtol=1e-5)
     np.testing.assert_allclose(gpu.to_numpy(gpu.sparse_matmul(pattern, values, gpu.asarray(b))), x @ b, rtol=1e-5)
     np.testing.assert_allclose(gpu.to_numpy(gpu.sparse_matmul_t(pattern, values, gpu.asarray(a))), x.T @ a, rtol=1e-5)
-    empty = gpu.sparse(sp.csr_matrix((n, d)))
+    empty = gpu.sparse(sp.csr_matrix(x.shape))
     assert not gpu.to_numpy(gpu.sparse_matmul_t(empty, gpu.asarray(np.zeros(0)), gpu.asarray(a))).any()

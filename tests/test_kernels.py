@@ -13,7 +13,7 @@ from pnmf.backends import numpy as numpy_backend
 from pnmf.backends.base import Backend
 from pnmf.elbo import as_counts
 
-from .conftest import BACKENDS, cpu_backend
+from .conftest import BACKENDS, cpu_backend, sparse_products_problem
 
 
 def _point(seed, c, n=13, d=11, n_comp=4):
@@ -390,13 +390,8 @@ def test_mlx_cuda_kernels_compute_the_sparse_products(tmp_path):
         pytest.skip("no C++ compiler to build the CUDA kernels' bodies for the CPU")
     from pnmf.backends.base import csr_transpose_order
 
-    rng = np.random.default_rng(0)
     n, d, width = 37, 23, 5
-    x = sp.random(n, d, density=0.2, random_state=1, format="csr", dtype=np.float32)
-    x = sp.csr_matrix(x.multiply(np.arange(n)[:, None] % 7 != 3))  # empty rows
-    x = sp.csr_matrix(x.multiply(np.arange(d)[None, :] % 5 != 2))  # and empty columns
-    a, b = rng.random((n, width), dtype=np.float32), rng.random((d, width), dtype=np.float32)
-    rows = np.repeat(np.arange(n), np.diff(x.indptr))
+    x, a, b, rows = sparse_products_problem(n, d, width, 0.2, dtype=np.float32)
     starts_t, cols_t, order_t = csr_transpose_order(x)
 
     def array(name, values, ctype):
@@ -444,3 +439,19 @@ def test_mlx_cuda_kernels_compute_the_sparse_products(tmp_path):
     np.testing.assert_allclose(sampled_out, np.sum(a[rows] * b[x.indices], axis=1), rtol=1e-6)
     np.testing.assert_allclose(rows_out, (x @ b).ravel(), rtol=1e-6)
     np.testing.assert_allclose(cols_out, (x.T @ a).ravel(), rtol=1e-6)
+
+
+def test_mlx_waits_for_the_step_before_each_one_it_queues(monkeypatch):
+    """At most two steps in flight: a queued MLX step holds its intermediates until it runs."""
+    pytest.importorskip("mlx")
+    from pnmf.backends import mlx as mlx_backend
+
+    waited, real = [], mlx_backend.mx.eval
+    monkeypatch.setattr(mlx_backend.mx, "eval", lambda *trees: (waited.append(trees), real(*trees))[1])
+    b = get_backend("mlx", device="cpu", dtype="float32")
+    steps = [b.asarray(np.full(3, float(i))) for i in range(3)]
+    for step in steps:
+        b.launch(step)
+    # Queuing step i waited for step i - 1 (the first for nothing), never for step i itself.
+    assert [len(trees[0]) for trees in waited] == [0, 1, 1]
+    assert waited[1][0][0] is steps[0] and waited[2][0][0] is steps[1]

@@ -142,12 +142,19 @@ class MLXBackend(Backend):
         # A step that hands work to NumPy cannot be traced by mx.compile.
         self._traceable = self._host is None
         self._kernels = device == "gpu" and CUDA_KERNELS and mx.cuda.is_available()
+        self._in_flight: tuple = ()
 
     def scope(self):
         return mx.stream(self._device)
 
     def launch(self, *trees):
+        # At most two steps in flight: queue this one, then wait for the one before. MLX keeps
+        # a queued step's intermediates until it has run, and the loop reads the ELBO (and so
+        # waits) only every ten steps: on CUDA, 1e8 non-zeros, a fit's peak memory grew from
+        # 4.4 GB (1 step) to 8.7 GB (3) and 33.2 GB (10).
         mx.async_eval(trees)
+        mx.eval(self._in_flight)
+        self._in_flight = trees
 
     def compile(self, fn, capture=False):
         return mx.compile(fn) if self._traceable else fn
