@@ -268,10 +268,9 @@ class MLXBackend(Backend):
     def sampled_matmul(self, pattern, a, b):
         if self._host is not None:
             return self.on_host("sampled_matmul", pattern, a, b)
-        if self._kernels:
-            nnz = pattern.rows.shape[0]
-            return _launch("sampled", [a, b, pattern.rows, pattern.cols], nnz, (nnz,), a.dtype)
         nnz = pattern.rows.shape[0]
+        if self._kernels:
+            return _launch("sampled", [a, b, pattern.rows, pattern.cols], nnz, (nnz,), a.dtype)
         parts = [
             mx.sum(a[pattern.rows[start : start + CHUNK]] * b[pattern.cols[start : start + CHUNK]], axis=-1)
             for start in range(0, nnz, CHUNK)

@@ -12,11 +12,10 @@ On every GPU a framework here can use (torch on CUDA or MPS, MLX on its GPU), in
   and iterations to converge;
 * sparse 1,000,000 x 20,000 at 0.5% (1e8 non-zeros), 20 components, ``lower-bound``
   natural: time per iteration ((T(111) - T(11)) / 100 on a GPU, (T(8) - T(3)) / 5 on the
-  CPU), set-up, time to converge and peak
-  device memory, against the floor of two cuSPARSE products of the same shapes
-  (``torch.sparse.mm``: X @ M and X.T @ M2, 20 columns) timed in the same run; for MLX on
-  CUDA also the time per iteration with the gathers and scatter-adds that Metal runs in
-  place of the CUDA kernels;
+  CPU), set-up, time to converge and peak device memory, against the floor of two cuSPARSE
+  products of the same shapes (``torch.sparse.mm``: X @ M and X.T @ M2, 20 columns) timed
+  in the same run; for MLX on CUDA also the time per iteration with the gathers and
+  scatter-adds that Metal runs in place of the CUDA kernels;
 * the dense and sparse fits again with torch on the machine's CPU, 2 threads, for the ratio
   (``--cpu no`` leaves them out; ``--cpu only`` runs them alone and adds them to the
   ``gpu.json`` a GPU machine left in the output folder).
