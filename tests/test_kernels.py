@@ -355,25 +355,26 @@ def _cuda_kernels_as_cpp() -> str:
     """
     from pnmf.backends import mlx as mlx_backend
 
-    def kernel(name, inputs, body, constants):
+    floats = {"a", "b", "values", "m"}  # the other inputs are int32 indices
+
+    def kernel(name, source, constants):
+        inputs, body = mlx_backend._KERNEL_SOURCES[source]
         params = []
-        for input_name, ctype in inputs:
-            params.append(f"const {ctype}* {input_name}")
+        for input_name in inputs:
+            params.append(f"const {'float' if input_name in floats else 'int32_t'}* {input_name}")
             if f"{input_name}_shape" in body:
                 params.append(f"const Shape {input_name}_shape")
-        consts = "".join(f"  {line}\n" for line in constants)
+        consts = "".join(f"  {line}\n" for line in ["using T = float;", *constants])
         return f"void {name}({', '.join(params)}, float* out) {{\n{consts}{body}\n}}\n"
 
-    segments = [("starts", "int32_t"), ("index", "int32_t"), ("order", "int32_t"), ("values", "float"), ("m", "float")]
-    sampled = [("a", "float"), ("b", "float"), ("rows", "int32_t"), ("cols", "int32_t")]
     return (
         "#include <array>\n#include <cstddef>\n#include <cstdint>\n#include <cstdio>\n"
         "using Shape = std::array<int32_t, 8>;\nstatic size_t thread;\n"
         "namespace cg { struct Grid { unsigned long long thread_rank() const { return thread; } };\n"
         "inline Grid this_grid() { return {}; } }\n"
-        + kernel("sampled", sampled, mlx_backend._SAMPLED, ["using T = float;"])
-        + kernel("ordered", segments, mlx_backend._SEGMENTS, ["using T = float;", "constexpr bool ORDERED = true;"])
-        + kernel("in_order", segments, mlx_backend._SEGMENTS, ["using T = float;", "constexpr bool ORDERED = false;"])
+        + kernel("sampled", "sampled", [])
+        + kernel("ordered", "segments", ["constexpr bool ORDERED = true;"])
+        + kernel("in_order", "segments", ["constexpr bool ORDERED = false;"])
     )
 
 
