@@ -53,8 +53,12 @@ def _find(folder: Path, *names: str) -> Path:
     raise UsageError(f"{folder} is not a 10x directory: no {' or '.join(names)} in it")
 
 
-def read_counts(path: str, layer: str | None = None) -> Counts:
-    """Counts from .h5ad, a 10x directory, .npz or .csv/.tsv; UsageError naming what is wrong."""
+def read_counts(path: str, layer: str | None = None, backed: bool = False) -> Counts:
+    """Counts from .h5ad, a 10x directory, .npz or .csv/.tsv; UsageError naming what is wrong.
+
+    ``backed``: an .h5ad's X stays on disk (AnnData's ``backed="r"``), to be read by rows;
+    its layers are read whole.
+    """
     source = Path(path)
     if not source.exists():
         raise UsageError(f"{path}: no such file or directory")
@@ -75,7 +79,7 @@ def read_counts(path: str, layer: str | None = None) -> Counts:
         if source.suffix == ".h5ad":
             import anndata
 
-            adata = anndata.read_h5ad(source)
+            adata = anndata.read_h5ad(source, backed="r" if backed else None)
             if layer is not None and layer not in adata.layers:
                 raise UsageError(f"{path} has no layer {layer!r} (layers: {', '.join(adata.layers) or 'none'})")
             x = adata.X if layer is None else adata.layers[layer]
@@ -133,6 +137,9 @@ def _model_params(args) -> dict:
         size_factors=args.size_factors,
         distributed=args.distributed,
     )
+    for name in ("batch_size", "checkpoint", "checkpoint_every"):  # options of fit alone
+        if getattr(args, name, None) is not None:
+            params[name] = getattr(args, name)
     if args.prior_scale is not None:
         params["prior_scale"] = args.prior_scale if args.prior_scale == "auto" else _number(args.prior_scale)
     return params
@@ -146,12 +153,19 @@ def _number(text: str) -> float:
     return value
 
 
-def _rows(counts: Counts, distributed: bool) -> tuple[Counts, str]:
-    """This process's rows under torchrun (--distributed), and the suffix of its output files."""
-    if not distributed:
-        return counts, ""
-    from . import distributed as dist
+def _rows(counts: Counts, distributed: bool, batch_size: int | None) -> tuple[Counts, str]:
+    """This process's rows under torchrun (--distributed), and the suffix of its output files.
 
+    Counts on disk (an .h5ad's X) are read here: only this process's rows, and without
+    ``batch_size`` (a fit of the rows whole) all of them; a mini-batch fit reads its batches.
+    """
+    from . import distributed as dist
+    from .data import on_disk
+
+    if not distributed:
+        if on_disk(counts.x) and batch_size is None:
+            counts.x = counts.x[0 : counts.x.shape[0]]
+        return counts, ""
     group = dist.join("torch")
     rows = dist.shard(counts.x.shape[0], group)
     obs = None if counts.obs is None else counts.obs.iloc[rows]
@@ -215,10 +229,12 @@ def cmd_fit(args) -> list[Path]:
     _check_out(args)
     if args.top < 1:
         raise UsageError(f"--top {args.top} must be at least 1")
-    counts, suffix = _rows(read_counts(args.counts, args.layer), args.distributed)
-    batch = _batch(counts, args.batch_key)
+    if args.checkpoint_every is not None and args.checkpoint is None:
+        raise UsageError("--checkpoint-every needs --checkpoint (the file to write)")
     model = PNMF(args.n_components, **_model_params(args))
-    model._validate_params()  # a bad parameter is named before the fit starts
+    model._validate_params()  # a bad parameter is named before the counts are read
+    counts, suffix = _rows(read_counts(args.counts, args.layer, backed=True), args.distributed, args.batch_size)
+    batch = _batch(counts, args.batch_key)
     factors = model.fit_transform(counts.x, batch=batch)
     model.feature_names_in_ = counts.var_names.astype(object)  # the model file keeps them
     return _outputs(args, counts, model, factors, suffix)
@@ -353,6 +369,11 @@ def parser() -> argparse.ArgumentParser:
     fit.add_argument("--n-components", "-k", type=int, required=True)
     fit.add_argument("--batch-key", help="obs column of an .h5ad with each row's batch")
     fit.add_argument("--distributed", action="store_true", help="one fit over every process (under torchrun)")
+    fit.add_argument(
+        "--batch-size", type=int, help="rows per step of a mini-batch fit (an .h5ad's X is then read by batches)"
+    )
+    fit.add_argument("--checkpoint", help="file for the fit's state; a rerun of the same fit resumes from it")
+    fit.add_argument("--checkpoint-every", type=int, help="iterations between checkpoints (default: 100)")
     fit.set_defaults(run=cmd_fit)
 
     cons = commands.add_parser("consensus", help="the consensus of restarts; write as fit does")

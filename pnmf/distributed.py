@@ -13,11 +13,14 @@ engine's usual way (``torchrun``, ``mlx.launch``); pnmf joins the group that is 
 
 from __future__ import annotations
 
+import atexit
+import numbers
 import os
 import time
 from datetime import timedelta
 
 import numpy as np
+from sklearn.utils import check_random_state
 
 from .backends.base import Array, Backend
 
@@ -157,6 +160,22 @@ class MLXGroup(Group):
             raise CollectiveError(f"rank {self.rank} of {self.size}: an all-reduce failed: {err}") from err
 
 
+def shared_random_state(random_state, group: Group | None) -> np.random.RandomState:
+    """``check_random_state(random_state)``, drawing alike on every rank of ``group``.
+
+    An int seeds every rank alike. None (NumPy's global state) and a RandomState differ
+    between processes, and each rank would start from its own loadings: rank 0 draws a
+    seed for all of them instead.
+    """
+    rng = check_random_state(random_state)
+    if group is None or isinstance(random_state, numbers.Integral):
+        return rng
+    seed = np.zeros(1)
+    if group.rank == 0:
+        seed[0] = rng.randint(np.iinfo(np.int32).max)
+    return np.random.RandomState(int(group.all_sum_host(seed)[0]))
+
+
 def shard(n_rows: int, group: Group) -> slice:
     """This rank's block of ``n_rows`` rows split evenly in rank order (the first blocks one row longer)."""
     base, extra = divmod(n_rows, group.size)
@@ -193,7 +212,18 @@ def join(backend: str, timeout: float | None = None) -> Group:
         engine = "nccl" if torch.cuda.is_available() else "gloo"
         kwargs = {} if timeout is None else {"timeout": timedelta(seconds=timeout)}
         dist.init_process_group(engine, **kwargs)
+        if engine == "gloo":
+            # Destroyed at exit: a gloo group still open while the interpreter shuts down can
+            # abort it (SIGABRT; once in 56 two-process runs here). NCCL's is left alone: its
+            # teardown is collective and would wait for a rank that failed.
+            atexit.register(_leave, dist)
     if not dist.is_initialized() or dist.get_world_size() < 2:
         size = dist.get_world_size() if dist.is_initialized() else 1
         raise ValueError(f"distributed=True found no process group of size > 1 (size {size}); {LAUNCH_HINT}")
     return TorchGroup(timeout)
+
+
+def _leave(dist) -> None:
+    """Destroy the torch.distributed group pnmf initialised, if it is still there."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

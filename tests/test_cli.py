@@ -135,6 +135,8 @@ BAD = [
     (["fit", "garbage.npz", "-k", "3"], "garbage.npz could not be read"),
     (["fit", "notes.txt2", "-k", "3"], "unknown format"),
     (["fit", "negative.csv", "-k", "3"], "non-negative"),
+    (["fit", "counts.csv", "-k", "3", "--checkpoint-every", "5"], "--checkpoint-every needs --checkpoint"),
+    (["fit", "cells.h5ad", "-k", "3", "--batch-size", "50", "--distributed"], "batch_size does not combine"),
     (["transform", "model.npz", "counts.csv"], "model.npz: no such model file"),
     (["select-k", "counts.csv", "--candidates", "0", "2"], "--candidates must be positive"),
     (["consensus", "counts.csv", "-k", "2", "--restarts", "1"], "--restarts 1 must be at least 2"),
@@ -168,6 +170,58 @@ def test_transform_refuses_counts_of_other_features(files, tmp_path):
     done = pnmf_command("transform", tmp_path / "m" / "model.npz", "shuffled.csv", "-o", "t", cwd=tmp_path)
     assert done.returncode == 2 and "features are not the model's: feature 0 is 'gene49'" in done.stderr
     assert not (tmp_path / "t").exists()
+
+
+def test_fit_in_batches_reads_the_h5ad_from_disk(files, tmp_path, monkeypatch):
+    from pnmf import cli
+    from pnmf.data import on_disk
+
+    folder, data = files
+    seen = []
+    fit = PNMF.fit
+    monkeypatch.setattr(PNMF, "fit", lambda self, X, **kw: seen.append(on_disk(X)) or fit(self, X, **kw))
+    common = ["-k", 3, "--seed", 0, "--backend", "numpy", "--dtype", "float64", "--max-iter", 30, "--tol", 0]
+    assert cli.main([str(a) for a in ["fit", folder / "cells.h5ad", *common, "--batch-size", 60, "-o", tmp_path]]) == 0
+    assert seen == [True]  # the counts handed to the fit were still on disk
+    model = PNMF(3, random_state=0, backend="numpy", dtype="float64", max_iter=30, tol=0, batch_size=60)
+    model.fit(data["X"])
+    np.testing.assert_allclose(PNMF.load(tmp_path / "model.npz").loadings_, model.loadings_, rtol=1e-8)
+    written = anndata.read_h5ad(tmp_path / "factors.h5ad").obsm["X_pnmf"]
+    np.testing.assert_allclose(written, np.exp(model.mean_ + model.var_ / 2), rtol=1e-8)
+
+
+def test_a_distributed_fit_reads_only_its_own_rows_of_the_h5ad(files, monkeypatch):
+    from pnmf import cli, distributed
+    from pnmf.data import on_disk
+
+    folder, data = files
+    rank_1_of_2 = distributed.Group()
+    rank_1_of_2.rank, rank_1_of_2.size = 1, 2
+    monkeypatch.setattr(distributed, "join", lambda backend, timeout=None: rank_1_of_2)
+    counts = cli.read_counts(str(folder / "cells.h5ad"), backed=True)
+    assert on_disk(counts.x)
+    rows, suffix = cli._rows(counts, distributed=True, batch_size=None)
+    assert suffix == ".rank-1-of-2" and list(rows.obs_names[:2]) == ["cell120", "cell121"]
+    np.testing.assert_array_equal(rows.x.toarray(), data["X"][120:])
+    assert list(rows.obs["donor"]) == list(data["batch"][120:])
+
+
+def test_a_fit_resumes_from_its_checkpoint_and_refuses_another_fits(files, tmp_path):
+    folder, data = files
+    common = ["-k", 3, "--seed", 0, "--backend", "numpy", "--dtype", "float64", "--tol", 0]
+    common += ["--checkpoint", tmp_path / "state.npz", "--checkpoint-every", 10]
+    first = pnmf_command("fit", folder / "counts.csv", *common, "--max-iter", 20, "-o", "a", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    longer = pnmf_command("fit", folder / "counts.csv", *common, "--max-iter", 40, "-o", "b", cwd=tmp_path)
+    assert longer.returncode == 0, longer.stderr
+    model = PNMF(3, random_state=0, backend="numpy", dtype="float64", tol=0, max_iter=40).fit(data["X"])
+    resumed = PNMF.load(tmp_path / "b" / "model.npz")
+    assert resumed.n_iter_ == 40
+    np.testing.assert_allclose(resumed.loadings_, model.loadings_, rtol=1e-8)
+    pd.DataFrame(data["X"][::-1]).to_csv(tmp_path / "other.csv")  # the rows in another order
+    other = pnmf_command("fit", "other.csv", *common, "--max-iter", 40, "-o", "c", cwd=tmp_path)
+    assert other.returncode == 2 and "Traceback" not in other.stderr
+    assert "belongs to another fit (its data differ" in other.stderr and not (tmp_path / "c").exists()
 
 
 def test_fit_runs_unchanged_under_torchrun(files, tmp_path):

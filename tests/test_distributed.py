@@ -165,6 +165,17 @@ def test_every_rank_stops_at_the_same_iteration(tmp_path):
     assert {int(r["n_iter"]) for r in ranks} == {int(ranks[0]["n_iter"])}
 
 
+def test_without_a_seed_every_rank_fits_the_same_loadings(tmp_path):
+    # random_state=None draws from each process's own global state: rank 0's draw is shared.
+    params = dict(F64, random_state=None, mode="lower-bound", training_mode="natural", tol=0, max_iter=30)
+    codes = launch(tmp_path, [0, 60, 120], [dict(params=params)] * 2)
+    assert all(code == 0 for code, _ in codes), [err[-2000:] for _, err in codes]
+    first, second = load(tmp_path, 0, 2), load(tmp_path, 1, 2)
+    np.testing.assert_array_equal(first[0]["loadings"], first[1]["loadings"])
+    np.testing.assert_array_equal(first[0]["history"], first[1]["history"])
+    assert not np.allclose(first[0]["loadings"], second[0]["loadings"])  # not a fixed seed
+
+
 def test_shards_with_different_features_raise_on_every_rank_before_any_step(tmp_path):
     params = dict(F64, mode="lower-bound", training_mode="natural")
     codes = launch(tmp_path, [0, 60, 120], [dict(params=params)], drop_column=[1])
