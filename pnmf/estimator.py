@@ -763,6 +763,8 @@ class PNMF(TransformerMixin, BaseEstimator):
         transforming them among others.
         """
         check_is_fitted(self, "loadings_")
+        if on_disk(X):
+            return self._infer_on_disk(X, size_factors, batch)
         X = self._validate_data(X, reset=False)
         effects, labels = self._effects(X, size_factors, batch)
         b = get_backend(self.backend_, self.device_, self.dtype)
@@ -775,6 +777,34 @@ class PNMF(TransformerMixin, BaseEstimator):
             g = None if labels is None else b.to_numpy(extra["g"]).astype(np.float64)
             return b.to_numpy(mu).astype(np.float64), b.to_numpy(var).astype(np.float64), elbo, (labels, g)
 
+    def _infer_on_disk(self, X, size_factors, batch):
+        """:meth:`_infer` of counts on disk, a block of rows at a time (``batch_size`` rows,
+        or the reader's block), each block read only when its turn comes."""
+        X = X if isinstance(X, DiskRows) else DiskRows(X)
+        n = X.shape[0]
+        size_factors = None if size_factors is None else check_size_factors(size_factors, n)
+        batch = None if batch is None else check_batch(batch, n)
+        if batch is not None and getattr(self, "batches_", None) is not None:
+            unseen = np.setdiff1d(np.unique(batch), self.batches_)
+            if unseen.size:
+                raise ValueError(
+                    f"batch {_label(unseen[0])} was not seen in fit, and a new batch's effects are estimated from all "
+                    "its rows at once: read the counts on disk into memory to map new batches"
+                )
+        step = self.batch_size or X.block_rows
+        parts = []
+        for start in range(0, n, step):
+            rows = slice(start, start + step)
+            parts.append(
+                self._infer(
+                    X[rows],
+                    None if size_factors is None else size_factors[rows],
+                    None if batch is None else batch[rows],
+                )
+            )
+        mean, var = np.vstack([p[0] for p in parts]), np.vstack([p[1] for p in parts])
+        return mean, var, sum(p[2] for p in parts), parts[0][3]
+
     def transform(self, X, *, size_factors=None, batch=None):
         """Factors H = E_q[exp F] (n_samples, n_components) of rows of X, loadings fixed.
 
@@ -786,6 +816,10 @@ class PNMF(TransformerMixin, BaseEstimator):
         is required: labels seen in fit use their batch effects; the batch effects of new
         labels are estimated from X with the loadings fixed, alternating with q(F) (mapping
         a new dataset onto the fitted programs).
+
+        Counts on disk (a backed AnnData's X, an h5py or zarr dataset) are read and
+        transformed a block of rows at a time (``batch_size`` rows, else 10,000); their
+        batches must have been seen in fit.
         """
         mean, var, _, _ = self._infer(X, size_factors, batch)
         return _expected_exp(mean, var)
@@ -858,7 +892,8 @@ class PNMF(TransformerMixin, BaseEstimator):
         return io.load(cls, path, backend=backend, device=device)
 
     def score(self, X, y=None, *, size_factors=None, batch=None) -> float:
-        """ELBO of X under the fitted loadings (q(F) of its rows inferred by ``transform``)."""
+        """ELBO of X under the fitted loadings (q(F) of its rows inferred by ``transform``;
+        counts on disk a block of rows at a time, as there)."""
         return self._infer(X, size_factors, batch)[2]
 
 

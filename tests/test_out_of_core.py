@@ -93,3 +93,22 @@ def test_batches_and_size_factors_on_disk_equal_the_in_memory_fit(tmp_path, coun
     np.testing.assert_allclose(model.loadings_, memory.loadings_, rtol=1e-6)
     np.testing.assert_allclose(model.batch_effects_, memory.batch_effects_, rtol=1e-6)
     np.testing.assert_allclose(model.size_factors_, memory.size_factors_, rtol=1e-12)
+
+
+def test_transform_and_score_of_counts_on_disk_read_blocks_and_equal_in_memory(tmp_path, counts):
+    """Each row's q(F) depends on its row alone: with a fixed number of steps (tol=0) the
+    blocks give the in-memory factors; seen batches and size factors go with their rows."""
+    labels = np.array(["x", "y"])[np.arange(counts.shape[0]) % 2]
+    params = dict(PARAMS, dtype="float64", size_factors="total", tol=0, max_iter=40)
+    model = PNMF(4, **params).fit(counts, batch=labels)
+    source = CountingRows(counts)
+    on_disk = model.transform(DiskRows(source, block_rows=64), batch=labels)
+    assert max(source.reads) <= 100 and len(source.reads) >= 10
+    np.testing.assert_allclose(on_disk, model.transform(counts, batch=labels), rtol=1e-10)
+    path = tmp_path / "counts.h5ad"
+    ad.AnnData(counts).write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    score = model.score(backed.X, batch=labels)
+    assert score == pytest.approx(model.score(counts, batch=labels), rel=1e-10)
+    with pytest.raises(ValueError, match="batch 'z' was not seen in fit.*into memory"):
+        model.transform(backed.X, batch=np.where(labels == "x", "x", "z"))
