@@ -131,9 +131,11 @@ class Checkpoint:
 
     ``fingerprint`` names the data and parameters the state belongs to: a file written for
     other data or other parameters is refused, never mixed in. Writes go to a temporary
-    file that is then renamed over the last checkpoint, so a fit killed while writing
-    leaves the previous checkpoint whole. ``group``: in a distributed fit each rank keeps
-    its own file (``name.rank-R-of-S.npz``), and all must hold the same iteration.
+    file (``name.npz.partial``) that is then renamed over the last checkpoint, so a fit
+    killed while writing leaves the previous checkpoint whole. ``group``: in a distributed
+    fit each rank keeps its own file (``name.rank-R-of-S.npz``); the ranks rename only once
+    every rank has written its state, and resume from the last iteration that every rank
+    holds, renamed or still in its temporary file.
     """
 
     def __init__(self, path, every: int, fingerprint: dict, group=None):
@@ -142,44 +144,73 @@ class Checkpoint:
             path = path.with_name(path.name + ".npz")
         if group is not None and group.size > 1:
             path = path.with_name(f"{path.stem}.rank-{group.rank}-of-{group.size}.npz")
-        self.path, self.every, self.fingerprint, self.group = path, every, fingerprint, group
+        self.path, self.every, self.fingerprint = path, every, fingerprint
+        self.group = group if group is not None and group.size > 1 else None
+        self.partial = path.with_name(path.name + ".partial")
 
     def load(self) -> dict | None:
-        """The saved state (phase, phase_start, state, key, history), or None when there is none."""
-        saved = None
-        if self.path.exists():
-            try:
-                with np.load(self.path, allow_pickle=False) as data:
-                    metadata = json.loads(str(data["metadata"][()]))
-                    arrays = {name: np.array(data[name]) for name in data.files if name != "metadata"}
-            except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError, EOFError) as err:
-                raise ValueError(f"{self.path} is not a pnmf checkpoint (or is damaged): {err}") from err
-            if metadata.get("format") != CHECKPOINT_FORMAT:
-                raise ValueError(f"{self.path} is not a pnmf checkpoint: no '{CHECKPOINT_FORMAT}' metadata")
-            differ = sorted(k for k in self.fingerprint if metadata["fingerprint"].get(k) != self.fingerprint[k])
-            if differ:
-                raise ValueError(
-                    f"the checkpoint {self.path} belongs to another fit (its {', '.join(differ)} differ from this "
-                    "fit's); remove it, or name another checkpoint path, to start afresh"
-                )
-            saved = {
-                "phase": metadata["phase"],
-                "phase_start": metadata["phase_start"],
-                "key": arrays.pop("key"),
-                "history": arrays.pop("history"),
-                "monitors": list(metadata.get("monitors", [])),
-                "state": {name[len("state.") :]: value for name, value in arrays.items()},
-            }
-        if self.group is not None and self.group.size > 1:
-            # Every rank must resume from the same iteration, or none may.
-            n_iter = -1.0 if saved is None else float(len(saved["history"]))
-            total = self.group.all_sum_host(np.array([n_iter, n_iter * n_iter]))
-            if total[1] * self.group.size != total[0] ** 2:
-                raise ValueError(
-                    f"the ranks' checkpoints do not hold the same iteration (rank {self.group.rank}: "
-                    f"{'none' if saved is None else int(n_iter)}); remove them to start afresh"
-                )
-        return saved
+        """The saved state (phase, phase_start, state, key, history), or None when there is none.
+
+        A temporary file that was written whole but not yet renamed (the process was killed
+        in between) counts as a checkpoint too; one left half-written is ignored.
+        """
+        held = [self._read(self.path)]
+        try:
+            held.append(self._read(self.partial))
+        except ValueError:
+            pass  # written in part, or for a fit since replaced: never renamed, so never a checkpoint
+        held = [saved for saved in held if saved is not None]
+        if self.group is None:
+            return max(held, key=lambda saved: len(saved["history"]), default=None)
+        return self._common(held)
+
+    def _common(self, held: list[dict]) -> dict | None:
+        """Of this rank's saved states, the one at the last iteration that every rank holds."""
+        size, rank = self.group.size, self.group.rank
+        table = np.zeros((size, 2))
+        for slot, saved in enumerate(held):
+            table[rank, slot] = len(saved["history"]) + 1  # 0: no state in this slot
+        table = self.group.all_sum_host(table.reshape(-1)).reshape(size, 2) - 1
+        if (table < 0).all():
+            return None
+        common = set.intersection(*({n for n in row if n >= 0} for row in table))
+        if not common:
+            held_by = "; ".join(
+                f"rank {r}: {', '.join(str(int(n)) for n in row if n >= 0) or 'none'}" for r, row in enumerate(table)
+            )
+            raise ValueError(
+                f"the ranks' checkpoints hold no iteration in common (iterations held by {held_by}); remove "
+                f"{self.path.name.replace(f'rank-{rank}-', 'rank-*-')} to start afresh"
+            )
+        return next(saved for saved in held if len(saved["history"]) == max(common))
+
+    def _read(self, path: Path) -> dict | None:
+        """The state saved in ``path`` (None when there is no such file); ValueError when it
+        is damaged, not a checkpoint, or another fit's."""
+        if not path.exists():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                metadata = json.loads(str(data["metadata"][()]))
+                arrays = {name: np.array(data[name]) for name in data.files if name != "metadata"}
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError, EOFError) as err:
+            raise ValueError(f"{path} is not a pnmf checkpoint (or is damaged): {err}") from err
+        if metadata.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{path} is not a pnmf checkpoint: no '{CHECKPOINT_FORMAT}' metadata")
+        differ = sorted(k for k in self.fingerprint if metadata["fingerprint"].get(k) != self.fingerprint[k])
+        if differ:
+            raise ValueError(
+                f"the checkpoint {path} belongs to another fit (its {', '.join(differ)} differ from this "
+                "fit's); remove it, or name another checkpoint path, to start afresh"
+            )
+        return {
+            "phase": metadata["phase"],
+            "phase_start": metadata["phase_start"],
+            "key": arrays.pop("key"),
+            "history": arrays.pop("history"),
+            "monitors": list(metadata.get("monitors", [])),
+            "state": {name[len("state.") :]: value for name, value in arrays.items()},
+        }
 
     def save(
         self, phase: int, phase_start: int, state: dict, key: np.ndarray, history: list[float], monitors=()
@@ -195,9 +226,12 @@ class Checkpoint:
             "monitors": [float(v) for v in monitors],
         }
         arrays = {"state." + name: np.asarray(value) for name, value in state.items()}
-        partial = self.path.with_name(self.path.name + ".partial")
-        with open(partial, "wb") as handle:
+        with open(self.partial, "wb") as handle:
             np.savez(handle, metadata=np.array(json.dumps(metadata)), key=key, history=np.asarray(history), **arrays)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(partial, self.path)
+        if self.group is not None:
+            # Rename only once every rank's state is on disk: a rank killed while writing then
+            # leaves every rank's last checkpoint at the same iteration.
+            self.group.all_sum_host(np.zeros(1))
+        os.replace(self.partial, self.path)

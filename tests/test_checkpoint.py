@@ -80,6 +80,29 @@ def test_a_minibatch_fit_resumes_too(tmp_path):
     np.testing.assert_allclose(resumed.loadings_, whole.loadings_, rtol=1e-12)
 
 
+def test_a_state_written_whole_but_not_renamed_is_resumed_and_a_half_written_one_ignored(tmp_path, monkeypatch):
+    x, _, _ = make_counts(60, 30, 3, random_state=2)
+    params = dict(mode="lower-bound", training_mode="natural", backend="numpy", random_state=0, tol=0)
+    path, partial = tmp_path / "fit.npz", tmp_path / "fit.npz.partial"
+    PNMF(3, max_iter=20, checkpoint=path, checkpoint_every=10, **params).fit(x)
+    at_20 = path.read_bytes()
+    PNMF(3, max_iter=30, checkpoint=path, checkpoint_every=10, **params).fit(x)
+    path.rename(partial)  # killed between writing its state at 30 and renaming it
+    path.write_bytes(at_20)
+    steps = []
+    original = NaturalTrainer.step
+    monkeypatch.setattr(NaturalTrainer, "step", lambda self, *a: steps.append(1) or original(self, *a))
+    resumed = PNMF(3, max_iter=50, checkpoint=path, checkpoint_every=10, **params).fit(x)
+    assert len(steps) == 20 and not partial.exists()
+    partial.write_bytes(b"half of a state")  # killed while writing: the checkpoint at 50 stands
+    again = PNMF(3, max_iter=60, checkpoint=path, checkpoint_every=10, **params).fit(x)
+    assert len(steps) == 30
+    monkeypatch.setattr(NaturalTrainer, "step", original)
+    whole = PNMF(3, max_iter=60, **params).fit(x)
+    np.testing.assert_array_equal(resumed.elbo_history_, whole.elbo_history_[:50])
+    np.testing.assert_array_equal(again.loadings_, whole.loadings_)
+
+
 def test_a_checkpoint_of_other_data_or_parameters_is_refused(tmp_path):
     x, _, _ = make_counts(60, 30, 3, random_state=2)
     path = tmp_path / "fit.npz"

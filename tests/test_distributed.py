@@ -30,7 +30,9 @@ def launch(tmp_path: Path, bounds: list[int], fits: list[dict], timeout: float =
     ``only_rank_0``: wait for rank 0 alone, then kill the others.
     """
     world = len(bounds) - 1
-    job = dict(DATA, bounds=bounds, fits=fits, rendezvous=f"file://{tmp_path / 'rendezvous'}", **job)
+    # A fresh rendezvous file each launch: one left by an earlier launch would hang this one.
+    rendezvous = f"file://{tmp_path / f'rendezvous-{time.monotonic_ns()}'}"
+    job = dict(DATA, bounds=bounds, fits=fits, rendezvous=rendezvous, **job)
     (tmp_path / "job.json").write_text(json.dumps(job))
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
     processes = [
@@ -174,6 +176,37 @@ def test_without_a_seed_every_rank_fits_the_same_loadings(tmp_path):
     np.testing.assert_array_equal(first[0]["loadings"], first[1]["loadings"])
     np.testing.assert_array_equal(first[0]["history"], first[1]["history"])
     assert not np.allclose(first[0]["loadings"], second[0]["loadings"])  # not a fixed seed
+
+
+def test_a_distributed_fit_resumes_from_the_last_iteration_every_rank_holds(tmp_path):
+    """The ranks rename their checkpoints only once every rank has written its state: a rank
+    killed between that and its rename has its newer state in its temporary file."""
+    path = tmp_path / "fit.npz"
+    params = dict(F64, mode="lower-bound", training_mode="natural", tol=0, checkpoint=str(path), checkpoint_every=10)
+
+    def run(max_iter: int) -> list:
+        return launch(tmp_path, [0, 60, 120], [dict(params=dict(params, max_iter=max_iter))])
+
+    assert all(code == 0 for code, _ in run(20))
+    rank_0, rank_1 = (tmp_path / f"fit.rank-{r}-of-2.npz" for r in range(2))
+    rank_1_at_20 = rank_1.read_bytes()
+    assert all(code == 0 for code, _ in run(30))
+    rank_1_at_30 = rank_1.read_bytes()
+    rank_1.write_bytes(rank_1_at_20)  # rank 1 killed before renaming its state at 30 ...
+    (tmp_path / "fit.rank-0-of-2.npz.partial").write_bytes(b"half of a later state")  # ... rank 0 while writing
+    codes = run(40)  # rank 0 holds 30 alone, rank 1 20 alone: refused on both
+    assert all(
+        code != 0 and "hold no iteration in common (iterations held by rank 0: 30; rank 1: 20)" in err
+        for code, err in codes
+    ), [err[-2000:] for _, err in codes]
+    (tmp_path / "fit.rank-1-of-2.npz.partial").write_bytes(rank_1_at_30)
+    codes = run(40)  # 30 is on every rank now, renamed or not
+    assert all(code == 0 for code, _ in codes), [err[-2000:] for _, err in codes]
+    ranks = load(tmp_path, 0, 2)
+    reference = single(dict(F64, mode="lower-bound", training_mode="natural", tol=0, max_iter=40))
+    np.testing.assert_allclose(ranks[0]["loadings"], reference.loadings_, rtol=1e-8)
+    np.testing.assert_allclose(np.vstack([r["mean"] for r in ranks]), reference.mean_, rtol=1e-8, atol=1e-12)
+    assert len(ranks[1]["history"]) == 40 and not rank_0.with_name(rank_0.name + ".partial").exists()
 
 
 def test_shards_with_different_features_raise_on_every_rank_before_any_step(tmp_path):
