@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from .data import on_disk
 from .elbo import MODES
 
 
@@ -160,7 +161,6 @@ def _rows(counts: Counts, distributed: bool, batch_size: int | None) -> tuple[Co
     ``batch_size`` (a fit of the rows whole) all of them; a mini-batch fit reads its batches.
     """
     from . import distributed as dist
-    from .data import on_disk
 
     if not distributed:
         if on_disk(counts.x) and batch_size is None:
@@ -259,7 +259,8 @@ def cmd_consensus(args) -> list[Path]:
 def cmd_transform(args) -> list[Path]:
     _check_out(args)
     model = _load(args.model, args.backend, args.device)
-    counts = read_counts(args.counts, args.layer)
+    counts = read_counts(args.counts, args.layer, backed=True)
+    batch = _batch(counts, args.batch_key)
     if counts.x.shape[1] != model.n_features_in_:
         raise UsageError(
             f"{args.counts} has {counts.x.shape[1]} features; the model was fitted on {model.n_features_in_}"
@@ -273,9 +274,14 @@ def cmd_transform(args) -> list[Path]:
             f"the model's is '{names[first]}'"
         )
     fmt = _factor_format(args)
+    # An .h5ad's X is transformed a block of rows at a time from disk, unless a new batch's
+    # effects are to be estimated, which needs all of its rows at once.
+    new_batch = batch is not None and model.batches_ is not None and not np.isin(batch, model.batches_).all()
+    if new_batch and on_disk(counts.x):
+        counts.x = counts.x[0 : counts.x.shape[0]]
     with warnings.catch_warnings():  # the names were compared above; the counts carry none
         warnings.filterwarnings("ignore", message="X does not have valid feature names")
-        factors = model.transform(counts.x, batch=_batch(counts, args.batch_key))
+        factors = model.transform(counts.x, batch=batch)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     return _write_factors(out, "factors", counts, factors, model, fmt)

@@ -190,6 +190,31 @@ def test_fit_in_batches_reads_the_h5ad_from_disk(files, tmp_path, monkeypatch):
     np.testing.assert_allclose(written, np.exp(model.mean_ + model.var_ / 2), rtol=1e-8)
 
 
+def test_transform_reads_the_h5ad_from_disk_unless_a_new_batch_needs_its_rows_whole(files, tmp_path, monkeypatch):
+    from pnmf import cli
+    from pnmf.data import on_disk
+
+    folder, data = files
+    common = ["--backend", "numpy", "--dtype", "float64", "--factors", "csv"]
+    fitted = ["fit", folder / "cells.h5ad", "-k", 3, "--seed", 0, "--batch-key", "donor", *common, "-o", tmp_path / "f"]
+    assert cli.main([str(a) for a in fitted]) == 0
+    model = PNMF.load(tmp_path / "f" / "model.npz")
+    renamed = anndata.read_h5ad(folder / "cells.h5ad")
+    renamed.obs["donor"] = renamed.obs["donor"].astype(str).str.replace("batch2", "new")
+    renamed.write_h5ad(tmp_path / "renamed.h5ad")
+    seen = []
+    transform = PNMF.transform
+    monkeypatch.setattr(PNMF, "transform", lambda self, X, **kw: seen.append(on_disk(X)) or transform(self, X, **kw))
+    for name, out in ((folder / "cells.h5ad", "t"), (tmp_path / "renamed.h5ad", "r")):
+        args = ["transform", tmp_path / "f" / "model.npz", name, "--batch-key", "donor", *common, "-o", tmp_path / out]
+        assert cli.main([str(a) for a in args]) == 0
+    assert seen == [True, False]  # from disk; then read whole to estimate the new batch's effects
+    expected = transform(model, pd.DataFrame(data["X"], columns=model.feature_names_in_), batch=data["batch"])
+    np.testing.assert_allclose(read_factors(tmp_path / "t" / "factors.csv"), expected, rtol=1e-6)
+    mapped = read_factors(tmp_path / "r" / "factors.csv")
+    assert np.isfinite(mapped).all() and mapped.shape == (240, 3)
+
+
 def test_a_distributed_fit_reads_only_its_own_rows_of_the_h5ad(files, monkeypatch):
     from pnmf import cli, distributed
     from pnmf.data import on_disk
