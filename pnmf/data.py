@@ -112,11 +112,23 @@ class DiskRows:
         self.sparse = sp.issparse(self[0:1])
 
     def __getitem__(self, rows) -> np.ndarray | sp.csr_matrix:
-        """The rows ``rows`` (a slice, or sorted row indices) read from disk and checked."""
+        """The rows ``rows`` (a slice, or sorted row indices) read from disk and checked.
+
+        Sorted indices that form runs of consecutive rows are read a run at a time (a slice
+        each): reading rows one by one costs a read per row.
+        """
         from sklearn.utils.validation import check_array, check_non_negative
 
-        block = self.data[rows]
-        block = sp.csr_matrix(block) if sp.issparse(block) else np.asarray(block)
+        if isinstance(rows, slice):
+            block = _matrix(self.data[rows])
+        else:
+            rows = np.asarray(rows)
+            breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+            if len(breaks) + 1 < len(rows):
+                runs = [_matrix(self.data[int(run[0]) : int(run[-1]) + 1]) for run in np.split(rows, breaks)]
+                block = sp.vstack(runs, format="csr") if sp.issparse(runs[0]) else np.concatenate(runs)
+            else:
+                block = _matrix(self.data[rows])
         block = check_array(block, accept_sparse="csr", dtype=(np.float64, np.float32), ensure_min_samples=0)
         check_non_negative(block, "PNMF (counts must be non-negative)")
         return block
@@ -129,6 +141,10 @@ class DiskRows:
     def sum(self) -> float:
         """The sum of every count, read a block at a time."""
         return sum(float(block.sum()) for block in self.blocks())
+
+
+def _matrix(block) -> np.ndarray | sp.csr_matrix:
+    return sp.csr_matrix(block) if sp.issparse(block) else np.asarray(block)
 
 
 def on_disk(x) -> bool:

@@ -21,14 +21,22 @@ from .scaling import RowEffects
 # with q(F) kept between passes, (tau, kappa, steps) = (10, 0.7, 10) had ended 2.8% below.
 LOCAL_STEPS = 10
 TAU, KAPPA = 100.0, 0.6
+# A pass permutes blocks of batch_size // BLOCKS_PER_BATCH consecutive rows, not single
+# rows: a batch of counts on disk is then read as a few hundred runs of rows rather than
+# one read per row (a 1e6-row .h5ad, batches of 20,000: 0.45 s a batch row by row, most of
+# a step). On 40,000 x 300 planted counts sorted by their dominant program (the worst case
+# for blocks), batches of 4,000 for 150 steps: the final ELBO 0.12-0.15% below the full
+# fit's with single rows, 0.13-0.16% with 250 blocks of 16 rows, 0.20-0.35% with 62
+# blocks of 64 (two seeds each).
+BLOCKS_PER_BATCH = 256
 
 
 class MinibatchTrainer:
     """One step per batch of ``model.batch_size`` rows of x, on the device backend ``b``.
 
-    The batches of pass e over the rows are those of a permutation seeded by (seed, e),
-    so step t's batch follows from t alone and a resumed fit takes the batches an
-    uninterrupted one would. The state is W and t alone: each batch's q(F) starts afresh
+    The batches of pass e over the rows are those of a permutation seeded by (seed, e)
+    (of blocks of consecutive rows, :func:`block_permutation`), so step t's batch follows
+    from t alone and a resumed fit takes the batches an uninterrupted one would. The state is W and t alone: each batch's q(F) starts afresh
     from its rows' totals (as ``transform`` does), so memory does not grow with the rows
     and rows on disk are read one batch at a time.
     """
@@ -39,6 +47,7 @@ class MinibatchTrainer:
         self.fit_batches = effects is not None and effects.free is not None
         self.n, self.batch = x.shape[0], model.batch_size
         self.per_pass = self.n // self.batch
+        self.block = max(1, self.batch // BLOCKS_PER_BATCH)
         self._pass, self._order = -1, None
 
     def init(self, mean, var, w: np.ndarray, extra: dict | None = None) -> dict:
@@ -52,7 +61,8 @@ class MinibatchTrainer:
         """The sorted rows of step t's batch."""
         epoch, slot = divmod(t, self.per_pass)
         if epoch != self._pass:
-            self._pass, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            rng = np.random.default_rng([self.seed, epoch])
+            self._pass, self._order = epoch, block_permutation(rng, self.n, self.block)
         return np.sort(self._order[slot * self.batch : (slot + 1) * self.batch])
 
     def step(self, state: dict, key):
@@ -95,3 +105,15 @@ class MinibatchTrainer:
             present = np.isin(np.arange(len(g_batch)), effects.codes)[:, None]
             new["g"] = np.where(present, (1.0 - rate) * state["g"] + rate * g_batch, state["g"])
         return new, key, value
+
+
+def block_permutation(rng: np.random.Generator, n: int, block: int) -> np.ndarray:
+    """A permutation of range(n) that keeps blocks of ``block`` consecutive rows together,
+    the blocks in random order (the last one shorter when ``block`` does not divide n);
+    with ``block == 1``, ``rng.permutation(n)``."""
+    if block == 1:
+        return rng.permutation(n)
+    starts = rng.permutation(-(-n // block)) * block
+    lengths = np.minimum(starts + block, n) - starts
+    offsets = np.cumsum(lengths) - lengths  # where each block begins in the permutation
+    return np.repeat(starts - offsets, lengths) + np.arange(n)

@@ -20,10 +20,11 @@ class CountingRows:
     """A matrix that records how many rows each read takes."""
 
     def __init__(self, x):
-        self.x, self.shape, self.reads = x, x.shape, []
+        self.x, self.shape, self.reads, self.by_index = x, x.shape, [], 0
 
     def __getitem__(self, rows):
         self.reads.append(len(range(*rows.indices(self.shape[0]))) if isinstance(rows, slice) else len(rows))
+        self.by_index += not isinstance(rows, slice)  # a read of scattered rows, one by one on disk
         return self.x[rows]
 
 
@@ -112,3 +113,27 @@ def test_transform_and_score_of_counts_on_disk_read_blocks_and_equal_in_memory(t
     assert score == pytest.approx(model.score(counts, batch=labels), rel=1e-10)
     with pytest.raises(ValueError, match="batch 'z' was not seen in fit.*into memory"):
         model.transform(backed.X, batch=np.where(labels == "x", "x", "z"))
+
+
+def test_a_pass_permutes_blocks_of_rows_and_single_rows_for_small_batches():
+    from pnmf.svi import block_permutation
+
+    order = block_permutation(np.random.default_rng(3), 1000, 7)
+    assert sorted(order) == list(range(1000))
+    blocks = order.reshape(-1, 1)[np.r_[0, np.flatnonzero(np.diff(order) != 1) + 1]].ravel()
+    assert np.all(blocks % 7 == 0) and len(blocks) == 143  # whole blocks, the last of 6 rows
+    assert not np.all(np.diff(blocks) > 0)  # in random order
+    single = block_permutation(np.random.default_rng(3), 1000, 1)
+    np.testing.assert_array_equal(single, np.random.default_rng(3).permutation(1000))
+
+
+def test_large_batches_on_disk_are_read_a_run_of_rows_at_a_time():
+    # Batches of 2,560 of 20,000 rows: blocks of 10 rows, so a batch is read in at most 257
+    # runs (random single rows would make about 2,200).
+    x = sp.csr_matrix(make_counts(20_000, 12, 2, random_state=0)[0])
+    source = CountingRows(x)
+    params = dict(PARAMS, batch_size=2560, max_iter=3, tol=0)
+    model = PNMF(2, **params).fit(DiskRows(source, block_rows=20_000))
+    steps = source.reads[2:-8]  # after a row and the sum, before the last pass's 8 batches
+    assert len(steps) <= 3 * 257 and sum(steps) == 3 * 2560 and source.by_index == 0
+    np.testing.assert_array_equal(model.loadings_, PNMF(2, **params).fit(x).loadings_)
