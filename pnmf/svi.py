@@ -36,9 +36,10 @@ class MinibatchTrainer:
 
     The batches of pass e over the rows are those of a permutation seeded by (seed, e)
     (of blocks of consecutive rows, :func:`block_permutation`), so step t's batch follows
-    from t alone and a resumed fit takes the batches an uninterrupted one would. The state is W and t alone: each batch's q(F) starts afresh
-    from its rows' totals (as ``transform`` does), so memory does not grow with the rows
-    and rows on disk are read one batch at a time.
+    from t alone and a resumed fit takes the batches an uninterrupted one would. The state
+    is W and t alone: each batch's q(F) starts afresh from its rows' totals (as
+    ``transform`` does), so memory does not grow with the rows and rows on disk are read
+    one batch at a time.
     """
 
     def __init__(self, x, b, model, seed: int, effects: RowEffects | None = None):

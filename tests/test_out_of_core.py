@@ -137,3 +137,17 @@ def test_large_batches_on_disk_are_read_a_run_of_rows_at_a_time():
     steps = source.reads[2:-8]  # after a row and the sum, before the last pass's 8 batches
     assert len(steps) <= 3 * 257 and sum(steps) == 3 * 2560 and source.by_index == 0
     np.testing.assert_array_equal(model.loadings_, PNMF(2, **params).fit(x).loadings_)
+
+
+def test_rows_of_a_backed_csr_matrix_read_by_runs_equal_those_in_memory(tmp_path):
+    x = sp.random(300, 20, density=0.05, format="lil", random_state=0, dtype=np.float32)
+    x[40:60] = 0  # empty rows, a run of them
+    x = sp.csr_matrix(x)
+    x.data = np.ceil(x.data * 5)
+    ad.AnnData(x).write_h5ad(tmp_path / "x.h5ad")
+    rows = DiskRows(ad.read_h5ad(tmp_path / "x.h5ad", backed="r").X)
+    picks = [np.arange(30, 70), np.array([0, 1, 2, 45, 46, 200, 299]), np.array([7]), np.array([], dtype=int)]
+    for pick in picks:
+        block = rows[pick]
+        assert block.shape == (len(pick), 20) and (block != x[pick]).nnz == 0
+    assert (rows[250:] != x[250:]).nnz == 0 and rows[5:5].shape == (0, 20)
