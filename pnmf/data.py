@@ -119,18 +119,14 @@ class DiskRows:
         """
         from sklearn.utils.validation import check_array, check_non_negative
 
-        if isinstance(rows, slice):
+        rows = rows if isinstance(rows, slice) else np.asarray(rows)
+        if isinstance(self.data, _CSRGroup):
+            block = self.data.take(np.arange(*rows.indices(self.shape[0])) if isinstance(rows, slice) else rows)
+        elif isinstance(rows, slice) or len(rows) == 0 or len(_runs(rows)[0]) == len(rows):
             block = _matrix(self.data[rows])
         else:
-            rows = np.asarray(rows)
-            breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-            if isinstance(self.data, _CSRGroup):
-                block = self.data.take(rows)
-            elif len(breaks) + 1 < len(rows):
-                runs = [_matrix(self.data[int(run[0]) : int(run[-1]) + 1]) for run in np.split(rows, breaks)]
-                block = sp.vstack(runs, format="csr") if sp.issparse(runs[0]) else np.concatenate(runs)
-            else:
-                block = _matrix(self.data[rows])
+            runs = [_matrix(self.data[int(a) : int(b)]) for a, b in zip(*_runs(rows))]
+            block = sp.vstack(runs, format="csr") if sp.issparse(runs[0]) else np.concatenate(runs)
         block = check_array(block, accept_sparse="csr", dtype=(np.float64, np.float32), ensure_min_samples=0)
         check_non_negative(block, "PNMF (counts must be non-negative)")
         return block
@@ -173,16 +169,18 @@ class _CSRGroup:
         """Rows ``rows`` (sorted indices) as a CSR matrix."""
         if len(rows) == 0:
             return sp.csr_matrix((0, self.shape[1]), dtype=self.values.dtype)
-        starts = rows[np.r_[0, np.flatnonzero(np.diff(rows) != 1) + 1]]
-        stops = rows[np.r_[np.flatnonzero(np.diff(rows) != 1), len(rows) - 1]] + 1
-        spans = [(self.indptr[a], self.indptr[b]) for a, b in zip(starts, stops)]
+        spans = [(self.indptr[a], self.indptr[b]) for a, b in zip(*_runs(rows))]
         values = np.concatenate([self.values[low:high] for low, high in spans])
         columns = np.concatenate([self.columns[low:high] for low, high in spans])
         pointers = np.r_[0, np.cumsum(self.indptr[rows + 1] - self.indptr[rows])]
         return sp.csr_matrix((values, columns, pointers), shape=(len(rows), self.shape[1]))
 
-    def __getitem__(self, rows: slice) -> sp.csr_matrix:
-        return self.take(np.arange(*rows.indices(self.shape[0])))
+
+def _runs(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The runs of consecutive values in sorted, non-empty ``rows``: their first values and
+    their ends (exclusive)."""
+    last = np.flatnonzero(np.diff(rows) != 1)
+    return rows[np.r_[0, last + 1]], rows[np.r_[last, len(rows) - 1]] + 1
 
 
 def _matrix(block) -> np.ndarray | sp.csr_matrix:
