@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from .data import on_disk
+from .data import in_memory
 from .elbo import MODES
 
 
@@ -163,8 +163,8 @@ def _rows(counts: Counts, distributed: bool, batch_size: int | None) -> tuple[Co
     from . import distributed as dist
 
     if not distributed:
-        if on_disk(counts.x) and batch_size is None:
-            counts.x = counts.x[0 : counts.x.shape[0]]
+        if batch_size is None:
+            counts.x = in_memory(counts.x)
         return counts, ""
     group = dist.join("torch")
     rows = dist.shard(counts.x.shape[0], group)
@@ -276,9 +276,8 @@ def cmd_transform(args) -> list[Path]:
     fmt = _factor_format(args)
     # An .h5ad's X is transformed a block of rows at a time from disk, unless a new batch's
     # effects are to be estimated, which needs all of its rows at once.
-    new_batch = batch is not None and model.batches_ is not None and not np.isin(batch, model.batches_).all()
-    if new_batch and on_disk(counts.x):
-        counts.x = counts.x[0 : counts.x.shape[0]]
+    if batch is not None and model.batches_ is not None and model._unseen_batches(batch).size:
+        counts.x = in_memory(counts.x)
     with warnings.catch_warnings():  # the names were compared above; the counts carry none
         warnings.filterwarnings("ignore", message="X does not have valid feature names")
         factors = model.transform(counts.x, batch=batch)

@@ -183,6 +183,11 @@ def _runs(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return rows[np.r_[0, last + 1]], rows[np.r_[last, len(rows) - 1]] + 1
 
 
+def in_memory(x):
+    """x itself, or all its rows read into memory when it is on disk (see :func:`on_disk`)."""
+    return x[0 : x.shape[0]] if on_disk(x) else x
+
+
 def _matrix(block) -> np.ndarray | sp.csr_matrix:
     return sp.csr_matrix(block) if sp.issparse(block) else np.asarray(block)
 

@@ -740,7 +740,7 @@ class PNMF(TransformerMixin, BaseEstimator):
         if batches is None:
             return RowEffects(s, np.zeros(n, dtype=np.int64), np.ones((1, self.n_features_in_))), None
         labels = check_batch(batch, n)
-        unseen = np.setdiff1d(np.unique(labels), batches)
+        unseen = self._unseen_batches(labels)
         every = np.concatenate([batches, unseen]) if unseen.size else batches
         order = np.argsort(every, kind="stable")
         codes = order[np.searchsorted(every[order], labels)]
@@ -785,7 +785,7 @@ class PNMF(TransformerMixin, BaseEstimator):
         size_factors = None if size_factors is None else check_size_factors(size_factors, n)
         batch = None if batch is None else check_batch(batch, n)
         if batch is not None and getattr(self, "batches_", None) is not None:
-            unseen = np.setdiff1d(np.unique(batch), self.batches_)
+            unseen = self._unseen_batches(batch)
             if unseen.size:
                 raise ValueError(
                     f"batch {_label(unseen[0])} was not seen in fit, and a new batch's effects are estimated from all "
@@ -804,6 +804,11 @@ class PNMF(TransformerMixin, BaseEstimator):
             )
         mean, var = np.vstack([p[0] for p in parts]), np.vstack([p[1] for p in parts])
         return mean, var, sum(p[2] for p in parts), parts[0][3]
+
+    def _unseen_batches(self, batch) -> np.ndarray:
+        """The labels in ``batch`` that were not seen in fit, sorted (their batch effects
+        are estimated by ``transform`` and ``map_batches``)."""
+        return np.setdiff1d(np.unique(np.asarray(batch)), self.batches_)
 
     def transform(self, X, *, size_factors=None, batch=None):
         """Factors H = E_q[exp F] (n_samples, n_components) of rows of X, loadings fixed.
@@ -856,7 +861,7 @@ class PNMF(TransformerMixin, BaseEstimator):
             if getattr(self, "batches_", None) is None:
                 raise ValueError("batch= was given but this model was fitted without batches")
             labels = check_batch(batch, len(H))
-            unseen = np.setdiff1d(np.unique(labels), self.batches_)
+            unseen = self._unseen_batches(labels)
             if unseen.size:
                 raise ValueError(f"batch {_label(unseen[0])} was not seen in fit: map it first (map_batches)")
             rate *= self.batch_effects_[np.searchsorted(self.batches_, labels)]

@@ -6,6 +6,7 @@ import numpy as np
 
 from . import distributed
 from .backends import get_backend
+from .data import in_memory
 from .estimator import PNMF
 
 
@@ -66,8 +67,8 @@ def fit_anndata(
         backend = get_backend(model.backend, model.device, model.dtype).name
         rows = distributed.shard(adata.n_obs, distributed.join(backend, model.distributed_timeout))
         x = x[rows]  # a backed X reads only these rows
-    elif getattr(adata, "isbacked", False) and layer is None and model.batch_size is None:
-        x = x[0 : adata.n_obs]
+    elif model.batch_size is None:
+        x = in_memory(x)
     labels = None if batch_key is None else np.asarray(adata.obs[batch_key].astype(str))[rows]
     if per_cell is not None and per_cell.shape[:1] == (adata.n_obs,):
         per_cell = per_cell[rows]
