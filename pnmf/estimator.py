@@ -696,6 +696,7 @@ class PNMF(TransformerMixin, BaseEstimator):
         only when its turn comes); and the full-data ELBO."""
         seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
         mean, var, elbo = np.empty((X.shape[0], self.n_components)), np.empty((X.shape[0], self.n_components)), 0.0
+        progress = loop.progress_bar(self.verbose, X.shape[0], "PNMF factors of every row", unit="row")
         for start in range(0, X.shape[0], self.batch_size):
             rows = slice(start, start + self.batch_size)
             x = X[rows]
@@ -705,6 +706,8 @@ class PNMF(TransformerMixin, BaseEstimator):
                 )
                 elbo += self._final_elbo(counts, mu, local_var, w_device, extra, seed)
                 mean[rows], var[rows] = b.to_numpy(mu), b.to_numpy(local_var)
+            progress.update(x.shape[0], elbo)
+        progress.close()
         return mean, var, elbo
 
     # -- inference with the loadings fixed ------------------------------------------------
@@ -754,13 +757,13 @@ class PNMF(TransformerMixin, BaseEstimator):
             )
         return RowEffects(s, codes, g, free if unseen.size else None), every
 
-    def _infer(self, X, size_factors=None, batch=None):
+    def _infer(self, X, size_factors=None, batch=None, quiet: bool = False):
         """q(F) of new rows with the loadings fixed, and the ELBO (of ``mode``) there.
 
         The inference takes natural steps on the lower-bound ELBO: deterministic, and each
         row's q(F) depends on that row alone (and, for a batch unseen in fit, on the other
         rows of that batch), so transforming a subset of rows gives the same factors as
-        transforming them among others.
+        transforming them among others. ``quiet``: no progress bar (the caller shows one).
         """
         check_is_fitted(self, "loadings_")
         if on_disk(X):
@@ -771,7 +774,7 @@ class PNMF(TransformerMixin, BaseEstimator):
         seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
         with b.scope(), b.threads(self._thread_limit(X)):
             counts, mu, var, w, extra = self._local_posterior(
-                b, X, effects, self.loadings_, seed, desc="PNMF transform"
+                b, X, effects, self.loadings_, seed, self.max_iter if quiet else None, desc="PNMF transform"
             )
             elbo = self._final_elbo(counts, mu, var, w, extra, seed)
             g = None if labels is None else b.to_numpy(extra["g"]).astype(np.float64)
@@ -793,6 +796,7 @@ class PNMF(TransformerMixin, BaseEstimator):
                 )
         step = self.batch_size or X.block_rows
         parts = []
+        progress = loop.progress_bar(self.verbose, n, "PNMF transform (rows on disk)", unit="row")
         for start in range(0, n, step):
             rows = slice(start, start + step)
             parts.append(
@@ -800,8 +804,11 @@ class PNMF(TransformerMixin, BaseEstimator):
                     X[rows],
                     None if size_factors is None else size_factors[rows],
                     None if batch is None else batch[rows],
+                    quiet=True,
                 )
             )
+            progress.update(len(parts[-1][0]), sum(p[2] for p in parts))
+        progress.close()
         mean, var = np.vstack([p[0] for p in parts]), np.vstack([p[1] for p in parts])
         return mean, var, sum(p[2] for p in parts), parts[0][3]
 

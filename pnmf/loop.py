@@ -280,10 +280,10 @@ def has_converged(history: list[float], window: int, tol: float, noisy: bool) ->
 class Progress:
     """A tqdm bar showing the running ELBO."""
 
-    def __init__(self, total: int, desc: str):
+    def __init__(self, total: int, desc: str, unit: str = "it"):
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=total, desc=desc, unit="it", leave=False)
+        self.bar = tqdm(total=total, desc=desc, unit=unit, leave=False)
 
     def update(self, n: int, elbo: float) -> None:
         self.bar.update(n)
@@ -304,6 +304,6 @@ class Silent:
         pass
 
 
-def progress_bar(verbose: bool, total: int, desc: str):
+def progress_bar(verbose: bool, total: int, desc: str, unit: str = "it"):
     """A progress bar when ``verbose``, else one that shows nothing."""
-    return Progress(total, desc) if verbose else Silent()
+    return Progress(total, desc, unit) if verbose else Silent()

@@ -151,3 +151,13 @@ def test_rows_of_a_backed_csr_matrix_read_by_runs_equal_those_in_memory(tmp_path
         block = rows[pick]
         assert block.shape == (len(pick), 20) and (block != x[pick]).nnz == 0
     assert (rows[250:] != x[250:]).nnz == 0 and rows[5:5].shape == (0, 20)
+
+
+def test_verbose_passes_over_rows_on_disk_show_one_bar_over_the_rows(counts, capsys):
+    model = PNMF(4, **dict(PARAMS, max_iter=20, verbose=True)).fit(DiskRows(CountingRows(counts)))
+    shown = capsys.readouterr().err
+    assert "PNMF fit (mini-batch)" in shown and "PNMF factors of every row" in shown
+    model.transform(DiskRows(CountingRows(counts)))  # 10 blocks of batch_size rows
+    shown = capsys.readouterr().err
+    assert "PNMF transform (rows on disk)" in shown and "PNMF transform:" not in shown
+    assert "1000/1000" in shown
