@@ -97,13 +97,16 @@ class DiskRows:
 
     ``data`` is anything that slices by rows into a NumPy array or a scipy.sparse matrix
     without reading the rest: the ``X`` of an AnnData opened with ``backed="r"``, an
-    ``anndata.io.sparse_dataset``, an h5py or zarr dataset. A mini-batch fit
+    ``anndata.io.sparse_dataset``, an h5py or zarr dataset, or an h5py or zarr group
+    holding a CSR matrix as AnnData writes one (``h5py.File("x.h5ad")["X"]``). A mini-batch fit
     (``PNMF(batch_size=...)``) given such counts reads only the rows of its current batch;
     ``PNMF.fit`` wraps AnnData, h5py and zarr datasets in this class by itself. Every block
     read is checked as in-memory counts are (finite, non-negative).
     """
 
     def __init__(self, data, block_rows: int = 10_000):
+        if hasattr(data, "keys") and not hasattr(data, "shape"):  # a group of arrays
+            data = _CSRGroup.of_group(data)
         self.shape = tuple(int(s) for s in data.shape)
         if len(self.shape) != 2 or min(self.shape) < 1:
             raise ValueError(f"counts on disk must be a non-empty 2-d matrix; got shape {self.shape}")
@@ -154,6 +157,18 @@ class _CSRGroup:
         self.shape = shape
         self.values, self.columns = group["data"], group["indices"]
         self.indptr = np.asarray(group["indptr"][:], dtype=np.int64)
+
+    @classmethod
+    def of_group(cls, group) -> _CSRGroup:
+        """The reader of an HDF5 or zarr group that holds a CSR matrix as AnnData writes one."""
+        encoding = group.attrs.get("encoding-type")
+        if encoding != "csr_matrix" or "shape" not in group.attrs:
+            raise ValueError(
+                f"counts on disk given as a group of arrays must be a CSR matrix as AnnData writes one "
+                f"(encoding-type 'csr_matrix'); this group's encoding-type is {encoding!r}: pass the "
+                "AnnData's X (anndata.read_h5ad(path, backed='r').X), or read the counts into memory"
+            )
+        return cls(group, tuple(int(s) for s in group.attrs["shape"]))
 
     @classmethod
     def of(cls, data, shape: tuple[int, int]) -> _CSRGroup | None:

@@ -161,3 +161,13 @@ def test_verbose_passes_over_rows_on_disk_show_one_bar_over_the_rows(counts, cap
     shown = capsys.readouterr().err
     assert "PNMF transform (rows on disk)" in shown and "PNMF transform:" not in shown
     assert "1000/1000" in shown
+
+
+def test_an_h5py_group_holding_a_csr_matrix_fits_as_its_anndata_does(tmp_path, counts):
+    path = tmp_path / "counts.h5ad"
+    ad.AnnData(counts).write_h5ad(path)
+    with h5py.File(path, "r") as handle:
+        model = PNMF(4, **PARAMS).fit(handle["X"])
+        np.testing.assert_array_equal(model.loadings_, PNMF(4, **PARAMS).fit(counts).loadings_)
+        with pytest.raises(ValueError, match="encoding-type 'csr_matrix'.*'dataframe'"):
+            PNMF(4, **PARAMS).fit(handle["obs"])
