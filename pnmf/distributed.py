@@ -214,7 +214,7 @@ def join(backend: str, timeout: float | None = None) -> Group:
         dist.init_process_group(engine, **kwargs)
         if engine == "gloo":
             # Destroyed at exit: a gloo group still open while the interpreter shuts down can
-            # abort it (SIGABRT; once in 56 two-process runs here). NCCL's is left alone: its
+            # abort it (SIGABRT; once in 58 two-process runs here). NCCL's is left alone: its
             # teardown is collective and would wait for a rank that failed.
             atexit.register(_leave, dist)
     if not dist.is_initialized() or dist.get_world_size() < 2:
