@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from .data import in_memory
+from .data import DiskRows, in_memory, on_disk
 from .elbo import MODES
 
 
@@ -157,8 +157,8 @@ def _number(text: str) -> float:
 def _rows(counts: Counts, distributed: bool, batch_size: int | None) -> tuple[Counts, str]:
     """This process's rows under torchrun (--distributed), and the suffix of its output files.
 
-    Counts on disk (an .h5ad's X) are read here: only this process's rows, and without
-    ``batch_size`` (a fit of the rows whole) all of them; a mini-batch fit reads its batches.
+    Counts on disk (an .h5ad's X) are read here when the fit takes its rows whole (no
+    ``batch_size``): this process's rows, or all of them. A mini-batch fit reads its batches.
     """
     from . import distributed as dist
 
@@ -169,7 +169,8 @@ def _rows(counts: Counts, distributed: bool, batch_size: int | None) -> tuple[Co
     group = dist.join("torch")
     rows = dist.shard(counts.x.shape[0], group)
     obs = None if counts.obs is None else counts.obs.iloc[rows]
-    return Counts(counts.x[rows], counts.obs_names[rows], counts.var_names, obs), f".rank-{group.rank}-of-{group.size}"
+    x = DiskRows(counts.x, rows=rows) if on_disk(counts.x) and batch_size is not None else counts.x[rows]
+    return Counts(x, counts.obs_names[rows], counts.var_names, obs), f".rank-{group.rank}-of-{group.size}"
 
 
 def _factor_format(args) -> str:

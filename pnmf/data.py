@@ -101,16 +101,19 @@ class DiskRows:
     holding a CSR matrix as AnnData writes one (``h5py.File("x.h5ad")["X"]``). A mini-batch fit
     (``PNMF(batch_size=...)``) given such counts reads only the rows of its current batch;
     ``PNMF.fit`` wraps AnnData, h5py and zarr datasets in this class by itself. Every block
-    read is checked as in-memory counts are (finite, non-negative).
+    read is checked as in-memory counts are (finite, non-negative). ``rows``: a slice of
+    rows that stands for the whole (a process's share of a distributed fit).
     """
 
-    def __init__(self, data, block_rows: int = 10_000):
+    def __init__(self, data, block_rows: int = 10_000, rows: slice | None = None):
         if hasattr(data, "keys") and not hasattr(data, "shape"):  # a group of arrays
             data = _CSRGroup.of_group(data)
-        self.shape = tuple(int(s) for s in data.shape)
-        if len(self.shape) != 2 or min(self.shape) < 1:
-            raise ValueError(f"counts on disk must be a non-empty 2-d matrix; got shape {self.shape}")
-        self.data = _CSRGroup.of(data, self.shape) or data
+        whole = tuple(int(s) for s in data.shape)
+        if len(whole) != 2 or min(whole) < 1:
+            raise ValueError(f"counts on disk must be a non-empty 2-d matrix; got shape {whole}")
+        first, stop, _ = (rows or slice(None)).indices(whole[0])
+        self.first, self.shape = first, (max(stop - first, 0), whole[1])
+        self.data = _CSRGroup.of(data, whole) or data
         self.block_rows = block_rows
         self.sparse = sp.issparse(self[0:1])
 
@@ -122,9 +125,13 @@ class DiskRows:
         """
         from sklearn.utils.validation import check_array, check_non_negative
 
-        rows = rows if isinstance(rows, slice) else np.asarray(rows)
+        if isinstance(rows, slice):  # within this share of the rows, then placed in the whole
+            start, stop, step = rows.indices(self.shape[0])
+            rows = slice(start + self.first, stop + self.first, step)
+        else:
+            rows = np.asarray(rows) + self.first
         if isinstance(self.data, _CSRGroup):
-            block = self.data.take(np.arange(*rows.indices(self.shape[0])) if isinstance(rows, slice) else rows)
+            block = self.data.take(np.arange(rows.start, rows.stop, rows.step) if isinstance(rows, slice) else rows)
         elif isinstance(rows, slice) or len(rows) == 0 or len(_runs(rows)[0]) == len(rows):
             block = _matrix(self.data[rows])
         else:

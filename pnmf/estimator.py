@@ -172,7 +172,8 @@ class PNMF(TransformerMixin, BaseEstimator):
         every step sums the loadings' statistics over the processes of the group set up
         by ``torchrun``/``torch.distributed`` (torch, NumPy) or ``mlx.launch`` (MLX). The
         fitted loadings, ELBO and history are those of all rows and equal on every rank;
-        ``mean_``/``var_`` are this process's rows. Needs ``init='random'``.
+        ``mean_``/``var_`` are this process's rows. Needs ``init='random'``. With
+        ``batch_size``, each process draws its share of every batch from its own rows.
     distributed_timeout : float, optional
         Seconds a collective may wait for the other processes before raising.
     checkpoint : str or Path, optional
@@ -315,8 +316,6 @@ class PNMF(TransformerMixin, BaseEstimator):
         _one_of("size_factors", self.size_factors, SIZE_FACTORS)
         if self.checkpoint is not None and not isinstance(self.checkpoint, (str, Path)):
             raise TypeError(f"checkpoint={self.checkpoint!r} must be a file path (str or pathlib.Path) or None")
-        if self.distributed and self.batch_size is not None:
-            raise ValueError("batch_size does not combine with distributed=True: fit each process's rows whole")
         if self.distributed and self.init != "random":
             raise ValueError(
                 f"init={self.init!r} needs every row in one process; use init='random' with distributed=True"
@@ -444,6 +443,11 @@ class PNMF(TransformerMixin, BaseEstimator):
         b = get_backend(self.backend, self.device, self.dtype, sparse=sparse)
         group = distributed.join(b.name, self.distributed_timeout) if self.distributed else None
         effects, xb = self._fit_effects(X, size_factors, batch, group)
+        if group is not None and self.batch_size is not None and self.batches_ is not None:
+            raise ValueError(
+                "batch effects (batch=) in a distributed mini-batch fit are not supported: drop batch_size "
+                "(each process then fits its rows whole) or fit in one process"
+            )
         with b.threads(self._thread_limit(X)):
             self._fit_on(b, X, group, effects, xb)
 
@@ -554,7 +558,8 @@ class PNMF(TransformerMixin, BaseEstimator):
     def _fit_on(self, b, X, group, effects: RowEffects | None, xb: np.ndarray | None, counts=None) -> None:
         """Fit to X on backend b; ``counts``: X already on the device (restarts share it)."""
         rng = distributed.shared_random_state(self.random_state, group)
-        minibatch = self.batch_size is not None and self.batch_size < X.shape[0]
+        # Distributed, every process takes the mini-batch path: some may hold fewer rows than a batch.
+        minibatch = self.batch_size is not None and (group is not None or self.batch_size < X.shape[0])
         # Mini-batch fits keep no q(F) of the rows between steps: only W is drawn here.
         h, w = initialize(X, self.n_components, self.init, rng, group, keep_rows=not minibatch)
         if effects is not None:  # the size factors' scale belongs to s, not to the start of W
@@ -568,7 +573,7 @@ class PNMF(TransformerMixin, BaseEstimator):
             host = get_backend("numpy", dtype="float64")
             result = loop.run(
                 host,
-                [Phase(MinibatchTrainer(X, b, self, seed, effects), self.tol, loop.WINDOW["expanded"], noisy=True)],
+                [Phase(MinibatchTrainer(X, b, self, seed, effects, group), self.tol, loop.WINDOW["expanded"], True)],
                 None,
                 None,
                 w,
@@ -584,7 +589,7 @@ class PNMF(TransformerMixin, BaseEstimator):
             if self.batches_ is not None:
                 g, self.loadings_ = normalise(g, self.loadings_, xb)
             self.mean_, self.var_, self.elbo_ = self._infer_rows(
-                X, b, None if effects is None else RowEffects(effects.s, effects.codes, g)
+                X, b, None if effects is None else RowEffects(effects.s, effects.codes, g), group
             )
         else:
             # Each rank draws its own Monte Carlo noise; rank 0 (or a single process) uses seed.
@@ -691,12 +696,13 @@ class PNMF(TransformerMixin, BaseEstimator):
         mu0 = np.clip(mu0, -MEAN_BOUND, MEAN_BOUND)
         return mu0, np.full(mu0.shape, self.init_var)
 
-    def _infer_rows(self, X, b, effects: RowEffects | None):
+    def _infer_rows(self, X, b, effects: RowEffects | None, group=None):
         """q(F) of every row with the loadings fixed, a batch of rows at a time (each read
-        only when its turn comes); and the full-data ELBO."""
+        only when its turn comes); and the full-data ELBO (of every process's rows)."""
         seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
         mean, var, elbo = np.empty((X.shape[0], self.n_components)), np.empty((X.shape[0], self.n_components)), 0.0
-        progress = loop.progress_bar(self.verbose, X.shape[0], "PNMF factors of every row", unit="row")
+        show = self.verbose and (group is None or group.rank == 0)
+        progress = loop.progress_bar(show, X.shape[0], "PNMF factors of every row", unit="row")
         for start in range(0, X.shape[0], self.batch_size):
             rows = slice(start, start + self.batch_size)
             x = X[rows]
@@ -708,7 +714,7 @@ class PNMF(TransformerMixin, BaseEstimator):
                 mean[rows], var[rows] = b.to_numpy(mu), b.to_numpy(local_var)
             progress.update(x.shape[0], elbo)
         progress.close()
-        return mean, var, elbo
+        return mean, var, elbo if group is None else float(group.all_sum_host(np.array([elbo]))[0])
 
     # -- inference with the loadings fixed ------------------------------------------------
     def _effects(self, X, size_factors, batch) -> tuple[RowEffects | None, np.ndarray | None]:

@@ -42,8 +42,8 @@ def initialize(
     n_total, first = int(rows.sum()), int(rows[:rank].sum())
     average = max(total / (n_total * d), 1e-3)
     scale = np.sqrt(average / n_components)
-    if not keep_rows:
-        if init != "random" or group is not None:
+    if not keep_rows:  # every rank draws every row's start, so the sums agree without a word
+        if init != "random":
             raise ValueError(f"init={init!r} needs every row in memory; use init='random' for fits in batches")
         column_sum = np.zeros(n_components)
         for _, block in _normal_blocks(rng, n_total, n_components):

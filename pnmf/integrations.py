@@ -6,7 +6,7 @@ import numpy as np
 
 from . import distributed
 from .backends import get_backend
-from .data import in_memory
+from .data import DiskRows, in_memory, on_disk
 from .estimator import PNMF
 
 
@@ -46,9 +46,10 @@ def fit_anndata(
 
     With ``distributed=True`` (see ``PNMF``), every process passes the same AnnData (for
     instance the same file opened with ``backed="r"``) and reads only its own block of
-    rows, split evenly in rank order. The loadings are the same on every process; each
-    process's factors, ``mean`` and ``var`` are those of its rows, which ``uns[key]["rows"]``
-    names as ``[start, stop)``, and ``obsm`` is not written.
+    rows, split evenly in rank order (with ``batch_size``, one batch of them at a time).
+    The loadings are the same on every process; each process's factors, ``mean`` and
+    ``var`` are those of its rows, which ``uns[key]["rows"]`` names as ``[start, stop)``,
+    and ``obsm`` is not written.
     """
     x = adata.X if layer is None else adata.layers[layer]
     if x is None:
@@ -66,7 +67,8 @@ def fit_anndata(
     if params.get("distributed"):
         backend = get_backend(model.backend, model.device, model.dtype).name
         rows = distributed.shard(adata.n_obs, distributed.join(backend, model.distributed_timeout))
-        x = x[rows]  # a backed X reads only these rows
+        # A backed X reads only these rows: in batches with batch_size, else all of them now.
+        x = DiskRows(x, rows=rows) if on_disk(x) and model.batch_size is not None else x[rows]
     elif model.batch_size is None:
         x = in_memory(x)
     labels = None if batch_key is None else np.asarray(adata.obs[batch_key].astype(str))[rows]

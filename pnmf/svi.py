@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .elbo import evaluate
+from .backends import get_backend
+from .distributed import Group
+from .elbo import Terms, evaluate
 from .optim import EXTRA, multiplicative_loadings
 from .scaling import RowEffects
 
@@ -42,11 +44,17 @@ class MinibatchTrainer:
     one batch at a time.
     """
 
-    def __init__(self, x, b, model, seed: int, effects: RowEffects | None = None):
-        self.x, self.b, self.model, self.seed, self.effects = x, b, model, seed, effects
+    def __init__(self, x, b, model, seed: int, effects: RowEffects | None = None, group=None):
+        self.x, self.b, self.model, self.seed, self.effects, self.group = x, b, model, seed, effects, group
         # Batch effects move with W: towards the batch's closed-form g, for the batches in it.
         self.fit_batches = effects is not None and effects.free is not None
         self.n, self.batch = x.shape[0], model.batch_size
+        self.n_total, self.host = self.n, get_backend("numpy", dtype="float64")
+        if group is not None:
+            # A distributed fit: each process draws its share of the batch from its own rows,
+            # and one all-reduce a step sums the batches' statistics (``_all_sum``).
+            self.n_total = int(group.all_sum_host(np.array([float(self.n)]))[0])
+            self.batch = min(self.n, max(1, round(self.batch * self.n / self.n_total)))
         self.per_pass = self.n // self.batch
         self.block = max(1, self.batch // BLOCKS_PER_BATCH)
         self._pass, self._order = -1, None
@@ -62,7 +70,7 @@ class MinibatchTrainer:
         """The sorted rows of step t's batch."""
         epoch, slot = divmod(t, self.per_pass)
         if epoch != self._pass:
-            rng = np.random.default_rng([self.seed, epoch])
+            rng = np.random.default_rng([self.seed, epoch] + ([] if self.group is None else [self.group.rank]))
             self._pass, self._order = epoch, block_permutation(rng, self.n, self.block)
         return np.sort(self._order[slot * self.batch : (slot + 1) * self.batch])
 
@@ -91,13 +99,21 @@ class MinibatchTrainer:
                 prior_scale=extra["prior"],
                 row_statistics="prior" in state,
             )
-            w_device = multiplicative_loadings(b, w, terms, g)
-            w_batch = b.to_numpy(w_device).astype(np.float64)
-            if self.fit_batches:
-                g_batch = b.to_numpy(counts.scaling.update(g, w_device, terms.expected_sum)).astype(np.float64)
+            if self.group is None:
+                rows_in_batches = len(rows)
+                w_device = multiplicative_loadings(b, w, terms, g)
+                w_batch = b.to_numpy(w_device).astype(np.float64)
+                if self.fit_batches:
+                    g_batch = b.to_numpy(counts.scaling.update(g, w_device, terms.expected_sum)).astype(np.float64)
+                value = float(b.to_numpy(terms.value))
+                prior_sum = None if terms.prior_sum is None else b.to_numpy(terms.prior_sum)
+            else:
+                terms, rows_in_batches = self._all_sum(terms, len(rows))
+                w_batch = multiplicative_loadings(self.host, state["w"], terms, state.get("g"))
+                value, prior_sum = float(terms.value), terms.prior_sum
             if "prior" in state:  # the batch's estimate of s_l^2 = mean_n (mu^2 + var)
-                prior_batch = b.to_numpy(terms.prior_sum).astype(np.float64) / len(rows)
-            value = float(b.to_numpy(terms.value)) * self.n / len(rows)
+                prior_batch = np.asarray(prior_sum, dtype=np.float64) / rows_in_batches
+            value *= self.n_total / rows_in_batches
         rate = (1.0 + t / TAU) ** -KAPPA
         new = dict(state, w=(1.0 - rate) * state["w"] + rate * w_batch, t=np.float64(t + 1))
         if "prior" in state:
@@ -106,6 +122,14 @@ class MinibatchTrainer:
             present = np.isin(np.arange(len(g_batch)), effects.codes)[:, None]
             new["g"] = np.where(present, (1.0 - rate) * state["g"] + rate * g_batch, state["g"])
         return new, key, value
+
+    def _all_sum(self, terms: Terms, rows: int) -> tuple[Terms, int]:
+        """Every process's batch statistics summed in one all-reduce, on the host in float64:
+        the ELBO, the loadings' numerator and denominator, the prior's sum; and the rows."""
+        local = [terms.value, terms.w_numerator, terms.expected_sum, terms.prior_sum]
+        local = [None if a is None else self.b.to_numpy(a).astype(np.float64) for a in local]
+        value, numerator, expected, prior_sum, rows = Group.all_sum(self.group, self.host, *local, np.float64(rows))
+        return Terms(value, w_numerator=numerator, expected_sum=expected, prior_sum=prior_sum), int(rows)
 
 
 def block_permutation(rng: np.random.Generator, n: int, block: int) -> np.ndarray:

@@ -136,7 +136,7 @@ BAD = [
     (["fit", "notes.txt2", "-k", "3"], "unknown format"),
     (["fit", "negative.csv", "-k", "3"], "non-negative"),
     (["fit", "counts.csv", "-k", "3", "--checkpoint-every", "5"], "--checkpoint-every needs --checkpoint"),
-    (["fit", "cells.h5ad", "-k", "3", "--batch-size", "50", "--distributed"], "batch_size does not combine"),
+    (["fit", "cells.h5ad", "-k", "3", "--batch-size", "0"], "batch_size=0 must be >= 1"),
     (["transform", "model.npz", "counts.csv"], "model.npz: no such model file"),
     (["select-k", "counts.csv", "--candidates", "0", "2"], "--candidates must be positive"),
     (["consensus", "counts.csv", "-k", "2", "--restarts", "1"], "--restarts 1 must be at least 2"),

@@ -253,12 +253,42 @@ def test_distributed_without_a_group_says_how_to_launch():
         PNMF(2, distributed=True, backend="numpy").fit(x)
 
 
-def test_distributed_rejects_svd_init_and_batches():
+def test_distributed_rejects_svd_init():
     x, _, _ = make_counts(20, 10, 2, random_state=0)
     with pytest.raises(ValueError, match="init='nndsvda' needs every row"):
         PNMF(2, distributed=True, init="nndsvda").fit(x)
-    with pytest.raises(ValueError, match="batch_size"):
-        PNMF(2, distributed=True, training_mode="natural", batch_size=5).fit(x)
+
+
+def test_a_distributed_mini_batch_fit_is_the_single_process_mini_batch_fit(tmp_path):
+    """Each process draws its share of every batch from its own rows (in memory, or read
+    from the same backed .h5ad); one all-reduce a step sums the batches' statistics."""
+    anndata = pytest.importorskip("anndata")
+    import scipy.sparse as sp
+
+    data = dict(data=[1200, 40, 4], data_seed=3)
+    x = make_counts(*data["data"], random_state=data["data_seed"])[0]
+    anndata.AnnData(sp.csr_matrix(x)).write_h5ad(tmp_path / "x.h5ad")
+    params = dict(F64, mode="lower-bound", training_mode="natural", batch_size=120, tol=0, max_iter=150)
+    fits = [
+        dict(params=params),
+        dict(params=dict(params, size_factors="total"), sparse=True),
+        dict(params=dict(params, prior_scale="auto")),
+        dict(params=params, h5ad=str(tmp_path / "x.h5ad")),
+        dict(params=params, batches=True),
+    ]
+    codes = launch(tmp_path, [0, 1, 500, 1200], fits, **data)  # a rank with one row
+    for code, err in codes:  # the last fit's batch effects are refused, on every rank, before any step
+        assert code != 0, err[-2000:]
+        assert "batch effects (batch=) in a distributed mini-batch fit are not supported" in err, err[-2000:]
+    for index, fit in enumerate(fits[:4]):
+        ranks = load(tmp_path, index, 3)
+        reference = PNMF(**fit["params"]).fit(x)
+        for r in ranks:  # the same loadings and history on every rank, bitwise
+            assert np.array_equal(r["loadings"], ranks[0]["loadings"])
+            assert np.array_equal(r["history"], ranks[0]["history"]) and int(r["n_iter"]) == 150
+        assert sum(len(r["mean"]) for r in ranks) == 1200
+        assert float(ranks[0]["elbo"]) == pytest.approx(reference.elbo_, rel=1e-3)
+        assert cosine(ranks[0]["loadings"], reference.loadings_) >= 0.99
 
 
 @pytest.mark.skipif(shutil.which("mlx.launch") is None, reason="mlx.launch is not installed (pip install mlx)")

@@ -171,3 +171,25 @@ def test_an_h5py_group_holding_a_csr_matrix_fits_as_its_anndata_does(tmp_path, c
         np.testing.assert_array_equal(model.loadings_, PNMF(4, **PARAMS).fit(counts).loadings_)
         with pytest.raises(ValueError, match="encoding-type 'csr_matrix'.*'dataframe'"):
             PNMF(4, **PARAMS).fit(handle["obs"])
+
+
+class OnlyRows(CountingRows):
+    """Rows that raise when a read reaches outside [low, high)."""
+
+    def __init__(self, x, low: int, high: int):
+        super().__init__(x)
+        self.low, self.high = low, high
+
+    def __getitem__(self, rows):
+        read = np.arange(*rows.indices(self.shape[0])) if isinstance(rows, slice) else np.asarray(rows)
+        assert read.size == 0 or (read.min() >= self.low and read.max() < self.high), (read.min(), read.max())
+        return super().__getitem__(rows)
+
+
+def test_a_share_of_the_rows_on_disk_reads_only_its_own(counts):
+    source = OnlyRows(counts, 300, 700)
+    share = DiskRows(source, block_rows=150, rows=slice(300, 700))
+    assert share.shape == (400, 40)
+    assert (share[0:10] != counts[300:310]).nnz == 0 and (share[390:500] != counts[690:700]).nnz == 0
+    assert (share[np.array([0, 1, 5, 399])] != counts[[300, 301, 305, 699]]).nnz == 0
+    assert share.sum() == pytest.approx(counts[300:700].sum()) and max(source.reads) <= 150
