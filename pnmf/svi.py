@@ -4,7 +4,9 @@ Each step takes one batch of rows: a few natural lower-bound steps on the batch'
 started afresh from the rows' totals, with W fixed, then W moves towards the batch's multiplicative update,
 W <- (1 - r_t) W + r_t W_batch, r_t = (1 + t / TAU) ** -KAPPA. The batch sums in that
 update stand for the full-data sums rescaled by N / batch; the factor cancels in its ratio.
-W lives in host memory; only the batch goes to the device.
+W lives in host memory; only the batch goes to the device. In a distributed fit each
+process draws its share of every batch from its own rows, and one all-reduce a step sums
+the batches' statistics, so W stays the same on every process.
 """
 
 from __future__ import annotations
