@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from .data import DiskRows, in_memory, on_disk
+from .data import in_memory, share
 from .elbo import MODES
 
 
@@ -169,7 +169,7 @@ def _rows(counts: Counts, distributed: bool, batch_size: int | None) -> tuple[Co
     group = dist.join("torch")
     rows = dist.shard(counts.x.shape[0], group)
     obs = None if counts.obs is None else counts.obs.iloc[rows]
-    x = DiskRows(counts.x, rows=rows) if on_disk(counts.x) and batch_size is not None else counts.x[rows]
+    x = share(counts.x, rows, batched=batch_size is not None)
     return Counts(x, counts.obs_names[rows], counts.var_names, obs), f".rank-{group.rank}-of-{group.size}"
 
 

@@ -210,6 +210,12 @@ def in_memory(x):
     return x[0 : x.shape[0]] if on_disk(x) else x
 
 
+def share(x, rows: slice, batched: bool):
+    """A process's rows of x: left on disk for a fit that reads them in batches (``batched``,
+    counts on disk), else read now."""
+    return DiskRows(x, rows=rows) if batched and on_disk(x) else x[rows]
+
+
 def _matrix(block) -> np.ndarray | sp.csr_matrix:
     return sp.csr_matrix(block) if sp.issparse(block) else np.asarray(block)
 

@@ -6,7 +6,7 @@ import numpy as np
 
 from . import distributed
 from .backends import get_backend
-from .data import DiskRows, in_memory, on_disk
+from .data import in_memory, share
 from .estimator import PNMF
 
 
@@ -67,8 +67,7 @@ def fit_anndata(
     if params.get("distributed"):
         backend = get_backend(model.backend, model.device, model.dtype).name
         rows = distributed.shard(adata.n_obs, distributed.join(backend, model.distributed_timeout))
-        # A backed X reads only these rows: in batches with batch_size, else all of them now.
-        x = DiskRows(x, rows=rows) if on_disk(x) and model.batch_size is not None else x[rows]
+        x = share(x, rows, batched=model.batch_size is not None)  # a backed X reads only these rows
     elif model.batch_size is None:
         x = in_memory(x)
     labels = None if batch_key is None else np.asarray(adata.obs[batch_key].astype(str))[rows]
