@@ -142,12 +142,15 @@ class PNMF(TransformerMixin, BaseEstimator):
         Initial variance of q(F), the same for both training modes.
     prior_scale : float or 'auto'
         Standard deviation s of the Normal prior on F, the same for every component (default
-        1). 'auto' fits one per component by empirical Bayes: at every step
-        s_l^2 = mean_n (mu[n, l]^2 + var[n, l]), the maximiser of the ELBO for fixed q(F)
-        (``prior_scale_`` holds the fitted values). Measured (docs/defaults.md): it lowered
-        the held-out deviance on three data sets, but on a batch-aware fit of 20,000 x 2,000
-        counts, updated from the first step, it settled in a worse optimum (ELBO 0.4% lower,
-        loadings' cosine with the planted ones 0.54 against 0.92); so it is not the default.
+        1). 'auto' fits one per component by empirical Bayes: held at 1 until the fit has
+        first settled (to ``max(tol, 3e-4)``; in mini-batch fits for the first 100 steps),
+        then at every step s_l^2 = mean_n (mu[n, l]^2 + var[n, l]), the maximiser of the
+        ELBO for fixed q(F) (``prior_scale_`` holds the fitted values). Updated from the
+        first step, the scales shrank the factors before the programs had formed and the fit
+        settled in a worse optimum. Measured (docs/defaults.md): it lowered the held-out
+        deviance on three data sets and raised the ELBO of a batch-aware fit of 20,000 x
+        2,000 counts, whose loadings came a little further from the planted ones (cosine 0.895
+        against 0.918); it is not the default.
     random_state : int, RandomState or None
         Seeds the initialisation and the Monte Carlo noise. With ``distributed=True`` and
         no int, rank 0 draws the seed for every rank (their loadings start alike).
@@ -344,10 +347,18 @@ class PNMF(TransformerMixin, BaseEstimator):
 
     # -- fitting ------------------------------------------------------------------------
     def _trainer(
-        self, counts, training_mode: str, mode: str, fit_loadings: bool, fit_batches: bool = False, prior=None
+        self,
+        counts,
+        training_mode: str,
+        mode: str,
+        fit_loadings: bool,
+        fit_batches: bool = False,
+        prior=None,
+        fit_prior: bool = True,
     ):
         """A trainer; ``prior`` is a fixed prior scale (a number or a per-component array on the
-        backend), by default ``prior_scale`` (1, the start, where it is 'auto' and fitted)."""
+        backend), by default ``prior_scale`` (1, the start, where it is 'auto' and fitted);
+        with ``fit_prior=False`` a prior scale 'auto' stays where the state holds it."""
         rule = self.loadings_update or ("adam" if training_mode == "standard" else "multiplicative")
         if prior is None:
             prior = 1.0 if self.prior_scale == "auto" else float(self.prior_scale)
@@ -359,24 +370,37 @@ class PNMF(TransformerMixin, BaseEstimator):
             loadings_update=rule,
             update_loadings=fit_loadings,
             update_batches=fit_batches,
+            update_prior=fit_prior,
         )
         if training_mode == "standard":
             return StandardTrainer(counts, **common)
         return NaturalTrainer(counts, ngd_lr=self.ngd_lr if mode == self.mode else None, **common)
 
     def _phases(self, counts, fit_batches: bool) -> list[Phase]:
-        """The phases of ``fit``: natural Monte Carlo fits start from a lower-bound natural fit."""
+        """The phases of ``fit``: natural Monte Carlo fits start from a lower-bound natural fit,
+        and a fitted prior scale ('auto') is held at 1 until the fit has first settled."""
         trainer = self._trainer(counts, self.training_mode, self.mode, True, fit_batches)
+        auto = self.prior_scale == "auto"
         if self.mode == "lower-bound":
-            return [Phase.of_mode(trainer, self.mode, self.tol)]
+            main = Phase.of_mode(trainer, self.mode, self.tol)
+            if not auto:
+                return [main]
+            fixed = self._trainer(counts, self.training_mode, self.mode, True, fit_batches, fit_prior=False)
+            return [Phase.of_mode(fixed, self.mode, max(self.tol, WARMUP_TOL)), main]
         # Monte Carlo: the parameters are averaged over the phase's last iterates, and the
         # stopping rule reads their ELBO under fixed noise (loop.has_settled).
         if AVERAGE_ETA is not None:
             trainer = Averaged(trainer, AVERAGE_ETA)
         if self.training_mode == "standard":
-            return [Phase(trainer, self.tol, noisy=True, tail=TAIL_STANDARD)]
+            main = Phase(trainer, self.tol, noisy=True, tail=TAIL_STANDARD)
+            if not auto:
+                return [main]
+            fixed = self._trainer(counts, "standard", self.mode, True, fit_batches, fit_prior=False)
+            if AVERAGE_ETA is not None:
+                fixed = Averaged(fixed, AVERAGE_ETA)
+            return [Phase(fixed, max(self.tol, WARMUP_TOL), noisy=True, tail=TAIL_STANDARD), main]
         main = Phase(trainer, self.tol, noisy=True)
-        warmup = self._trainer(counts, "natural", "lower-bound", True, fit_batches)
+        warmup = self._trainer(counts, "natural", "lower-bound", True, fit_batches, fit_prior=not auto)
         return [Phase.of_mode(warmup, "lower-bound", max(self.tol, WARMUP_TOL)), main]
 
     def _prior_on(self, b):
@@ -571,9 +595,10 @@ class PNMF(TransformerMixin, BaseEstimator):
         g = None
         if minibatch:
             host = get_backend("numpy", dtype="float64")
+            trainer = MinibatchTrainer(X, b, self, seed, effects, group, xb)
             result = loop.run(
                 host,
-                [Phase(MinibatchTrainer(X, b, self, seed, effects, group), self.tol, loop.WINDOW["expanded"], True)],
+                [Phase(trainer, self.tol, loop.WINDOW["expanded"], noisy=True)],
                 None,
                 None,
                 w,

@@ -151,7 +151,7 @@ class NaturalTrainer(Trainer):
                 w_numerator=b.zeros_like(w),
                 expected_sum=b.zeros_like(w[0] if g is None else g @ w),
             )
-            if "prior" in state:
+            if self.learns_prior(state):
                 state.update(prior_sum=b.zeros_like(w[0]), rows=b.scalar(0.0))
         return state
 
@@ -177,7 +177,7 @@ class NaturalTrainer(Trainer):
             prior_scale=prior,
             var_gradient="price",
             control_variate=True,
-            row_statistics="prior" in state or self.recentre,
+            row_statistics=self.learns_prior(state) or self.recentre,
         )
         t = state["t"] + 1
         new = dict(state, t=t)
@@ -185,7 +185,7 @@ class NaturalTrainer(Trainer):
             # Step from the last accepted point: the new one if the ELBO did not fall (up to
             # rounding), else the old one.
             statistics = ("g_mu", "g_var", "w_numerator", "expected_sum") + (
-                ("prior_sum", "rows") if "prior" in state else ()
+                ("prior_sum", "rows") if self.learns_prior(state) else ()
             )
             fresh = {name: getattr(terms, name) for name in statistics}
             new.update(checked_step(b, state, terms.value, fresh, self.rounding, self.rho0))
@@ -217,7 +217,7 @@ class NaturalTrainer(Trainer):
                 new["w"] = w * b.exp(new["velocity"])
         if self.fit_batches:
             new["g"] = self.counts.scaling.update(g, new["w"], terms.expected_sum)
-        if "prior" in state:
+        if self.learns_prior(state):
             new["prior"] = prior_update(b, terms)
         if self.recentre:
             # exp(F - a) W e^a = exp(F) W: shifting a component's means by a and scaling its

@@ -18,6 +18,7 @@ LOG_SD_BOUNDS = tuple(0.5 * math.log(v) for v in VAR_BOUNDS)
 # Fitted parameters besides q(F) and W, where the model has them: batch effects g (B, D) and
 # a per-component prior scale (L,) (prior_scale='auto'). Trainers carry them in their state.
 EXTRA = ("g", "prior")
+TINY_DENOMINATOR = 1e-30  # the loadings' update where a feature has no expected rate at all
 MONITOR_SEED = 7919  # the fixed noise of Trainer.monitor
 AVERAGE = "average_"  # the prefix of the averaged parameters in an Averaged trainer's state
 
@@ -51,9 +52,10 @@ def multiplicative_loadings(b: Backend, w: Array, terms: Terms, g: Array | None 
     W <- W * [sum_n (X / rate) exp(F)] / sum_n exp(mu + var/2), the numerator averaged
     over the Monte Carlo samples in the sampled modes; ``terms`` evaluated at (q(F), W).
     With size factors and batch effects g (B, D) the denominator is g.T @ S (D, L),
-    S[b, l] = sum_{n in b} s[n] exp(mu + var/2)[n, l].
+    S[b, l] = sum_{n in b} s[n] exp(mu + var/2)[n, l]. A feature whose every batch effect
+    is 0 (no counts in any batch) has a denominator of 0, and its loadings go to 0.
     """
-    return w * terms.w_numerator / rate_denominator(b, g, terms.expected_sum)
+    return w * terms.w_numerator / b.clip(rate_denominator(b, g, terms.expected_sum), TINY_DENOMINATOR, None)
 
 
 def loadings_state(b: Backend, w: Array, rule: str) -> dict:
@@ -72,7 +74,8 @@ def update_loadings(b: Backend, state: dict, terms: Terms, t: Array, rule: str, 
 
 class Trainer:
     """What every full-batch trainer holds: the counts, the ELBO's mode and samples, the prior
-    scale, and how the loadings (``update_loadings``) and batch effects (``update_batches``) move."""
+    scale, and how the loadings (``update_loadings``), batch effects (``update_batches``) and
+    a per-component prior scale carried in the state (``update_prior``) move."""
 
     def __init__(
         self,
@@ -85,6 +88,7 @@ class Trainer:
         loadings_update,
         update_loadings,
         update_batches=False,
+        update_prior=True,
     ):
         self.counts = counts
         self.b = counts.backend
@@ -95,6 +99,11 @@ class Trainer:
         self.rule = loadings_update
         self.fit_loadings = update_loadings
         self.fit_batches = update_batches
+        self.fit_prior = update_prior
+
+    def learns_prior(self, state: dict) -> bool:
+        """Whether a step fits the per-component prior scale that ``state`` carries."""
+        return self.fit_prior and "prior" in state
 
     @property
     def capturable(self) -> bool:
@@ -222,7 +231,7 @@ class StandardTrainer(Trainer):
             n_samples=self.n_samples,
             prior_scale=extra.get("prior", self.prior_scale),
             control_variate=True,
-            row_statistics="prior" in extra,
+            row_statistics=self.learns_prior(extra),
         )
         t = state["t"] + 1
         # Gradients in theta's coordinates: d/dlog sd = g_var * 2 var, d/dlog W = g_w * W.
@@ -237,6 +246,6 @@ class StandardTrainer(Trainer):
             new["w"] = multiplicative_loadings(b, w, terms, g)
         if self.fit_batches:
             new["g"] = self.counts.scaling.update(g, new["w"], terms.expected_sum)
-        if "prior" in extra:
+        if self.learns_prior(extra):
             new["prior"] = prior_update(b, terms)
         return new, noise.key, terms.value

@@ -2,8 +2,9 @@
 
 Each step takes one batch of rows: a few natural lower-bound steps on the batch's q(F),
 started afresh from the rows' totals, with W fixed, then W moves towards the batch's multiplicative update,
-W <- (1 - r_t) W + r_t W_batch, r_t = (1 + t / TAU) ** -KAPPA. The batch sums in that
-update stand for the full-data sums rescaled by N / batch; the factor cancels in its ratio.
+W <- (1 - r_t) W + r_t W_batch, r_t = (1 + t / TAU) ** -KAPPA for step t = 1, 2, ...
+The batch sums in that update stand for the full-data sums rescaled by N / batch; the
+factor cancels in its ratio. Batch effects and a fitted prior scale move with the same r_t.
 W lives in host memory; only the batch goes to the device. In a distributed fit each
 process draws its share of every batch from its own rows, and one all-reduce a step sums
 the batches' statistics, so W stays the same on every process.
@@ -17,7 +18,7 @@ from .backends import get_backend
 from .distributed import Group
 from .elbo import Terms, evaluate
 from .optim import EXTRA, multiplicative_loadings
-from .scaling import RowEffects
+from .scaling import TINY_EFFECT, RowEffects
 
 # Local natural steps per batch, and the loadings' Robbins-Monro schedule. On 2000 x 60
 # planted counts, 300 steps of 100 rows from fresh local starts ended 0.07% below the
@@ -25,6 +26,12 @@ from .scaling import RowEffects
 # with q(F) kept between passes, (tau, kappa, steps) = (10, 0.7, 10) had ended 2.8% below.
 LOCAL_STEPS = 10
 TAU, KAPPA = 100.0, 0.6
+# A fitted prior scale ('auto') is held at its start for the first PRIOR_HOLD steps, while W
+# moves fastest. Updated from the first step, it shrank every component's factors before
+# the programs had formed (20,000 x 2,000 counts with batches and size factors, batches of
+# 2,000, 300 steps: every scale 0.02, ELBO -8,901,340 against -8,882,151 with the scale
+# fixed at 1); held 100 steps, -8,833,915 (scales 0.09-0.42).
+PRIOR_HOLD = int(TAU)
 # A pass permutes blocks of batch_size // BLOCKS_PER_BATCH consecutive rows, not single
 # rows: a batch of counts on disk is then read as a few hundred runs of rows rather than
 # one read per row (a 1e6-row .h5ad, batches of 20,000: 0.45 s a batch row by row, most of
@@ -46,10 +53,19 @@ class MinibatchTrainer:
     one batch at a time.
     """
 
-    def __init__(self, x, b, model, seed: int, effects: RowEffects | None = None, group=None):
+    def __init__(self, x, b, model, seed: int, effects: RowEffects | None = None, group=None, batch_sums=None):
         self.x, self.b, self.model, self.seed, self.effects, self.group = x, b, model, seed, effects, group
-        # Batch effects move with W: towards the batch's closed-form g, for the batches in it.
+        # Batch effects move with W: g = X_b / R_b, the closed form, with the counts X_b of
+        # batch b (B x D) and their expected rate per unit of g, R_b = S_b @ W.T, each a running
+        # average of the step's sums over its rows of b (scaled up to all of b's rows), started
+        # at b's counts (``batch_sums``) and at the R_b that gives the starting g. Averaging the
+        # step's own closed form instead gave g = 0 to every gene without counts among the
+        # step's rows of b, which the next steps' loadings followed to 0/0 (an ELBO of -inf:
+        # 600 x 800 counts at 6% non-zero, 4 batches, steps of 60 rows).
         self.fit_batches = effects is not None and effects.free is not None
+        if self.fit_batches:
+            self.batch_sums = np.asarray(batch_sums, dtype=np.float64)
+            self.batch_rows = np.bincount(effects.codes, minlength=len(self.batch_sums)).astype(np.float64)
         self.n, self.batch = x.shape[0], model.batch_size
         self.n_total, self.host = self.n, get_backend("numpy", dtype="float64")
         if group is not None:
@@ -63,7 +79,11 @@ class MinibatchTrainer:
 
     def init(self, mean, var, w: np.ndarray, extra: dict | None = None) -> dict:
         state = {"w": np.asarray(w, dtype=np.float64), "t": np.float64(0)}
-        return dict(state, **{k: np.asarray(v, dtype=np.float64) for k, v in (extra or {}).items()})
+        state.update({k: np.asarray(v, dtype=np.float64) for k, v in (extra or {}).items()})
+        if self.fit_batches:  # R_b that gives the starting g
+            state["batch_rate"] = self.batch_sums / np.clip(state["g"], TINY_EFFECT, None)
+            state["batch_counts"] = self.batch_sums.copy()
+        return state
 
     def params(self, state: dict) -> tuple[None, None, np.ndarray, dict]:
         return None, None, state["w"], {k: state[k] for k in EXTRA if k in state}
@@ -106,7 +126,8 @@ class MinibatchTrainer:
                 w_device = multiplicative_loadings(b, w, terms, g)
                 w_batch = b.to_numpy(w_device).astype(np.float64)
                 if self.fit_batches:
-                    g_batch = b.to_numpy(counts.scaling.update(g, w_device, terms.expected_sum)).astype(np.float64)
+                    expected_sum = b.to_numpy(terms.expected_sum).astype(np.float64)  # S_b (B, L)
+                    step_sums = b.to_numpy(counts.scaling.xb).astype(np.float64)  # X_b (B, D)
                 value = float(b.to_numpy(terms.value))
                 prior_sum = None if terms.prior_sum is None else b.to_numpy(terms.prior_sum)
             else:
@@ -116,13 +137,19 @@ class MinibatchTrainer:
             if "prior" in state:  # the batch's estimate of s_l^2 = mean_n (mu^2 + var)
                 prior_batch = np.asarray(prior_sum, dtype=np.float64) / rows_in_batches
             value *= self.n_total / rows_in_batches
-        rate = (1.0 + t / TAU) ** -KAPPA
+        # Below 1 from the first step: a step that moved W all the way to the batch's update
+        # gave 0 to the loadings of every feature without counts in the batch, for good.
+        rate = (1.0 + (t + 1) / TAU) ** -KAPPA
         new = dict(state, w=(1.0 - rate) * state["w"] + rate * w_batch, t=np.float64(t + 1))
-        if "prior" in state:
+        if self.fit_batches:  # R_b for the moved W: the step's own W is 0 on genes without counts in it
+            in_step = np.bincount(effects.codes, minlength=len(self.batch_rows))
+            scale = np.divide(self.batch_rows, in_step, out=np.zeros(len(in_step)), where=in_step > 0)[:, None]
+            estimates = {"batch_counts": step_sums * scale, "batch_rate": expected_sum * scale @ new["w"].T}
+            for name, estimate in estimates.items():
+                new[name] = np.where(scale > 0, (1.0 - rate) * state[name] + rate * estimate, state[name])
+            new["g"] = new["batch_counts"] / np.clip(new["batch_rate"], TINY_EFFECT, None)
+        if "prior" in state and t >= PRIOR_HOLD:
             new["prior"] = np.sqrt((1.0 - rate) * state["prior"] ** 2 + rate * prior_batch)
-        if self.fit_batches:
-            present = np.isin(np.arange(len(g_batch)), effects.codes)[:, None]
-            new["g"] = np.where(present, (1.0 - rate) * state["g"] + rate * g_batch, state["g"])
         return new, key, value
 
     def _all_sum(self, terms: Terms, rows: int) -> tuple[Terms, int]:

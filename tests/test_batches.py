@@ -130,6 +130,27 @@ def test_minibatch_fit_with_batches(planted):
     np.testing.assert_allclose((xb * model.batch_effects_).sum(0), xb.sum(0), rtol=1e-10)
 
 
+@pytest.mark.parametrize("dense", [False, True])
+def test_minibatch_batch_effects_of_genes_without_counts_in_a_step(dense):
+    """Sparse counts in 4 batches, steps of 60 rows (15 of each batch): many genes have no
+    counts among a step's rows of a batch, and 3 have none at all. Each step's own closed-form
+    g was 0 for them, and the next step's loadings update 0/0: the ELBO became -inf."""
+    from pnmf.data import thin
+
+    data = make_batched_counts(600, 800, 6, n_batches=4, random_state=3)
+    x = sp.csr_matrix(thin(data["X"], 0.003, random_state=1)[0])
+    silent = np.asarray(x.sum(axis=0)).ravel() == 0
+    assert silent.sum() == 3
+    x = x.toarray() if dense else x
+    model = PNMF(6, batch_size=60, max_iter=100, random_state=0).fit(x, batch=data["batch"])
+    full = PNMF(6, random_state=0).fit(x, batch=data["batch"])
+    # 100 steps of 60 rows with 6% non-zero: the noise of small steps, not a failure
+    assert np.isfinite(model.elbo_) and abs(model.elbo_ - full.elbo_) < 0.25 * abs(full.elbo_)
+    assert np.isfinite(model.loadings_).all() and np.isfinite(model.batch_effects_).all()
+    # the genes without counts fade out (the largest loading of every other is above 1e-6 here)
+    assert model.loadings_[silent].max() < 1e-30 and (model.loadings_[~silent].max(axis=1) > 1e-12).all()
+
+
 def test_reference_mapping_estimates_the_effects_of_a_new_batch(planted):
     """Fit on two batches; map the third. Its g is estimated with the loadings fixed: it follows
     the planted one, and the new rows' ELBO beats borrowing a seen batch's g."""
