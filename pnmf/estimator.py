@@ -467,11 +467,6 @@ class PNMF(TransformerMixin, BaseEstimator):
         b = get_backend(self.backend, self.device, self.dtype, sparse=sparse)
         group = distributed.join(b.name, self.distributed_timeout) if self.distributed else None
         effects, xb = self._fit_effects(X, size_factors, batch, group)
-        if group is not None and self.batch_size is not None and self.batches_ is not None:
-            raise ValueError(
-                "batch effects (batch=) in a distributed mini-batch fit are not supported: drop batch_size "
-                "(each process then fits its rows whole) or fit in one process"
-            )
         with b.threads(self._thread_limit(X)):
             self._fit_on(b, X, group, effects, xb)
 

@@ -7,7 +7,8 @@ The batch sums in that update stand for the full-data sums rescaled by N / batch
 factor cancels in its ratio. Batch effects and a fitted prior scale move with the same r_t.
 W lives in host memory; only the batch goes to the device. In a distributed fit each
 process draws its share of every batch from its own rows, and one all-reduce a step sums
-the batches' statistics, so W stays the same on every process.
+the batches' statistics (with batch effects, also each batch's counts and rows among
+them), so W and g stay the same on every process.
 """
 
 from __future__ import annotations
@@ -63,15 +64,19 @@ class MinibatchTrainer:
         # step's rows of b, which the next steps' loadings followed to 0/0 (an ELBO of -inf:
         # 600 x 800 counts at 6% non-zero, 4 batches, steps of 60 rows).
         self.fit_batches = effects is not None and effects.free is not None
-        if self.fit_batches:
-            self.batch_sums = np.asarray(batch_sums, dtype=np.float64)
-            self.batch_rows = np.bincount(effects.codes, minlength=len(self.batch_sums)).astype(np.float64)
         self.n, self.batch = x.shape[0], model.batch_size
         self.n_total, self.host = self.n, get_backend("numpy", dtype="float64")
+        if self.fit_batches:  # every process's counts and rows of each batch
+            self.batch_sums = np.asarray(batch_sums, dtype=np.float64)
+            self.batch_rows = np.bincount(effects.codes, minlength=len(self.batch_sums)).astype(np.float64)
         if group is not None:
             # A distributed fit: each process draws its share of the batch from its own rows,
             # and one all-reduce a step sums the batches' statistics (``_all_sum``).
-            self.n_total = int(group.all_sum_host(np.array([float(self.n)]))[0])
+            rows = np.concatenate([[float(self.n)], self.batch_rows if self.fit_batches else []])
+            rows = group.all_sum_host(rows)
+            self.n_total = int(rows[0])
+            if self.fit_batches:
+                self.batch_rows = rows[1:]
             self.batch = min(self.n, max(1, round(self.batch * self.n / self.n_total)))
         self.per_pass = self.n // self.batch
         self.block = max(1, self.batch // BLOCKS_PER_BATCH)
@@ -121,19 +126,21 @@ class MinibatchTrainer:
                 prior_scale=extra["prior"],
                 row_statistics="prior" in state,
             )
+            # With batches: the step's rows of each batch, and their counts X_b (B, D).
+            in_step = np.bincount(effects.codes, minlength=len(self.batch_rows)) if self.fit_batches else None
+            step_sums = counts.scaling.xb if self.fit_batches else None
             if self.group is None:
                 rows_in_batches = len(rows)
                 w_device = multiplicative_loadings(b, w, terms, g)
                 w_batch = b.to_numpy(w_device).astype(np.float64)
-                if self.fit_batches:
-                    expected_sum = b.to_numpy(terms.expected_sum).astype(np.float64)  # S_b (B, L)
-                    step_sums = b.to_numpy(counts.scaling.xb).astype(np.float64)  # X_b (B, D)
                 value = float(b.to_numpy(terms.value))
                 prior_sum = None if terms.prior_sum is None else b.to_numpy(terms.prior_sum)
             else:
-                terms, rows_in_batches = self._all_sum(terms, len(rows))
+                terms, rows_in_batches, step_sums, in_step = self._all_sum(terms, len(rows), step_sums, in_step)
                 w_batch = multiplicative_loadings(self.host, state["w"], terms, state.get("g"))
                 value, prior_sum = float(terms.value), terms.prior_sum
+            if self.fit_batches:  # S_b (B, L) and X_b on the host
+                expected_sum, step_sums = (_host(self.b, a) for a in (terms.expected_sum, step_sums))
             if "prior" in state:  # the batch's estimate of s_l^2 = mean_n (mu^2 + var)
                 prior_batch = np.asarray(prior_sum, dtype=np.float64) / rows_in_batches
             value *= self.n_total / rows_in_batches
@@ -142,7 +149,6 @@ class MinibatchTrainer:
         rate = (1.0 + (t + 1) / TAU) ** -KAPPA
         new = dict(state, w=(1.0 - rate) * state["w"] + rate * w_batch, t=np.float64(t + 1))
         if self.fit_batches:  # R_b for the moved W: the step's own W is 0 on genes without counts in it
-            in_step = np.bincount(effects.codes, minlength=len(self.batch_rows))
             scale = np.divide(self.batch_rows, in_step, out=np.zeros(len(in_step)), where=in_step > 0)[:, None]
             estimates = {"batch_counts": step_sums * scale, "batch_rate": expected_sum * scale @ new["w"].T}
             for name, estimate in estimates.items():
@@ -152,13 +158,23 @@ class MinibatchTrainer:
             new["prior"] = np.sqrt((1.0 - rate) * state["prior"] ** 2 + rate * prior_batch)
         return new, key, value
 
-    def _all_sum(self, terms: Terms, rows: int) -> tuple[Terms, int]:
+    def _all_sum(self, terms: Terms, rows: int, step_sums=None, in_step=None):
         """Every process's batch statistics summed in one all-reduce, on the host in float64:
-        the ELBO, the loadings' numerator and denominator, the prior's sum; and the rows."""
-        local = [terms.value, terms.w_numerator, terms.expected_sum, terms.prior_sum]
-        local = [None if a is None else self.b.to_numpy(a).astype(np.float64) for a in local]
-        value, numerator, expected, prior_sum, rows = Group.all_sum(self.group, self.host, *local, np.float64(rows))
-        return Terms(value, w_numerator=numerator, expected_sum=expected, prior_sum=prior_sum), int(rows)
+        the ELBO, the loadings' numerator and denominator, the prior's sum; the rows; with
+        batch effects, the counts X_b of the step's rows of each batch and their number.
+        Returns (terms, rows, X_b, rows of each batch)."""
+        local = [terms.value, terms.w_numerator, terms.expected_sum, terms.prior_sum, step_sums, in_step]
+        local = [None if a is None else _host(self.b, a) for a in local]
+        value, numerator, expected, prior_sum, step_sums, in_step, rows = Group.all_sum(
+            self.group, self.host, *local, np.float64(rows)
+        )
+        terms = Terms(value, w_numerator=numerator, expected_sum=expected, prior_sum=prior_sum)
+        return terms, int(rows), step_sums, in_step
+
+
+def _host(b, array) -> np.ndarray:
+    """A backend's array (or a NumPy one) as a float64 NumPy array."""
+    return np.asarray(array if isinstance(array, np.ndarray) else b.to_numpy(array), dtype=np.float64)
 
 
 def block_permutation(rng: np.random.Generator, n: int, block: int) -> np.ndarray:

@@ -2,7 +2,8 @@
 
     python distributed_worker.py RANK WORLD_SIZE JOB_JSON OUT_DIR
 
-The job names the data (``make_counts`` arguments), each rank's first row (``bounds``)
+The job names the data (``make_counts`` arguments, or ``make_batched_counts``'s with
+``batched``), each rank's first row (``bounds``)
 and the fits to run; each fit's result is written to OUT_DIR/FIT.rank-RANK.npz.
 """
 
@@ -22,6 +23,7 @@ import torch.distributed as dist
 
 import pnmf
 from pnmf import PNMF, make_counts
+from pnmf.data import make_batched_counts
 from pnmf.distributed import Group
 
 
@@ -39,7 +41,10 @@ def main() -> None:
         dist.init_process_group(
             "gloo", init_method=job["rendezvous"], rank=rank, world_size=world, timeout=timedelta(seconds=60)
         )
-    x, _, _ = make_counts(*job["data"], random_state=job["data_seed"])
+    if job.get("batched"):  # counts with size factors and batch effects (row n in batch n mod 3)
+        x = make_batched_counts(*job["data"], n_batches=3, random_state=job["data_seed"])["X"]
+    else:
+        x, _, _ = make_counts(*job["data"], random_state=job["data_seed"])
     bounds = job["bounds"]
     local = x[bounds[rank] : bounds[rank + 1]]
     if rank in job.get("drop_column", []):

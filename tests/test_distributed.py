@@ -274,13 +274,11 @@ def test_a_distributed_mini_batch_fit_is_the_single_process_mini_batch_fit(tmp_p
         dict(params=dict(params, size_factors="total"), sparse=True),
         dict(params=dict(params, prior_scale="auto")),
         dict(params=params, h5ad=str(tmp_path / "x.h5ad")),
-        dict(params=params, batches=True),
     ]
     codes = launch(tmp_path, [0, 1, 500, 1200], fits, **data)  # a rank with one row
-    for code, err in codes:  # the last fit's batch effects are refused, on every rank, before any step
-        assert code != 0, err[-2000:]
-        assert "batch effects (batch=) in a distributed mini-batch fit are not supported" in err, err[-2000:]
-    for index, fit in enumerate(fits[:4]):
+    for code, err in codes:
+        assert code == 0, err[-2000:]
+    for index, fit in enumerate(fits):
         ranks = load(tmp_path, index, 3)
         reference = PNMF(**fit["params"]).fit(x)
         for r in ranks:  # the same loadings and history on every rank, bitwise
@@ -289,6 +287,34 @@ def test_a_distributed_mini_batch_fit_is_the_single_process_mini_batch_fit(tmp_p
         assert sum(len(r["mean"]) for r in ranks) == 1200
         assert float(ranks[0]["elbo"]) == pytest.approx(reference.elbo_, rel=1e-3)
         assert cosine(ranks[0]["loadings"], reference.loadings_) >= 0.99
+
+
+def test_a_distributed_mini_batch_fit_with_batch_effects_is_the_single_process_fit(tmp_path):
+    """Counts with size factors and batch effects (row n in batch n mod 3, a rank holding one
+    row): the all-reduce also sums each batch's counts and rows in the step, so g is the
+    same on every rank, and the fit the single-process mini-batch fit up to the batches' noise."""
+    from pnmf.data import make_batched_counts
+
+    planted = make_batched_counts(1200, 40, 4, n_batches=3, random_state=3)
+    params = dict(F64, mode="lower-bound", training_mode="natural", batch_size=120, tol=0, max_iter=150)
+    params.update(size_factors="total")
+    fits = [dict(params=params, batches=True), dict(params=dict(params, prior_scale="auto"), batches=True)]
+    codes = launch(tmp_path, [0, 1, 500, 1200], fits, data=[1200, 40, 4], data_seed=3, batched=True)
+    for code, err in codes:
+        assert code == 0, err[-2000:]
+    for index, fit in enumerate(fits):
+        ranks = load(tmp_path, index, 3)
+        reference = PNMF(**fit["params"]).fit(planted["X"], batch=batch_labels(0, 1200))
+        for r in ranks:  # the same loadings, batch effects and history on every rank, bitwise
+            assert np.array_equal(r["loadings"], ranks[0]["loadings"])
+            assert np.array_equal(r["batch_effects"], ranks[0]["batch_effects"])
+            assert np.array_equal(r["history"], ranks[0]["history"]) and int(r["n_iter"]) == 150
+        assert float(ranks[0]["elbo"]) == pytest.approx(reference.elbo_, rel=1e-3)
+        assert cosine(ranks[0]["loadings"], reference.loadings_) >= 0.99
+        g, g_reference = np.log(ranks[0]["batch_effects"]), np.log(reference.batch_effects_)
+        assert np.corrcoef(g.ravel(), g_reference.ravel())[0, 1] >= 0.97  # 0.989 measured
+        planted_g = np.log(planted["batch_effects"]).ravel()  # and as near the planted g
+        assert np.corrcoef(g.ravel(), planted_g)[0, 1] >= np.corrcoef(g_reference.ravel(), planted_g)[0, 1] - 0.02
 
 
 @pytest.mark.skipif(shutil.which("mlx.launch") is None, reason="mlx.launch is not installed (pip install mlx)")
