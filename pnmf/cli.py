@@ -154,22 +154,25 @@ def _number(text: str) -> float:
     return value
 
 
-def _rows(counts: Counts, distributed: bool, batch_size: int | None) -> tuple[Counts, str]:
-    """This process's rows under torchrun (--distributed), and the suffix of its output files.
+def _rows(counts: Counts, model) -> tuple[Counts, str]:
+    """This process's rows of ``model``'s fit (under torchrun or mlx.launch with
+    --distributed), and the suffix of its output files.
 
     Counts on disk (an .h5ad's X) are read here when the fit takes its rows whole (no
     ``batch_size``): this process's rows, or all of them. A mini-batch fit reads its batches.
     """
     from . import distributed as dist
+    from .backends import get_backend
 
-    if not distributed:
-        if batch_size is None:
+    if not model.distributed:
+        if model.batch_size is None:
             counts.x = in_memory(counts.x)
         return counts, ""
-    group = dist.join("torch")
+    backend = get_backend(model.backend, model.device, model.dtype).name  # the group of the fit's engine
+    group = dist.join(backend, model.distributed_timeout)
     rows = dist.shard(counts.x.shape[0], group)
     obs = None if counts.obs is None else counts.obs.iloc[rows]
-    x = share(counts.x, rows, batched=batch_size is not None)
+    x = share(counts.x, rows, batched=model.batch_size is not None)
     return Counts(x, counts.obs_names[rows], counts.var_names, obs), f".rank-{group.rank}-of-{group.size}"
 
 
@@ -234,7 +237,7 @@ def cmd_fit(args) -> list[Path]:
         raise UsageError("--checkpoint-every needs --checkpoint (the file to write)")
     model = PNMF(args.n_components, **_model_params(args))
     model._validate_params()  # a bad parameter is named before the counts are read
-    counts, suffix = _rows(read_counts(args.counts, args.layer, backed=True), args.distributed, args.batch_size)
+    counts, suffix = _rows(read_counts(args.counts, args.layer, backed=True), model)
     batch = _batch(counts, args.batch_key)
     factors = model.fit_transform(counts.x, batch=batch)
     model.feature_names_in_ = counts.var_names.astype(object)  # the model file keeps them
@@ -374,7 +377,9 @@ def parser() -> argparse.ArgumentParser:
     common(fit)
     fit.add_argument("--n-components", "-k", type=int, required=True)
     fit.add_argument("--batch-key", help="obs column of an .h5ad with each row's batch")
-    fit.add_argument("--distributed", action="store_true", help="one fit over every process (under torchrun)")
+    fit.add_argument(
+        "--distributed", action="store_true", help="one fit over every process (under torchrun, or mlx.launch with MLX)"
+    )
     fit.add_argument(
         "--batch-size", type=int, help="rows per step of a mini-batch fit (an .h5ad's X is then read by batches)"
     )

@@ -267,3 +267,27 @@ def test_fit_runs_unchanged_under_torchrun(files, tmp_path):
     # Each rank's transform stops on its own rows' ELBO: the same factors up to that tolerance.
     relative = np.abs(np.vstack(halves) / whole.transform(data["X"]) - 1)
     assert np.median(relative) < 1e-4 and relative.max() < 0.1
+
+
+@pytest.mark.skipif(shutil.which("mlx.launch") is None, reason="mlx.launch is not installed (pip install mlx)")
+def test_fit_runs_unchanged_under_mlx_launch(files, tmp_path):
+    # --distributed joined torch.distributed whatever the backend: under mlx.launch every
+    # process found "no process group of size > 1".
+    pytest.importorskip("mlx.core")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    folder, data = files
+    command = ["mlx.launch", "-n", 2, "--backend", "ring", "--starting-port", port, "--", sys.executable, "-m", "pnmf"]
+    command += ["fit", folder / "counts.csv", "-k", 3, "--distributed", "--backend", "mlx", "--device", "cpu"]
+    command += ["--seed", 0, "-o", tmp_path / "d"]
+    done = subprocess.run([str(a) for a in command], capture_output=True, text=True, timeout=300)
+    # mlx.launch exits 0 even when a rank fails: the files must be there.
+    halves = [tmp_path / "d" / f"factors.rank-{r}-of-2.csv" for r in range(2)]
+    assert done.returncode == 0 and all(h.exists() for h in halves), done.stderr[-2000:]
+    whole = PNMF(3, random_state=0, backend="mlx", device="cpu").fit(data["X"])
+    model = PNMF.load(tmp_path / "d" / "model.npz")
+    np.testing.assert_allclose(model.loadings_, whole.loadings_, rtol=2e-3, atol=1e-6)  # float32 sums
+    assert sum(len(read_factors(h)) for h in halves) == len(data["X"])
