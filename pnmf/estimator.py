@@ -657,7 +657,7 @@ class PNMF(TransformerMixin, BaseEstimator):
                 f"PNMF stopped at max_iter={self.max_iter} before the ELBO settled to tol={self.tol}; "
                 "raise max_iter (or tol) for a converged fit",
                 ConvergenceWarning,
-                stacklevel=5,  # the caller of fit
+                stacklevel=loop.user_stacklevel(),
             )
 
     def _start_extra(self, asarray, effects: RowEffects | None) -> dict:

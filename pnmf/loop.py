@@ -16,6 +16,8 @@ where a fit stops, so a resumed fit stops where an uninterrupted one does.
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -167,7 +169,7 @@ def run(
         warnings.warn(
             f"fit interrupted after {len(history)} iterations; returning the parameters reached so far",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
         converged = False
         if trainer is not None:
@@ -204,6 +206,19 @@ class Lanes:
         converged = self.stops > 0
         stops = np.where(converged, self.stops, len(history))
         return Result(mu, var, w, np.asarray(history).reshape(len(history), -1), converged, {}, stops)
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes ``warnings.warn``, in the function calling this, name the
+    first line outside pnmf and scikit-learn (whose wrappers call ``fit_transform``): the
+    user's, however deep inside a fit the warning is raised."""
+    import sklearn
+
+    inside = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (sys.modules[__package__], sklearn))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _read(b: Backend, value: Array) -> float | np.ndarray:

@@ -316,9 +316,16 @@ def test_a_fit_stopped_by_max_iter_warns_as_scikit_learn_does():
 
     x, _, _ = make_counts(100, 30, 3, random_state=5)
     params = dict(mode="lower-bound", training_mode="natural", random_state=0)
-    with pytest.warns(ConvergenceWarning, match="max_iter=5"):
+    with pytest.warns(ConvergenceWarning, match="max_iter=5") as record:
         model = PNMF(3, max_iter=5, **params).fit(x)
     assert not model.converged_
+    # The warning names the user's line, also from fit_transform and mini-batch fits (it
+    # named pnmf/estimator.py from those).
+    assert record[0].filename == __file__
+    for fit in (PNMF(3, max_iter=5, **params).fit_transform, PNMF(3, max_iter=5, batch_size=50, **params).fit):
+        with pytest.warns(ConvergenceWarning) as record:
+            fit(x)
+        assert record[0].filename == __file__, record[0].filename
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert PNMF(3, max_iter=2000, **params).fit(x).converged_  # converged: no warning

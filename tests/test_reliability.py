@@ -153,8 +153,9 @@ def test_interrupt_keeps_the_parameters_and_warns(monkeypatch):
 
     monkeypatch.setattr(pnmf.optim.StandardTrainer, "step", interrupted)
     x = np.random.default_rng(2).poisson(3.0, (10, 6)).astype(float)
-    with pytest.warns(RuntimeWarning, match="interrupted"):
+    with pytest.warns(RuntimeWarning, match="interrupted") as record:
         model = PNMF(2, backend="numpy", mode="expanded", training_mode="standard", max_iter=100).fit(x)
+    assert record[0].filename == __file__  # the user's line
     assert not model.converged_ and model.n_iter_ == 20  # the history read before the interrupt
     _assert_finite(model, 10)
     assert model.elbo_ > -np.inf
