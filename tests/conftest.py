@@ -88,6 +88,15 @@ def as_numpy(b, terms) -> list:
     return [b.to_numpy(a) for a in (terms.value, terms.g_mu, terms.g_var, terms.g_w)]
 
 
+def free_port() -> int:
+    """A TCP port free on this machine now: a launcher's fixed port clashes with another run's."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def lower_bound_at(x, model) -> float:
     """The lower-bound ELBO of counts x at a fitted model's parameters, in float64 NumPy."""
     b = get_backend("numpy", dtype="float64")

@@ -17,6 +17,8 @@ import scipy.sparse as sp
 from pnmf import PNMF
 from pnmf.data import make_batched_counts
 
+from .conftest import free_port
+
 anndata = pytest.importorskip("anndata")
 pd = pytest.importorskip("pandas")
 
@@ -258,7 +260,7 @@ def test_fit_runs_unchanged_under_torchrun(files, tmp_path):
         pytest.skip("torchrun is not installed")
     folder, data = files
     env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
-    command = [torchrun, "--nproc-per-node", "2", "--master-port", "29517", "-m", "pnmf", "fit"]
+    command = [torchrun, "--nproc-per-node", "2", "--master-port", free_port(), "-m", "pnmf", "fit"]
     command += [folder / "counts.csv", "-k", 3, "--distributed", "--backend", "numpy", "--dtype", "float64"]
     command += ["--seed", 0, "-o", tmp_path / "d"]
     done = subprocess.run([str(a) for a in command], capture_output=True, text=True, timeout=300, env=env)
@@ -276,11 +278,7 @@ def test_fit_runs_unchanged_under_mlx_launch(files, tmp_path):
     # --distributed joined torch.distributed whatever the backend: under mlx.launch every
     # process found "no process group of size > 1".
     pytest.importorskip("mlx.core")
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     folder, data = files
     command = ["mlx.launch", "-n", 2, "--backend", "ring", "--starting-port", port, "--", sys.executable, "-m", "pnmf"]
     command += ["fit", folder / "counts.csv", "-k", 3, "--distributed", "--backend", "mlx", "--device", "cpu"]

@@ -15,6 +15,7 @@ import pytest
 
 from pnmf import PNMF, make_counts
 
+from .conftest import free_port
 from .distributed_worker import batch_labels
 
 pytest.importorskip("torch.distributed")
@@ -320,11 +321,7 @@ def test_a_distributed_mini_batch_fit_with_batch_effects_is_the_single_process_f
 @pytest.mark.skipif(shutil.which("mlx.launch") is None, reason="mlx.launch is not installed (pip install mlx)")
 def test_mlx_ring_fit_over_two_processes_is_the_single_process_fit(tmp_path):
     pytest.importorskip("mlx.core")
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     params = dict(
         n_components=4,
         backend="mlx",
