@@ -162,14 +162,12 @@ def _rows(counts: Counts, model) -> tuple[Counts, str]:
     ``batch_size``): this process's rows, or all of them. A mini-batch fit reads its batches.
     """
     from . import distributed as dist
-    from .backends import get_backend
 
     if not model.distributed:
         if model.batch_size is None:
             counts.x = in_memory(counts.x)
         return counts, ""
-    backend = get_backend(model.backend, model.device, model.dtype).name  # the group of the fit's engine
-    group = dist.join(backend, model.distributed_timeout)
+    group = dist.join_fit(model)
     rows = dist.shard(counts.x.shape[0], group)
     obs = None if counts.obs is None else counts.obs.iloc[rows]
     x = share(counts.x, rows, batched=model.batch_size is not None)

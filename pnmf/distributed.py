@@ -223,6 +223,14 @@ def join(backend: str, timeout: float | None = None) -> Group:
     return TorchGroup(timeout)
 
 
+def join_fit(model) -> Group:
+    """The process group of ``model``'s ``distributed=True`` fit: that of the backend its
+    parameters choose (torch.distributed for torch and NumPy, mx.distributed for MLX)."""
+    from .backends import get_backend
+
+    return join(get_backend(model.backend, model.device, model.dtype).name, model.distributed_timeout)
+
+
 def _leave(dist) -> None:
     """Destroy the torch.distributed group pnmf initialised, if it is still there."""
     if dist.is_initialized():

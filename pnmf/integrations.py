@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 
 from . import distributed
-from .backends import get_backend
 from .data import in_memory, share
 from .estimator import PNMF
 
@@ -65,8 +64,7 @@ def fit_anndata(
     model = PNMF(n_components, size_factors=strategy, **params)
     rows = slice(0, adata.n_obs)
     if params.get("distributed"):
-        backend = get_backend(model.backend, model.device, model.dtype).name
-        rows = distributed.shard(adata.n_obs, distributed.join(backend, model.distributed_timeout))
+        rows = distributed.shard(adata.n_obs, distributed.join_fit(model))
         x = share(x, rows, batched=model.batch_size is not None)  # a backed X reads only these rows
     elif model.batch_size is None:
         x = in_memory(x)
