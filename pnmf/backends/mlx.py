@@ -30,6 +30,11 @@ from .numpy import NumpyBackend
 
 # Block length of the two-level full sum (MLX's CPU reduction accumulates sequentially).
 SUM_BLOCK = 32
+# On a GPU a full sum of at most this many values is one reduction: MLX's GPU reductions add
+# at most 32 values in sequence per thread up to 2**24 values and combine the threads' sums
+# by a tree, as accurate as the blocks; the blocks cost a seed-size step 28 of its 77 nodes
+# (reshapes, pads and their sums), each a kernel launch.
+GPU_PLAIN_SUM = 1 << 24
 # Non-zeros handled at once by the sampled product: bounds its buffer to CHUNK * L values.
 CHUNK = 1 << 18
 
@@ -192,6 +197,8 @@ class MLXBackend(Backend):
     def sum(self, a, axis=None, keepdims=False):
         if axis is not None or keepdims:
             return mx.sum(a, axis=axis, keepdims=keepdims)
+        if self.device == "gpu" and a.size <= GPU_PLAIN_SUM:
+            return mx.sum(a)
         # Sum blocks first: a float32 ELBO summed in one sequential pass over 2e4 terms was
         # off by ~2e-5 relative, enough to reject good natural steps in lower-bound mode.
         flat = a.reshape(-1)
