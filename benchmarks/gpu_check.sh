@@ -15,6 +15,7 @@
 # /tmp/peer, and the suite times it as the peer. Writes the test log, the suite's JSON
 # record and its text summary to OUT_DIR; exits non-zero if either failed.
 # PNMF_GPU_CHECK_ARGS adds arguments to the suite (--quick: small sizes, also on a CPU;
+# --more: MLX's alternatives and its first fits in new processes, a few minutes more;
 # --cpu no: the GPUs alone); PNMF_GPU_TESTS picks the tests (pytest -k, e.g. "mlx");
 # PNMF_GPU_TESTS_TIMEOUT and PNMF_GPU_SUITE_TIMEOUT bound each part (270 and 330 s).
 set -uo pipefail
@@ -66,8 +67,9 @@ except Exception as err:  # the reason MLX is missing from the backends above
 PY
 pick=()
 [ -n "${PNMF_GPU_TESTS:-}" ] && pick=(-k "$PNMF_GPU_TESTS")
-# Four workers where pytest-xdist is installed: the float64 references are CPU work.
-"$python" -c "import xdist" 2>/dev/null && pick+=(-n 4)
+# Workers where pytest-xdist is installed (PNMF_GPU_TEST_WORKERS, 8): the float64 references
+# and MLX's first compilation of its kernels are CPU work.
+"$python" -c "import xdist" 2>/dev/null && pick+=(-n "${PNMF_GPU_TEST_WORKERS:-8}")
 # -v: each test's name and outcome as it ends, so that a run cut short still says which failed.
 timeout "${PNMF_GPU_TESTS_TIMEOUT:-270}" "$python" -m pytest -m gpu -v --tb=short -p no:cacheprovider --durations=8 \
   "${pick[@]}" tests/test_gpu.py 2>&1 | tee "$out/gpu_tests.txt" | tail -40

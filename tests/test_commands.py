@@ -186,3 +186,24 @@ def test_the_gpu_report_says_when_an_iteration_is_below_the_timings_noise():
     assert not re.search(r"-\d", mlx_lines)  # no negative time or ratio
     assert "151.4 ms per iteration; peak device memory 26.90 GB" in mlx_lines
     assert "20.0 ms per iteration, set-up 7.00 s; 1.43x the cuSPARSE floor" in text.split("mlx:gpu")[0]
+
+
+def test_the_gpu_suite_times_mlx_in_new_processes_and_reports_why_a_part_failed():
+    pytest.importorskip("mlx.core")
+    from pnmf.benchmarks import gpu
+
+    runs = gpu.new_processes("cpu")
+    for label in ("empty_cache", "filled_cache"):
+        assert runs[label]["first_fit_s"] > 0 and runs[label]["second_fit_s"] > 0, runs[label]
+    assert runs["no_cuda_graphs"]["natural_s_per_iter"] > 0
+    fits = {"s_per_iter": 0.01, "setup_s": 1.0, "s": 2.0, "n_iter": 100, "converged": True, "elbo": -1.0}
+    entry = {"backend": "mlx", "device": "gpu", "dense": fits, "sparse": fits}
+    entry["seed_blocked_sums"] = {"natural": 0.0009, "standard": 0.001}
+    record = {"machine": "m", "quick": False, "runs": [entry], "sparse_nnz": 10, "mlx_new_process": runs}
+    text = gpu.report(record)
+    assert "seed setting, full sums in blocks of 32: 0.900 ms (natural), 1.000 ms (standard)" in text
+    assert "in new processes\n  kernel cache empty: import" in text and "kernel cache filled: import" in text
+    assert "MLX_USE_CUDA_GRAPHS=0: " in text
+    failed = gpu.new_processes("cpu", timeout=0.01)
+    assert failed["empty_cache"]["error"] == "did not end within 0.01 s"
+    assert "kernel cache empty: did not end within 0.01 s" in gpu.report({**record, "mlx_new_process": failed})

@@ -58,6 +58,12 @@ def parse(argv=None) -> argparse.Namespace:
         choices=["also", "no", "only"],
         help="gpu suite: the same fits on 2 CPU threads after the GPUs (also), not at all (no), or alone (only)",
     )
+    parser.add_argument(
+        "--more",
+        action="store_true",
+        help="gpu suite: also MLX's alternatives (full sums in blocks, sparse products by gathers, "
+        "CUDA graphs off) and its first fits in new processes, kernel cache empty and filled",
+    )
     parser.add_argument("--max-iter", type=int, default=None, help="iterations per fit (default 8000)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks"), help="folder for JSON and figures")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -99,7 +105,9 @@ def main(argv=None) -> list:
         # --cpu only adds the CPU's fits to the record a GPU machine left there, if any.
         earlier = json.loads(path.read_text()) if args.cpu == "only" and path.exists() else None
         save = lambda record: path.write_text(json.dumps(gpu.combine(earlier, record), indent=1))  # noqa: E731
-        record = gpu.combine(earlier, gpu.run(quick=args.quick, peer_python=args.peer_python, save=save, cpu=args.cpu))
+        record = gpu.combine(
+            earlier, gpu.run(quick=args.quick, peer_python=args.peer_python, save=save, cpu=args.cpu, more=args.more)
+        )
         summary = gpu.report(record)
         (args.out / "gpu_summary.txt").write_text(summary + "\n")
         print(summary)

@@ -14,8 +14,13 @@ On every GPU a framework here can use (torch on CUDA or MPS, MLX on its GPU), in
   natural: time per iteration ((T(111) - T(11)) / 100 on a GPU, (T(8) - T(3)) / 5 on the
   CPU), set-up, time to converge and peak device memory, against the floor of two cuSPARSE
   products of the same shapes (``torch.sparse.mm``: X @ M and X.T @ M2, 20 columns) timed
-  in the same run; for MLX on CUDA also the time per iteration with the gathers and
-  scatter-adds that Metal runs in place of the CUDA kernels;
+  in the same run;
+* with ``--more``, MLX's alternatives on a GPU: the seed setting with every full sum taken
+  in blocks of 32 (as on the CPU) in place of one reduction; on CUDA the sparse fit with the
+  gathers and scatter-adds that Metal runs in place of the CUDA kernels; and, each in a
+  process of its own, a first fit (seed setting, 20 iterations) with MLX's kernel cache on
+  disk empty and then filled by the first process, and the seed setting with MLX's CUDA
+  graphs off (``MLX_USE_CUDA_GRAPHS=0``);
 * the dense and sparse fits again with torch on the machine's CPU, 2 threads, for the ratio
   (``--cpu no`` leaves them out; ``--cpu only`` runs them alone and adds them to the
   ``gpu.json`` a GPU machine left in the output folder).
@@ -129,13 +134,21 @@ def cusparse_floor(x, n_components: int) -> float | None:
     return best_time(products, 5)
 
 
-def run(quick: bool = False, peer_python: str | None = None, progress=print, save=None, cpu: str = "also") -> dict:
+def run(
+    quick: bool = False,
+    peer_python: str | None = None,
+    progress=print,
+    save=None,
+    cpu: str = "also",
+    more: bool = False,
+) -> dict:
     """Every measurement above on every GPU here (on the CPU too with ``quick`` when there is none).
 
     torch's GPU comes first, then the cuSPARSE floor, PyPI pnmf, MLX's GPU and the CPU;
     ``save(record)`` is called after each part, so that a run cut short keeps what it
     measured. ``cpu``: "also" (the CPU after the GPUs), "no" (GPUs only) or "only" (the
-    CPU's part alone, to be run on another machine than the GPU's).
+    CPU's part alone, to be run on another machine than the GPU's). ``more``: MLX's
+    alternatives and new processes too (see the module's docstring).
     """
     from .natural_gradient import machine
 
@@ -164,7 +177,7 @@ def run(quick: bool = False, peer_python: str | None = None, progress=print, sav
     # torch first, then the floor and the peer, which are torch's too; MLX after them.
     devices = sorted(devices, key=lambda d: d[0] != "torch")
     for index, (name, device) in enumerate(devices):
-        record["runs"].append(measure(name, device, seed, dense, sparse, components, progress))
+        record["runs"].append(measure(name, device, seed, dense, sparse, components, progress, more))
         save(record)
         if index == 0:
             progress("cuSPARSE floor ...")
@@ -176,6 +189,10 @@ def run(quick: bool = False, peer_python: str | None = None, progress=print, sav
                 progress("seed setting against PyPI pnmf 0.1.0 ...")
                 record["peer"] = peer_run(peer_python, sorted({name for name, _ in devices}))
                 save(record)
+    if more and ("mlx", "gpu") in devices:  # last: a part that runs out of time loses nothing else
+        progress("[mlx:gpu] first fits in new processes (kernel cache empty, then filled) ...")
+        record["mlx_new_process"] = new_processes("gpu")
+        save(record)
     # The CPU's fits and the floor are torch's: an MLX-only machine measures its GPU alone.
     if cpu != "no" and ("torch", "cpu") not in devices and "torch" in available():
         record["runs"].append(measure("torch", "cpu", seed, dense, sparse, components, progress))
@@ -183,14 +200,21 @@ def run(quick: bool = False, peer_python: str | None = None, progress=print, sav
     return record
 
 
-def measure(name: str, device: str, seed, dense, sparse, components: int, progress=print) -> dict:
-    """One device's entry: the seed setting (GPUs only), the dense and the sparse fit."""
+def measure(name: str, device: str, seed, dense, sparse, components: int, progress=print, more=False) -> dict:
+    """One device's entry: the seed setting (GPUs only), the dense and the sparse fit; with
+    ``more``, MLX's alternatives on a GPU."""
     on_cpu = device == "cpu"
     with cpu_threads(CPU_THREADS) if on_cpu else contextlib.nullcontext():
         entry = {"backend": name, "device": get_backend(name, device).device}
         if not on_cpu:
             progress(f"[{name}:{device}] seed setting ...")
             entry["seed"] = seed_setting(seed, name, device)  # torch: each kernel launched from Python
+            if name == "mlx" and more:
+                from ..backends import mlx as mlx_backend
+
+                progress(f"[{name}:{device}] seed setting, full sums in blocks ...")
+                with _switched(mlx_backend, "GPU_PLAIN_SUM", 0):
+                    entry["seed_blocked_sums"] = seed_setting(seed, name, device)
             if name == "torch" and device.startswith("cuda"):
                 progress(f"[{name}:{device}] seed setting, steps replayed from CUDA graphs ...")
                 entry["seed_graphed"] = seed_setting(seed, name, device, graphs=True)
@@ -212,7 +236,7 @@ def measure(name: str, device: str, seed, dense, sparse, components: int, progre
         )
         if not on_cpu:
             entry["sparse"].update(converge(sparse, name, device, components, max_iter=1000))
-        if getattr(get_backend(name, device), "_kernels", False):
+        if more and getattr(get_backend(name, device), "_kernels", False):
             from ..backends import mlx as mlx_backend
 
             progress(f"[{name}:{device}] sparse, products by gathers and scatter-adds (Metal's path) ...")
@@ -223,6 +247,65 @@ def measure(name: str, device: str, seed, dense, sparse, components: int, progre
                 )
             entry["sparse_gathered"]["peak_device_gb"] = peak_memory(name, device)
     return entry
+
+
+# A child process's part: the seed setting's first fits, or its time per iteration.
+_CHILD = """
+import json, sys, time
+start = time.perf_counter()
+from pnmf import PNMF, make_counts
+from pnmf.benchmarks.gpu import per_iteration
+x, _, _ = make_counts(200, 100, 5, random_state=42)
+record = {"import_s": time.perf_counter() - start}
+params = dict(mode="expanded", training_mode="natural", E=10)
+if sys.argv[1] == "first":
+    for name in ("first_fit_s", "second_fit_s"):
+        start = time.perf_counter()
+        PNMF(5, backend="mlx", device=sys.argv[2], max_iter=20, tol=0, random_state=0, **params).fit(x)
+        record[name] = time.perf_counter() - start
+else:
+    record["natural_s_per_iter"] = per_iteration(x, "mlx", sys.argv[2], 5, (20, 220), **params)["s_per_iter"]
+print(json.dumps(record))
+"""
+
+
+def new_processes(device: str, timeout: float = 90) -> dict:
+    """MLX in new processes: the seed setting's first two fits (20 iterations each) with the
+    kernel cache (``MLX_PTX_CACHE_DIR``) empty and then as the first process left it; and the
+    seed setting's time per natural iteration with MLX's CUDA graphs off (on the kernels the
+    first process built). A part that fails or runs past ``timeout`` seconds records why."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    result = {}
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "MLX_PTX_CACHE_DIR": cache}
+        runs = [
+            ("empty_cache", "first", {}),
+            ("filled_cache", "first", {}),
+            ("no_cuda_graphs", "seed", {"MLX_USE_CUDA_GRAPHS": "0"}),
+        ]
+        for label, part, extra in runs:
+            try:
+                answer = subprocess.run(
+                    [sys.executable, "-c", _CHILD, part, device],
+                    env={**env, **extra},
+                    capture_output=True,
+                    text=True,
+                    timeout=timeout,
+                    check=True,
+                )
+                result[label] = json.loads(answer.stdout.strip().splitlines()[-1])
+            except subprocess.TimeoutExpired:
+                result[label] = {"error": f"did not end within {timeout:g} s"}
+            except subprocess.CalledProcessError as err:
+                result[label] = {"error": f"exit code {err.returncode}: {err.stderr.strip()[-300:]}"}
+            except (ValueError, IndexError) as err:  # no JSON line in the output
+                result[label] = {"error": f"{type(err).__name__}: {err}"}
+    return result
 
 
 def seed_setting(seed, name: str, device: str, graphs: bool = False) -> dict:
@@ -300,6 +383,12 @@ def report(record: dict) -> str:
                 f"  seed setting: {natural * 1e3:.3f} ms (natural), {standard * 1e3:.3f} ms (standard) per iteration"
                 + (", launched from Python" if "seed_graphed" in entry else "")
             )
+        if "seed_blocked_sums" in entry:
+            blocked = entry["seed_blocked_sums"]
+            lines.append(
+                f"  seed setting, full sums in blocks of 32: {blocked['natural'] * 1e3:.3f} ms (natural), "
+                f"{blocked['standard'] * 1e3:.3f} ms (standard)"
+            )
         if "seed_graphed" in entry:
             graphed = entry["seed_graphed"]
             text = f"  seed setting, steps replayed from CUDA graphs: {graphed['natural'] * 1e3:.3f} ms (natural)"
@@ -344,6 +433,26 @@ def report(record: dict) -> str:
             if g.get("peak_device_gb") is not None:
                 text += f"; peak device memory {g['peak_device_gb']:.2f} GB"
             lines.append(text)
+    if "mlx_new_process" in record:
+        lines.append(
+            "\nmlx:gpu in new processes"
+            + (f" ({record['mlx_new_process_from']})" if "mlx_new_process_from" in record else "")
+        )
+        runs = record["mlx_new_process"]
+        for label, text in (("empty_cache", "kernel cache empty"), ("filled_cache", "kernel cache filled")):
+            run = runs.get(label, {"error": "not run"})
+            lines.append(
+                f"  {text}: " + run["error"]
+                if "error" in run
+                else f"  {text}: import {run['import_s']:.1f} s, first fit (seed setting, 20 iterations) "
+                f"{run['first_fit_s']:.2f} s, second {run['second_fit_s']:.2f} s"
+            )
+        run = runs.get("no_cuda_graphs", {"error": "not run"})
+        step = run.get("natural_s_per_iter")
+        lines.append(
+            "  seed setting, MLX_USE_CUDA_GRAPHS=0: "
+            + (run["error"] if step is None else f"{step * 1e3:.3f} ms per natural iteration")
+        )
     if "peer" in record:
         peer = record["peer"]
         lines.append(f"\nPyPI pnmf 0.1.0: {peer['peer_s_per_iter'] * 1e3:.3f} ms per iteration on the seed setting")
