@@ -379,29 +379,26 @@ class PNMF(TransformerMixin, BaseEstimator):
     def _phases(self, counts, fit_batches: bool) -> list[Phase]:
         """The phases of ``fit``: natural Monte Carlo fits start from a lower-bound natural fit,
         and a fitted prior scale ('auto') is held at 1 until the fit has first settled."""
-        trainer = self._trainer(counts, self.training_mode, self.mode, True, fit_batches)
         auto = self.prior_scale == "auto"
-        if self.mode == "lower-bound":
-            main = Phase.of_mode(trainer, self.mode, self.tol)
-            if not auto:
-                return [main]
-            fixed = self._trainer(counts, self.training_mode, self.mode, True, fit_batches, fit_prior=False)
-            return [Phase.of_mode(fixed, self.mode, max(self.tol, WARMUP_TOL)), main]
-        # Monte Carlo: the parameters are averaged over the phase's last iterates, and the
-        # stopping rule reads their ELBO under fixed noise (loop.has_settled).
-        if AVERAGE_ETA is not None:
-            trainer = Averaged(trainer, AVERAGE_ETA)
-        if self.training_mode == "standard":
-            main = Phase(trainer, self.tol, noisy=True, tail=TAIL_STANDARD)
-            if not auto:
-                return [main]
-            fixed = self._trainer(counts, "standard", self.mode, True, fit_batches, fit_prior=False)
-            if AVERAGE_ETA is not None:
-                fixed = Averaged(fixed, AVERAGE_ETA)
-            return [Phase(fixed, max(self.tol, WARMUP_TOL), noisy=True, tail=TAIL_STANDARD), main]
-        main = Phase(trainer, self.tol, noisy=True)
-        warmup = self._trainer(counts, "natural", "lower-bound", True, fit_batches, fit_prior=not auto)
-        return [Phase.of_mode(warmup, "lower-bound", max(self.tol, WARMUP_TOL)), main]
+        sampled = self.mode != "lower-bound"
+
+        def trainer(fit_prior: bool = True):
+            made = self._trainer(counts, self.training_mode, self.mode, True, fit_batches, fit_prior=fit_prior)
+            # Monte Carlo: the parameters are averaged over the phase's last iterates, and the
+            # stopping rule reads their ELBO under fixed noise (loop.has_settled).
+            return Averaged(made, AVERAGE_ETA) if sampled and AVERAGE_ETA is not None else made
+
+        def phase(made, tol: float) -> Phase:
+            return Phase(made, tol, noisy=True, tail=TAIL_STANDARD) if sampled else Phase.of_mode(made, self.mode, tol)
+
+        if sampled and self.training_mode == "natural":
+            warmup = self._trainer(counts, "natural", "lower-bound", True, fit_batches, fit_prior=not auto)
+            return [
+                Phase.of_mode(warmup, "lower-bound", max(self.tol, WARMUP_TOL)),
+                Phase(trainer(), self.tol, noisy=True),
+            ]
+        main = phase(trainer(), self.tol)
+        return [phase(trainer(fit_prior=False), max(self.tol, WARMUP_TOL)), main] if auto else [main]
 
     def _prior_on(self, b):
         """The fitted prior scale for inference: a number, or per component on backend b ('auto')."""

@@ -155,7 +155,7 @@ def test_mlx_sparse_kernels_on_cuda_compute_the_sparse_products(gpu):
     assert not gpu.to_numpy(gpu.sparse_matmul_t(empty, gpu.asarray(np.zeros(0)), gpu.asarray(a))).any()
 
 
-@pytest.mark.parametrize("size", [20_000, 1_000_003, 1 << 24, (1 << 24) + 5])
+@pytest.mark.parametrize("size", [20_000, 126_000, 1_000_003, 1 << 24, (1 << 24) + 5])
 def test_a_full_float32_sum_on_the_device_is_float64_accurate_to_1e_6(gpu, size):
     """The ELBO's sums: a sequential float32 sum of 2e4 terms was off by ~2e-5 relative."""
     values = np.random.default_rng(size).lognormal(0.0, 2.0, size).astype(np.float32)
