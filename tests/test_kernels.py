@@ -331,6 +331,24 @@ def test_mlx_multiplies_in_full_float32_unless_the_user_chose_otherwise(preset):
     assert done.stdout.strip() == (preset or "0")
 
 
+@pytest.mark.parametrize("preset", [None, "/somewhere/else"])
+def test_mlx_keeps_its_cuda_kernels_in_the_users_cache_unless_told_otherwise(preset, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from importlib.metadata import version
+
+    pytest.importorskip("mlx.core")
+    env = {k: v for k, v in os.environ.items() if k != "MLX_PTX_CACHE_DIR"}
+    env["XDG_CACHE_HOME"] = str(tmp_path)
+    if preset is not None:
+        env["MLX_PTX_CACHE_DIR"] = preset
+    script = "import os, pnmf.backends.mlx; print(os.environ['MLX_PTX_CACHE_DIR'])"
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == (preset or str(tmp_path / "pnmf" / f"mlx-{version('mlx')}" / "ptx"))
+    assert not (tmp_path / "pnmf").exists()  # made by MLX when it first builds a CUDA kernel, not here
+
+
 def test_mlx_float64_on_the_cpu_stays_float64_through_the_numpy_hand_off():
     mx = pytest.importorskip("mlx.core")
     b = get_backend("mlx", device="cpu", dtype="float64")

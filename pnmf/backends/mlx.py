@@ -14,6 +14,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from importlib import metadata
+
+import numpy as np
+
+from .base import Backend, csr_transpose_order
+from .numpy import NumpyBackend
 
 # MLX runs float32 matrix products at TF32 precision on GPUs with matrix units (CUDA tensor
 # cores, Apple M5) unless MLX_ENABLE_TF32=0 is set before its first operation: errors near
@@ -22,11 +28,28 @@ from dataclasses import dataclass
 # costs little. A value the user set stays.
 os.environ.setdefault("MLX_ENABLE_TF32", "0")
 
-import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
 
-from .base import Backend, csr_transpose_order
-from .numpy import NumpyBackend
+def kernel_cache() -> str | None:
+    """A lasting folder of the user's for the CUDA kernels MLX builds, one per MLX version.
+
+    MLX on CUDA builds its kernels at first use (a first fit on an H100 took 65 s, with the
+    kernels on disk 0.9 s) and keeps them under the system's temporary directory, which is
+    often emptied at reboots and, on a machine shared by several users, belongs to whoever
+    made it first (the others cannot write there).
+    """
+    try:
+        version = metadata.version("mlx")
+    except metadata.PackageNotFoundError:
+        return None
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "pnmf", f"mlx-{version}", "ptx")
+
+
+# MLX reads it when it first builds a kernel (on CUDA only); a value the user set stays.
+if "MLX_PTX_CACHE_DIR" not in os.environ and (cache := kernel_cache()) is not None:
+    os.environ["MLX_PTX_CACHE_DIR"] = cache
+
+import mlx.core as mx  # noqa: E402
 
 # Block length of the two-level full sum (MLX's CPU reduction accumulates sequentially).
 SUM_BLOCK = 32
