@@ -32,6 +32,11 @@ where there is no GPU, on the CPU).
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 import warnings
 
@@ -274,12 +279,6 @@ def new_processes(device: str, timeout: float = 90) -> dict:
     kernel cache (``MLX_PTX_CACHE_DIR``) empty and then as the first process left it; and the
     seed setting's time per natural iteration with MLX's CUDA graphs off (on the kernels the
     first process built). A part that fails or runs past ``timeout`` seconds records why."""
-    import json
-    import os
-    import subprocess
-    import sys
-    import tempfile
-
     result = {}
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "MLX_PTX_CACHE_DIR": cache}
@@ -441,12 +440,13 @@ def report(record: dict) -> str:
         runs = record["mlx_new_process"]
         for label, text in (("empty_cache", "kernel cache empty"), ("filled_cache", "kernel cache filled")):
             run = runs.get(label, {"error": "not run"})
-            lines.append(
-                f"  {text}: " + run["error"]
-                if "error" in run
-                else f"  {text}: import {run['import_s']:.1f} s, first fit (seed setting, 20 iterations) "
-                f"{run['first_fit_s']:.2f} s, second {run['second_fit_s']:.2f} s"
-            )
+            if "error" in run:
+                lines.append(f"  {text}: {run['error']}")
+            else:
+                lines.append(
+                    f"  {text}: import {run['import_s']:.1f} s, first fit (seed setting, 20 iterations) "
+                    f"{run['first_fit_s']:.2f} s, second {run['second_fit_s']:.2f} s"
+                )
         run = runs.get("no_cuda_graphs", {"error": "not run"})
         step = run.get("natural_s_per_iter")
         lines.append(
