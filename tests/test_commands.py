@@ -207,3 +207,23 @@ def test_the_gpu_suite_times_mlx_in_new_processes_and_reports_why_a_part_failed(
     failed = gpu.new_processes("cpu", timeout=0.01)
     assert failed["empty_cache"]["error"] == "did not end within 0.01 s"
     assert "kernel cache empty: did not end within 0.01 s" in gpu.report({**record, "mlx_new_process": failed})
+
+
+def test_the_scale_suites_out_of_core_fits_at_two_densities_are_written_and_reported(tmp_path, monkeypatch):
+    anndata = pytest.importorskip("anndata")
+    from pnmf.benchmarks import scale
+
+    monkeypatch.setattr(scale, "DISK_SHAPE", (400, 500))
+    for density in (scale.DISK_DENSITY, scale.DENSER_DISK_DENSITY):
+        path = tmp_path / f"{density}.h5ad"
+        scale._write_h5ad(str(path), density)
+        nnz = anndata.read_h5ad(path).X.nnz
+        assert 0.9 * 400 * 500 * density <= nnz <= 400 * 500 * density
+    disk = {"shape": [400, 50], "nnz": 200, "n_components": 3, "steps": 5, "batch_size": 50, "seconds": 1.0}
+    disk |= {"peak_rss_gb": 0.2, "rss_after_imports_gb": 0.1, "rss_after_open_gb": 0.15, "outputs_gb": 0.01}
+    record = json.loads((ROOT / "benchmarks" / "scale_numpy.json").read_text())
+    record["out_of_core"] = dict(disk, x_in_memory_gb=0.1)
+    record["out_of_core_denser"] = dict(disk, nnz=1000, x_in_memory_gb=0.5)
+    lines = [line for line in scale.report(record).splitlines() if line.startswith("out of core")]
+    assert [re.search(r"([\d,]+) non-zeros", line).group(1) for line in lines] == ["200", "1,000"]
+    assert lines[0].endswith("(2.00x)") and lines[1].endswith("(0.40x)")

@@ -90,6 +90,7 @@ def main(argv=None) -> list:
         print(f"pnmf scale suite on {ng.machine()}; backend: {backend}")
         record = scale.run(backend)
         record["out_of_core"] = scale.out_of_core(backend)
+        record["out_of_core_denser"] = scale.out_of_core(backend, scale.DENSER_DISK_DENSITY)
         record["machine"] = ng.machine()
         args.out.mkdir(parents=True, exist_ok=True)
         path = args.out / f"scale_{backend}.json"

@@ -7,7 +7,8 @@ rows split in halves), the single process's set-up before its first iteration ag
 two SciPy sparse products (``X @ M``, ``X.T @ M2``), the share of the distributed iteration spent in the all-reduce,
 and the per-step payload; then an out-of-core mini-batch fit of a 1,000,000 x 5,000 .h5ad
 at 1% (5e7 non-zeros) opened with ``backed="r"``: its time and peak RSS against the size
-X takes in memory. The all-reduce's time is measured around the call, so it
+X takes in memory; and the same fit at 5% (2.5e8 non-zeros), to tell what grows with X
+from what does not. The all-reduce's time is measured around the call, so it
 includes waiting for the slower rank. Each iteration time is (T(31) - T(11)) / 20 from fits of 11
 and 31 iterations, so set-up and the final pass cancel; every fit runs in a fresh process.
 """
@@ -27,6 +28,7 @@ from .speed import SPARSE_COMPONENTS, SPARSE_DENSITY, SPARSE_SHAPE, _scipy_pair_
 ITERATIONS = (11, 31)
 DISK_SHAPE = (1_000_000, 5_000)
 DISK_DENSITY = 0.01
+DENSER_DISK_DENSITY = 0.05
 DISK_COMPONENTS = 10
 DISK_BATCH = 20_000
 DISK_STEPS = 100
@@ -167,7 +169,7 @@ def report(record: dict) -> str:
             f"({100 * record['allreduce_share']:.1f}% of it), {record['payload_floats']:,} float64 "
             f"({record['payload_mb']:.2f} MB) per step",
         ]
-        + (_disk_report(record["out_of_core"]) if "out_of_core" in record else [])
+        + [line for key in ("out_of_core", "out_of_core_denser") if key in record for line in _disk_report(record[key])]
     )
 
 
@@ -182,10 +184,10 @@ def _disk_report(disk: dict) -> list[str]:
     ]
 
 
-def _write_h5ad(path: str) -> None:
+def _write_h5ad(path: str, density: float) -> None:
     import anndata
 
-    x = sparse_counts(*DISK_SHAPE, int(DISK_SHAPE[0] * DISK_SHAPE[1] * DISK_DENSITY))
+    x = sparse_counts(*DISK_SHAPE, int(DISK_SHAPE[0] * DISK_SHAPE[1] * density))
     anndata.AnnData(x).write_h5ad(path)
 
 
@@ -235,12 +237,12 @@ def _disk_fit(queue, path: str, backend: str) -> None:
     )
 
 
-def out_of_core(backend: str) -> dict:
-    """A mini-batch fit of an .h5ad on disk in a fresh process: its time and peak memory."""
+def out_of_core(backend: str, density: float = DISK_DENSITY) -> dict:
+    """A mini-batch fit of an .h5ad on disk at ``density`` in a fresh process: its time and peak memory."""
     context = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as folder:
         path = str(Path(folder) / "counts.h5ad")
-        writer = context.Process(target=_write_h5ad, args=(path,))
+        writer = context.Process(target=_write_h5ad, args=(path, density))
         writer.start()
         writer.join()
         if writer.exitcode != 0:
