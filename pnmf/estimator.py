@@ -39,6 +39,7 @@ from .scaling import (
     total_size_factors,
     union_labels,
 )
+from .svi import TAIL as SVI_TAIL
 from .svi import MinibatchTrainer
 
 TRAINING_MODES = ("standard", "natural")
@@ -116,9 +117,9 @@ class PNMF(TransformerMixin, BaseEstimator):
         iterations): it stops when both the gain over the last quarter of the phase and the gain
         still to come, extrapolated from how the gains shrink, are under ``tol * |ELBO|``,
         so ``tol`` is about the relative distance to the ELBO the fit converges to; not
-        before 150 iterations of that phase, and never on the noise of a single estimate (mini-batch fits:
-        the windowed rule, with the change below ``tol`` by two standard errors).
-        0 disables early stopping.
+        before 150 iterations of that phase, and never on the noise of a single estimate.
+        Mini-batch fits stop by the same rule, on the ELBO of one fixed batch of rows at
+        the averaged loadings (see ``batch_size``). 0 disables early stopping.
     learning_rate : float
         Adam's step size (standard training, and the loadings under ``loadings_update='adam'``).
     ngd_lr : float in (0, 1], optional
@@ -167,9 +168,14 @@ class PNMF(TransformerMixin, BaseEstimator):
         towards the batch's multiplicative update, W <- (1 - r_t) W + r_t W_batch, with the
         Robbins-Monro schedule r_t = (1 + t/100)^-0.6. The batch sums in that update stand
         for the full-data sums rescaled by N/batch; the factor cancels in its ratio.
-        ``elbo_history_`` holds N/batch times each batch's ELBO; after the last step a pass
-        over all rows infers their q(F) and ``elbo_`` is the full-data ELBO. ``max_iter``
-        counts steps. Needs ``training_mode='natural'`` (multiplicative loadings update).
+        The fitted W (and batch effects, prior scale) is the average of the iterates, as in a
+        Monte Carlo fit, over about the last quarter of the steps; the stopping rule reads
+        the ELBO of one fixed batch of rows at that average every 10 steps (the batch read
+        once and kept), so it stops when the loadings have settled, not on which batch a
+        step drew. ``elbo_history_`` holds N/batch times each batch's ELBO; after the last
+        step a pass over all rows infers their q(F) and ``elbo_`` is the full-data ELBO.
+        ``max_iter`` counts steps. Needs ``training_mode='natural'`` (multiplicative
+        loadings update).
     distributed : bool
         Data-parallel fit: this process's X is one block of rows of the whole matrix and
         every step sums the loadings' statistics over the processes of the group set up
@@ -333,16 +339,28 @@ class PNMF(TransformerMixin, BaseEstimator):
             )
 
     def _validate_data(self, X, reset: bool):
-        X = validate_data(
-            self,
-            X,
-            reset=reset,
-            accept_sparse=("csr", "csc", "coo"),
-            dtype=(np.float64, np.float32),
-            ensure_min_features=1,
-            ensure_min_samples=1,
-        )
+        try:
+            X = validate_data(
+                self,
+                X,
+                reset=reset,
+                accept_sparse=("csr", "csc", "coo"),
+                dtype=(np.float64, np.float32),
+                ensure_min_features=1,
+                ensure_min_samples=1,
+            )
+        except ValueError as err:  # scikit-learn's own words on NaN point to other estimators
+            if str(err).startswith("Input X contains"):
+                what = "NaN" if "NaN" in str(err) else "infinite values"
+                raise ValueError(
+                    f"X contains {what}: counts must be finite (drop or fill missing values first)"
+                ) from err
+            raise
         check_non_negative(X, f"{type(self).__name__} (counts must be non-negative)")
+        # A fit of no counts has no programs to find (every loading goes to 0): most likely
+        # the wrong matrix. A process of a distributed fit may hold rows without counts.
+        if reset and not self.distributed and not np.any(X.data if sp.issparse(X) else X):
+            raise ValueError("X has no non-zero counts: there is nothing to factorise (are these the counts?)")
         return X
 
     # -- fitting ------------------------------------------------------------------------
@@ -590,7 +608,7 @@ class PNMF(TransformerMixin, BaseEstimator):
             trainer = MinibatchTrainer(X, b, self, seed, effects, group, xb)
             result = loop.run(
                 host,
-                [Phase(trainer, self.tol, loop.WINDOW["expanded"], noisy=True)],
+                [Phase(trainer, self.tol, loop.WINDOW["expanded"], noisy=True, tail=SVI_TAIL)],
                 None,
                 None,
                 w,
@@ -884,6 +902,8 @@ class PNMF(TransformerMixin, BaseEstimator):
         H = np.asarray(H, dtype=np.float64)
         if H.ndim != 2 or H.shape[1] != self.n_components:
             raise ValueError(f"H must have shape (n_samples, {self.n_components}); got {H.shape}")
+        if not np.all(np.isfinite(H)) or np.any(H < 0):
+            raise ValueError("H must hold finite non-negative factors (as transform returns)")
         rate = H @ self.components_
         if size_factors is not None:
             rate *= check_size_factors(size_factors, len(H))[:, None]

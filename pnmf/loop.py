@@ -123,8 +123,9 @@ def run(
             start = len(history)
             lanes = Lanes(trainer, len(phases), checkpoint) if hasattr(trainer, "lanes") else None
             # A Monte Carlo phase whose trainer can estimate its ELBO with common random numbers
-            # stops on those estimates (see has_settled), read at every check.
-            monitor = getattr(trainer, "monitor", None) if phase.noisy else None
+            # (or a mini-batch phase, on one fixed batch) stops on those estimates (see
+            # has_settled), read at every check when it may stop early.
+            monitor = getattr(trainer, "monitor", None) if phase.noisy and phase.tol > 0 else None
             monitors: list[float] = []
             if saved is not None:
                 state = {name: b.asarray(value) for name, value in saved["state"].items()}

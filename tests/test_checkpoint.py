@@ -78,6 +78,16 @@ def test_a_minibatch_fit_resumes_too(tmp_path):
     whole = PNMF(3, max_iter=70, **params).fit(x)
     np.testing.assert_array_equal(resumed.elbo_history_, whole.elbo_history_)
     np.testing.assert_allclose(resumed.loadings_, whole.loadings_, rtol=1e-12)
+    # With tol > 0 the stopping rule's readings are part of the state: stopped before its
+    # first possible stop (SETTLE), the fit resumes and stops where an uninterrupted one does.
+    params.update(tol=1e-3)
+    path.unlink()
+    PNMF(3, max_iter=100, checkpoint=path, checkpoint_every=10, **params).fit(x)
+    resumed = PNMF(3, max_iter=1000, checkpoint=path, checkpoint_every=10, **params).fit(x)
+    whole = PNMF(3, max_iter=1000, **params).fit(x)
+    assert resumed.converged_ and 150 <= resumed.n_iter_ == whole.n_iter_ < 1000
+    np.testing.assert_array_equal(resumed.elbo_history_, whole.elbo_history_)
+    np.testing.assert_allclose(resumed.loadings_, whole.loadings_, rtol=1e-12)
 
 
 def test_a_state_written_whole_but_not_renamed_is_resumed_and_a_half_written_one_ignored(tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -163,15 +164,41 @@ def test_bad_files_and_arguments_are_one_line_exit_2_and_write_nothing(files, tm
     assert set(os.listdir(tmp_path)) == before  # nothing written
 
 
-def test_transform_refuses_counts_of_other_features(files, tmp_path):
+def test_transform_picks_the_model_features_by_name_and_refuses_counts_without_them(files, tmp_path):
+    """Counts with the model's features in another order, or among others, give the factors
+    of the counts in the model's order; counts lacking one, or naming one twice, are refused."""
     folder, data = files
-    assert pnmf_command("fit", folder / "counts.csv", "-k", 2, "-o", tmp_path / "m", cwd=tmp_path).returncode == 0
-    shuffled = pd.read_csv(folder / "counts.csv", index_col=0)
-    shuffled = shuffled[shuffled.columns[::-1]]
-    shuffled.to_csv(tmp_path / "shuffled.csv")
-    done = pnmf_command("transform", tmp_path / "m" / "model.npz", "shuffled.csv", "-o", "t", cwd=tmp_path)
-    assert done.returncode == 2 and "features are not the model's: feature 0 is 'gene49'" in done.stderr
-    assert not (tmp_path / "t").exists()
+    common = ["--backend", "numpy", "--dtype", "float64", "--factors", "csv"]
+    fit = ["fit", folder / "counts.csv", "-k", 2, "--max-iter", 50, *common, "-o", tmp_path / "m"]
+    assert pnmf_command(*fit, cwd=tmp_path).returncode == 0
+    table = pd.read_csv(folder / "counts.csv", index_col=0)
+    extra = pd.DataFrame(np.ones((len(table), 3)), index=table.index, columns=["x1", "x2", "x3"])
+    variants = {
+        "same": table,
+        "shuffled": table[table.columns[::-1]],
+        "more": pd.concat([extra, table[table.columns[::-1]]], axis=1),
+        "fewer": table[table.columns[1:]],
+    }
+    factors = {}
+    for name, counts in variants.items():
+        counts.to_csv(tmp_path / f"{name}.csv")
+        model = tmp_path / "m" / "model.npz"
+        done = pnmf_command("transform", model, f"{name}.csv", *common, "-o", name, cwd=tmp_path)
+        if name == "fewer":
+            assert done.returncode == 2 and not (tmp_path / name).exists()
+            assert "lacks 1 of the model's 50 features (first: 'gene0')" in done.stderr, done.stderr
+        else:
+            assert done.returncode == 0, done.stderr
+            factors[name] = read_factors(tmp_path / name / "factors.csv")
+    np.testing.assert_allclose(factors["shuffled"], factors["same"], rtol=1e-10)
+    np.testing.assert_allclose(factors["more"], factors["same"], rtol=1e-10)
+    with warnings.catch_warnings():  # AnnData's, on names that are not unique: the point here
+        warnings.simplefilter("ignore")
+        twice = anndata.AnnData(sp.csr_matrix(pd.concat([table, table[table.columns[:1]]], axis=1).to_numpy()))
+        twice.var_names = [*table.columns, table.columns[0]]  # a .csv's reader would rename the second
+        twice.write_h5ad(tmp_path / "twice.h5ad")
+    done = pnmf_command("transform", model, "twice.h5ad", *common, "-o", "twice", cwd=tmp_path)
+    assert done.returncode == 2 and "names feature 'gene0' more than once" in done.stderr, done.stderr
 
 
 def test_fit_in_batches_reads_the_h5ad_from_disk(files, tmp_path, monkeypatch):

@@ -275,6 +275,9 @@ def test_a_distributed_mini_batch_fit_is_the_single_process_mini_batch_fit(tmp_p
         dict(params=dict(params, size_factors="total"), sparse=True),
         dict(params=dict(params, prior_scale="auto")),
         dict(params=params, h5ad=str(tmp_path / "x.h5ad")),
+        # tol > 0: the stopping rule reads one fixed batch's ELBO, that batch drawn by every
+        # process from its own rows and its ELBO summed: every rank stops at the same step.
+        dict(params=dict(params, tol=1e-3, max_iter=1000)),
     ]
     codes = launch(tmp_path, [0, 1, 500, 1200], fits, **data)  # a rank with one row
     for code, err in codes:
@@ -282,9 +285,11 @@ def test_a_distributed_mini_batch_fit_is_the_single_process_mini_batch_fit(tmp_p
     for index, fit in enumerate(fits):
         ranks = load(tmp_path, index, 3)
         reference = PNMF(**fit["params"]).fit(x)
+        steps = 150 if fit["params"]["tol"] == 0 else int(ranks[0]["n_iter"])
+        assert 150 <= steps < 1000 and all(bool(r["converged"]) for r in ranks) == (fit["params"]["tol"] > 0)
         for r in ranks:  # the same loadings and history on every rank, bitwise
             assert np.array_equal(r["loadings"], ranks[0]["loadings"])
-            assert np.array_equal(r["history"], ranks[0]["history"]) and int(r["n_iter"]) == 150
+            assert np.array_equal(r["history"], ranks[0]["history"]) and int(r["n_iter"]) == steps
         assert sum(len(r["mean"]) for r in ranks) == 1200
         assert float(ranks[0]["elbo"]) == pytest.approx(reference.elbo_, rel=1e-3)
         assert cosine(ranks[0]["loadings"], reference.loadings_) >= 0.99

@@ -21,7 +21,7 @@ TRAININGS = ("standard", "natural")
 BAD_COUNTS = {
     "negative": (np.array([[1.0, -1.0], [0.0, 2.0]]), "non-negative"),
     "nan": (np.array([[1.0, np.nan], [0.0, 2.0]]), "NaN"),
-    "inf": (np.array([[1.0, np.inf], [0.0, 2.0]]), "infinity"),
+    "inf": (np.array([[1.0, np.inf], [0.0, 2.0]]), "infinite"),
     "complex": (np.array([[1 + 1j, 2], [0, 1]]), "[Cc]omplex"),
     "strings": (np.array([["a", "b"], ["c", "d"]], dtype=object), "could not convert|string"),
     "1-d": (np.array([1.0, 2.0, 3.0]), "2D array"),
@@ -29,6 +29,9 @@ BAD_COUNTS = {
     "no rows": (np.ones((0, 3)), "0 sample"),
     "no columns": (np.ones((3, 0)), "0 feature"),
     "sparse negative": (sp.csr_matrix(np.array([[1.0, 0.0], [0.0, -2.0]])), "non-negative"),
+    "sparse nan": (sp.csr_matrix(np.array([[1.0, 0.0], [0.0, np.nan]])), "NaN"),
+    "all zero": (np.zeros((6, 5)), "no non-zero counts"),
+    "sparse, only stored zeros": (sp.csr_matrix((np.zeros(2), ([0, 1], [0, 1])), shape=(3, 2)), "no non-zero counts"),
 }
 
 
@@ -58,6 +61,14 @@ BAD_PARAMS = [
 ]
 
 
+def test_bad_factors_for_inverse_transform_are_named():
+    model = PNMF(2, backend="numpy", max_iter=20, random_state=0).fit(np.eye(4) + 1.0)
+    for h in (-np.ones((3, 2)), np.full((3, 2), np.nan)):
+        with pytest.raises(ValueError, match="finite non-negative"):
+            model.inverse_transform(h)
+    assert model.inverse_transform(np.ones((3, 2))).shape == (3, 4)
+
+
 @pytest.mark.parametrize("name, value, error", BAD_PARAMS)
 def test_bad_parameters_are_named(name, value, error):
     with pytest.raises(error, match=name):
@@ -72,7 +83,6 @@ def _hard_inputs():
     explicit = sp.csr_matrix(rng.poisson(1.0, (10, 6)).astype(float))
     explicit.data[::3] = 0.0  # stored zeros
     return {
-        "all zero": np.zeros((6, 5)),
         "zero rows and columns": zero_rows_cols,
         "huge counts": rng.poisson(1e6, (8, 6)).astype(float) * rng.integers(0, 2, (8, 6)),
         "beyond 1e6": np.full((5, 4), 3e8) * np.eye(5, 4) + 1.0,
@@ -179,6 +189,7 @@ def test_property_random_problems_give_finite_reproducible_fits(
 ):
     rng = np.random.default_rng(seed)
     x = rng.poisson(10.0**log_scale, (n, d)).astype(float) * (rng.random((n, d)) < density)
+    x[rng.integers(n), rng.integers(d)] += 1.0  # counts without one non-zero are refused (BAD_COUNTS)
     data = sp.csr_matrix(x) if sparse else x
     params = dict(mode=mode, training_mode=training_mode, backend=backend, max_iter=20, E=2, random_state=seed)
     with warnings.catch_warnings():

@@ -149,7 +149,7 @@ def test_the_averaged_parameters_give_the_stopping_rule_a_smooth_elbo(seed_count
     falls, averaged = {}, estimator.AVERAGE_ETA
     for eta in (averaged, None):
         monkeypatch.setattr(estimator, "AVERAGE_ETA", eta)
-        PNMF(5, mode="expanded", training_mode="natural", tol=0, max_iter=1000, **SEED).fit(seed_counts)
+        PNMF(5, mode="expanded", training_mode="natural", tol=1e-12, max_iter=1000, **SEED).fit(seed_counts)
         steps = np.diff(read[-1][20:])  # after the first 200 iterations of the phase
         falls[eta] = np.clip(-steps, 0, None).sum()
     assert falls[averaged] * 20 < falls[None]
@@ -182,3 +182,40 @@ def test_a_resumed_monte_carlo_fit_stops_where_an_uninterrupted_one_does(seed_co
     assert resumed.converged_ and resumed.n_iter_ == whole.n_iter_
     np.testing.assert_array_equal(resumed.elbo_history_, whole.elbo_history_)
     np.testing.assert_array_equal(resumed.components_, whole.components_)
+
+
+MINIBATCH = dict(mode="lower-bound", training_mode="natural", backend="numpy", random_state=0, batch_size=200)
+
+
+@pytest.fixture(scope="module")
+def rows_counts():
+    return make_counts(2000, 60, 5, random_state=3)[0]
+
+
+def test_a_mini_batch_fit_stops_when_done_and_within_tol(rows_counts):
+    """A step's ELBO is one batch's, scaled up to every row: its noise (0.9% of the ELBO
+    here) would never let a rule on it stop at tol=1e-4. The rule reads one fixed batch's
+    ELBO at the averaged loadings, and stops within tol of where a fit of 1500 steps ends."""
+    stopped = PNMF(5, max_iter=2000, **MINIBATCH).fit(rows_counts)
+    longer = PNMF(5, max_iter=1500, tol=0, **MINIBATCH).fit(rows_counts)
+    assert stopped.converged_ and stopped.n_iter_ < 1000  # 740 measured
+    assert longer.elbo_ - stopped.elbo_ <= 1e-4 * abs(longer.elbo_)  # 1.7e-6 measured
+    noise = np.std(np.diff(stopped.elbo_history_[-100:])) / np.sqrt(2)
+    assert noise > 10 * 1e-4 * abs(stopped.elbo_)
+
+
+def test_a_mini_batch_fit_averages_its_loadings_for_a_smooth_monitor_and_a_higher_elbo(rows_counts, monkeypatch):
+    """At the last iterate the monitor batch's ELBO falls and rises by W's jitter, as W follows
+    each batch; at the average of the iterates it barely ever falls, and the fit ends higher."""
+    import pnmf.loop as loop
+    import pnmf.svi as svi
+
+    read, falls, elbos, averaged = [], {}, {}, svi.AVERAGE_ETA
+    monkeypatch.setattr(loop, "has_settled", lambda monitors, tol, **rule: read.append(list(monitors)) or False)
+    for eta in (averaged, None):
+        monkeypatch.setattr(svi, "AVERAGE_ETA", eta)
+        elbos[eta] = PNMF(5, max_iter=600, tol=1e-12, **MINIBATCH).fit(rows_counts).elbo_
+        assert len(read[-1]) == 60  # one reading every CHECK_EVERY steps
+        falls[eta] = np.clip(-np.diff(read[-1][20:]), 0, None).sum()  # after the first 200 steps
+    assert falls[averaged] * 100 < falls[None]  # 0.16 against 486 measured
+    assert elbos[averaged] > elbos[None]  # -281,608 against -281,633

@@ -49,9 +49,12 @@ def test_plots_draw_what_they_say(model):
         pnmf.plot.loadings(model, feature_names=names[:5])
     ax = pnmf.plot.factors(model, component=1)
     assert np.all(np.diff(ax.lines[0].get_ydata()) >= 0)  # rows sorted by posterior mean
-    table = {"n_components": np.array([1, 2, 3]), "heldout_deviance": np.array([3.0, 1.0, 2.0]), "best": 2}
+    table = {"n_components": np.array([4, 6, 8]), "heldout_deviance": np.array([3.0, 1.0, 2.0]), "best": 6}
     ax = pnmf.plot.n_components(table)
     np.testing.assert_array_equal(ax.lines[0].get_ydata(), [3.0, 1.0, 2.0])
+    ax.figure.canvas.draw()
+    ticks = ax.get_xticks()
+    assert np.array_equal(ticks, np.round(ticks)) and {4, 6, 8} <= set(ticks)  # numbers of components only
 
 
 def test_fit_anndata_writes_the_model_into_the_object():

@@ -5,7 +5,8 @@
 ``--suite defaults``: the candidates for PNMF()'s defaults, held-out deviance and time;
 ``--suite batches``: size factors and batch effects on counts simulated with them;
 ``--suite workflow``: what restarts, consensus and K selection cost;
-``--suite stopping``: where Monte Carlo fits stop at tol=1e-4, and what the tighter bound costs)."""
+``--suite stopping``: where Monte Carlo and mini-batch fits stop at tol=1e-4, and what the
+tighter bound costs)."""
 
 from __future__ import annotations
 
@@ -41,8 +42,8 @@ def parse(argv=None) -> argparse.Namespace:
         "scale: 1 process against 2 distributed processes; gpu: every GPU here against cuSPARSE and the CPU; "
         "defaults: the candidates for PNMF()'s defaults on three data sets; "
         "batches: plain against batch-aware fits of counts simulated with batches; "
-        "workflow: the cost of restarts, consensus and K selection; stopping: where Monte Carlo fits stop at "
-        "tol=1e-4 against the same fits run to max_iter",
+        "workflow: the cost of restarts, consensus and K selection; stopping: where Monte Carlo and "
+        "mini-batch fits stop at tol=1e-4 against the same fits run to max_iter",
     )
     parser.add_argument(
         "--quick", action="store_true", help="a short run (1500 iterations; under two minutes with --backend all)"
