@@ -253,7 +253,8 @@ def cmd_consensus(args) -> list[Path]:
     params = _model_params(args)
     seed = params.pop("random_state")
     params.pop("distributed")
-    model = consensus(counts.x, args.n_components, args.restarts, random_state=seed, **params)
+    batch = _batch(counts, args.batch_key)
+    model = consensus(counts.x, args.n_components, args.restarts, random_state=seed, batch=batch, **params)
     model.feature_names_in_ = counts.var_names.astype(object)
     print(f"stability (silhouette): {model.stability_:.3f}; outlier components dropped: {model.n_outliers_}")
     return _outputs(args, counts, model, np.exp(model.mean_ + model.var_ / 2), "")
@@ -316,7 +317,10 @@ def cmd_select_k(args) -> list[Path]:
     params = _model_params(args)
     seed = params.pop("random_state")
     params.pop("distributed")
-    table = select_n_components(counts.x, args.candidates, random_state=seed, n_restarts=args.restarts, **params)
+    batch = _batch(counts, args.batch_key)
+    table = select_n_components(
+        counts.x, args.candidates, random_state=seed, n_restarts=args.restarts, batch=batch, **params
+    )
     best = table.pop("best")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -377,6 +381,7 @@ def parser() -> argparse.ArgumentParser:
         sub.add_argument("--backend", default="auto", choices=["auto", "numpy", "torch", "mlx"])
         sub.add_argument("--device", help="torch: cpu, cuda, mps; MLX: cpu, gpu")
         sub.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+        sub.add_argument("--batch-key", help="obs column of an .h5ad with each row's batch")
         if model_options:
             sub.add_argument("--mode", default="lower-bound", choices=MODES)
             sub.add_argument("--training-mode", default="natural", choices=["natural", "standard"])
@@ -392,7 +397,6 @@ def parser() -> argparse.ArgumentParser:
     fit = commands.add_parser("fit", help="fit a model; write model.npz, factors and programs.csv")
     common(fit)
     fit.add_argument("--n-components", "-k", type=int, required=True)
-    fit.add_argument("--batch-key", help="obs column of an .h5ad with each row's batch")
     fit.add_argument(
         "--distributed", action="store_true", help="one fit over every process (under torchrun, or mlx.launch with MLX)"
     )
@@ -418,7 +422,6 @@ def parser() -> argparse.ArgumentParser:
     transform = commands.add_parser("transform", help="factors of new counts under a fitted model")
     transform.add_argument("model", help="a model.npz written by fit")
     common(transform, model_options=False)
-    transform.add_argument("--batch-key", help="obs column of an .h5ad with each row's batch")
     transform.add_argument("--factors", choices=["h5ad", "csv"], help="format of the factors (default: as the input)")
     transform.set_defaults(run=cmd_transform)
 

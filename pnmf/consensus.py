@@ -9,6 +9,7 @@ from sklearn.neighbors import NearestNeighbors
 from sklearn.utils import check_random_state
 
 from .estimator import PNMF
+from .scaling import batch_sums, check_batch, normalise
 
 # Outlier filter: the mean distance of a (unit-norm) component to its nearest neighbours
 # among all restarts' components, over NEIGHBOURS x n_restarts of them (cNMF's default).
@@ -22,6 +23,7 @@ def consensus(
     random_state=None,
     *,
     density_threshold: float = 0.5,
+    batch=None,
     **pnmf_params,
 ) -> PNMF:
     """Fit ``n_restarts`` restarts with different seeds and return their consensus as a fitted PNMF.
@@ -44,7 +46,12 @@ def consensus(
     data is small enough for a step to be bound by overhead and the fit is the default
     kind (dense, ``lower-bound``, natural), they are fitted together, as lanes of one step
     (:mod:`pnmf.restarts`), each still the fit its seed gives alone; otherwise one after
-    another. Batch effects (``fit(batch=...)``) are not part of it.
+    another.
+
+    ``batch`` (one label per row, as ``fit``'s) fits every restart with batch effects; the
+    consensus model's batch effects are then fitted with its loadings fixed, alongside the
+    factors (as ``transform`` estimates those of batches it has not seen), and ``batches_``,
+    ``batch_effects_`` and ``transform(X, batch=...)`` are those of a fit with batches.
     Deterministic for a fixed ``random_state``; ``pnmf_params`` go to ``PNMF``.
     """
     if isinstance(n_restarts, bool) or not isinstance(n_restarts, (int, np.integer)) or n_restarts < 2:
@@ -55,7 +62,7 @@ def consensus(
         )
     rng = check_random_state(random_state)
     seeds = rng.randint(np.iinfo(np.int32).max, size=n_restarts)
-    fits = PNMF(n_components, **pnmf_params)._fit_restarts(X, seeds)
+    fits = PNMF(n_components, **pnmf_params)._fit_restarts(X, seeds, batch)
     raw = np.concatenate([fit.loadings_.T for fit in fits])  # (R * L, D)
     unit = raw / np.maximum(np.linalg.norm(raw, axis=1, keepdims=True), 1e-300)
     neighbours = max(1, int(round(NEIGHBOURS * n_restarts)))
@@ -83,8 +90,16 @@ def consensus(
             setattr(model, name, getattr(first, name))
     model.loadings_, model.components_ = loadings, loadings.T
     model.prior_scale_ = np.array([np.median(priors[labels == c]) for c in order])
-    model.batches_ = model.batch_effects_ = None
-    model.mean_, model.var_, model.elbo_, _ = model._infer(X)
+    if batch is None:
+        model.batches_ = model.batch_effects_ = None
+        model.mean_, model.var_, model.elbo_, _ = model._infer(X)
+    else:  # every batch new to the consensus loadings: its g fitted with them fixed
+        model.batches_, model.batch_effects_ = first.batches_[:0], np.ones((0, loadings.shape[0]))
+        model.mean_, model.var_, model.elbo_, (batches, g) = model._infer(X, batch=batch)
+        x = model._validate_data(X, reset=False)
+        xb = batch_sums(x, np.searchsorted(batches, check_batch(batch, x.shape[0])), len(batches))
+        model.batch_effects_, model.loadings_ = normalise(g, loadings, xb)
+        model.batches_, model.components_ = batches, model.loadings_.T
     # The restarts' fits: the longest one's iterations, and whether every one converged.
     model.elbo_history_ = np.zeros(0)
     model.n_iter_ = max(fit.n_iter_ for fit in fits)

@@ -540,14 +540,15 @@ class PNMF(TransformerMixin, BaseEstimator):
             fingerprint["batches"] = None if self.batches_ is None else [str(v) for v in self.batches_]
         return io.Checkpoint(self.checkpoint, self.checkpoint_every, fingerprint, group)
 
-    def _fit_restarts(self, X, seeds) -> list[PNMF]:
-        """Fits of X from each of ``seeds``, sharing one checked copy of X on the device (consensus)."""
+    def _fit_restarts(self, X, seeds, batch=None) -> list[PNMF]:
+        """Fits of X (with ``batch`` labels, as ``fit``'s) from each of ``seeds``, sharing one
+        checked copy of X on the device (consensus)."""
         self._validate_params()
         if self.distributed:
             raise ValueError("restarts (pnmf.consensus) run in one process; distributed=True is not supported there")
         X = self._validate_data(X, reset=True)
         b = get_backend(self.backend, self.device, self.dtype, sparse=sp.issparse(X))
-        effects, xb = self._fit_effects(X, None, None, None)
+        effects, xb = self._fit_effects(X, None, batch, None)
         fitted = {k: v for k, v in vars(self).items() if k.endswith("_") and not k.startswith("_")}
         fits = []
         with b.threads(self._thread_limit(X)), b.scope():

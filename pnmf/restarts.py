@@ -132,6 +132,7 @@ def lanes_per_step(model, X, b: Backend) -> int:
         and model.loadings_update in (None, "multiplicative")
         and model.prior_scale != "auto"
         and model.size_factors is None
+        and getattr(model, "batches_", None) is None
         and (model.batch_size is None or model.batch_size >= X.shape[0])
         and not model.distributed
         and model.checkpoint is None

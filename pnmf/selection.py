@@ -9,7 +9,9 @@ from .data import poisson_deviance, thin
 from .estimator import PNMF
 
 
-def select_n_components(X, candidates, *, fraction: float = 0.5, random_state=0, n_restarts: int = 1, **params) -> dict:
+def select_n_components(
+    X, candidates, *, fraction: float = 0.5, random_state=0, n_restarts: int = 1, batch=None, **params
+) -> dict:
     """Score each number of components by the held-out Poisson deviance of a thinned split.
 
     The counts are split X = X_train + X_test with X_train ~ Binomial(X, fraction): for
@@ -22,6 +24,10 @@ def select_n_components(X, candidates, *, fraction: float = 0.5, random_state=0,
     With ``n_restarts`` > 1 each candidate is the consensus of that many restarts
     (:func:`pnmf.consensus`), and the table adds ``stability``, the silhouette of its
     clustering: cNMF's two criteria, an error to minimise and a stability to keep high.
+
+    ``batch`` (one label per row) fits every candidate with batch effects (``fit(X,
+    batch=...)``), and the held-out rate includes them: the number of programs is then
+    chosen for what the batches do not explain.
 
     Returns a table as a dict of equal-length arrays (``pandas.DataFrame(result)`` shows
     it): ``n_components``, ``heldout_deviance``, ``train_elbo``, ``n_iter``, ``converged``
@@ -38,12 +44,12 @@ def select_n_components(X, candidates, *, fraction: float = 0.5, random_state=0,
     rows = []
     for k in candidates:
         if n_restarts > 1:
-            model = consensus(train, k, n_restarts, random_state=random_state, **params)
+            model = consensus(train, k, n_restarts, random_state=random_state, batch=batch, **params)
         else:
-            model = PNMF(k, **{"random_state": random_state, **params}).fit(train)
-        rate = np.exp(model.mean_ + model.var_ / 2) @ model.components_ * ((1 - fraction) / fraction)
-        if model.size_factors_ is not None:
-            rate *= model.size_factors_[:, None]
+            model = PNMF(k, **{"random_state": random_state, **params}).fit(train, batch=batch)
+        factors = np.exp(model.mean_ + model.var_ / 2)
+        rate = model.inverse_transform(factors, size_factors=model.size_factors_, batch=batch)
+        rate *= (1 - fraction) / fraction
         row = (k, poisson_deviance(test, rate), model.elbo_, model.n_iter_, model.converged_)
         rows.append(row + ((model.stability_,) if n_restarts > 1 else ()))
     columns = ("n_components", "heldout_deviance", "train_elbo", "n_iter", "converged")

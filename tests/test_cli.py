@@ -15,7 +15,7 @@ import pytest
 import scipy.io
 import scipy.sparse as sp
 
-from pnmf import PNMF
+from pnmf import PNMF, consensus, select_n_components
 from pnmf.data import make_batched_counts
 
 from .conftest import free_port
@@ -123,6 +123,27 @@ def test_select_k_and_consensus(files, tmp_path):
     )
     assert cons.returncode == 0, cons.stderr
     assert "stability (silhouette)" in cons.stdout and (tmp_path / "c" / "programs.csv").exists()
+
+
+def test_select_k_and_consensus_fit_batches_with_batch_key(files, tmp_path):
+    folder, data = files
+    common = ["--batch-key", "donor", "--backend", "numpy", "--dtype", "float64", "--seed", 0]
+    select = pnmf_command(
+        "select-k", folder / "cells.h5ad", "--candidates", 2, 3, *common, "-o", tmp_path / "k", cwd=tmp_path
+    )
+    assert select.returncode == 0, select.stderr
+    x, params = sp.csr_matrix(data["X"]), dict(random_state=0, backend="numpy", dtype="float64")
+    expected = select_n_components(x, [2, 3], batch=data["batch"], **params)
+    table = pd.read_csv(tmp_path / "k" / "select_k.csv")
+    np.testing.assert_allclose(table.heldout_deviance, expected["heldout_deviance"], rtol=1e-8)
+    cons = pnmf_command(
+        "consensus", folder / "cells.h5ad", "-k", 3, "--restarts", 3, *common, "-o", tmp_path / "c", cwd=tmp_path
+    )
+    assert cons.returncode == 0, cons.stderr
+    model, expected = PNMF.load(tmp_path / "c" / "model.npz"), consensus(x, 3, 3, batch=data["batch"], **params)
+    assert list(model.batches_) == list(expected.batches_) == sorted(set(data["batch"]))
+    np.testing.assert_allclose(model.loadings_, expected.loadings_, rtol=1e-8)
+    np.testing.assert_allclose(model.batch_effects_, expected.batch_effects_, rtol=1e-8)
 
 
 BAD = [

@@ -6,7 +6,8 @@ The plain fit and the fit with ``batch`` and ``size_factors='total'`` are compar
 the mean cosine of their loadings with the planted ones (after matching), and how well a
 5-fold cross-validated logistic regression predicts the batch from their log factors
 (chance: 1/3). Reference mapping: a fit on two batches maps the third, whose batch
-effects are estimated with the loadings fixed.
+effects are estimated with the loadings fixed. The consensus of restarts and the choice
+of K, with and without the batches.
 """
 
 from __future__ import annotations
@@ -72,10 +73,38 @@ def run(out: Path, quick: bool = False, progress: bool = True) -> dict:
         heldout_elbo_mapped=reference.score(x[~seen], batch=labels[~seen]),
         heldout_elbo_borrowed=reference.score(x[~seen], batch=np.full((~seen).sum(), "batch0")),
     )
-    record = dict(machine=machine(), fits=fits, mapping=mapping, prior=prior_check(quick))
+    record = dict(
+        machine=machine(), fits=fits, mapping=mapping, workflow=workflow_check(data), prior=prior_check(quick)
+    )
     out.mkdir(parents=True, exist_ok=True)
     (out / "batches.json").write_text(json.dumps(record, indent=1))
     return record
+
+
+def workflow_check(data: dict) -> dict:
+    """Consensus of 4 restarts (6 components) and K selection over 4, 6 and 8 components,
+    with size factors 'total', with and without the batches."""
+    from ..consensus import consensus
+    from ..selection import select_n_components
+
+    x, labels, result = data["X"], data["batch"], {}
+    for name, batch in (("with batches", labels), ("without", None)):
+        model, wall = timed(consensus, x, 6, 4, batch=batch, size_factors="total", **PARAMS)
+        cosines = (model.loadings_ / np.linalg.norm(model.loadings_, axis=0)).T @ (
+            data["W"] / np.linalg.norm(data["W"], axis=0)
+        )
+        rows, cols = linear_sum_assignment(-cosines)
+        table = select_n_components(x, [4, 6, 8], batch=batch, size_factors="total", **PARAMS)
+        result[name] = dict(
+            consensus_wall_s=wall,
+            stability=float(model.stability_),
+            cosine_mean=float(cosines[rows, cols].mean()),
+            cosine_min=float(cosines[rows, cols].min()),
+            candidates=[int(k) for k in table["n_components"]],
+            heldout_deviance=[float(v) for v in table["heldout_deviance"]],
+            best=int(table["best"]),
+        )
+    return result
 
 
 def prior_check(quick: bool = False) -> list[dict]:
@@ -126,6 +155,16 @@ def report(record: dict) -> str:
         + f" log g with the planted one (both relative to batch0) {m['new_batch_effects_correlation']:.3f};"
         + f" ELBO of its rows {m['heldout_elbo_mapped']:,.0f} with its own g against"
         + f" {m['heldout_elbo_borrowed']:,.0f} with batch0's."
+        + "\n\nConsensus of 4 restarts and K selection (held-out deviance at "
+        + ", ".join(map(str, record["workflow"]["with batches"]["candidates"]))
+        + " components), size factors 'total':\n"
+        + "\n".join(
+            f"  {name}: consensus loadings cosine {w['cosine_mean']:.3f} (worst program {w['cosine_min']:.3f}),"
+            f" stability {w['stability']:.3f}, {w['consensus_wall_s']:.1f} s; deviance "
+            + ", ".join(f"{v:,.0f}" for v in w["heldout_deviance"])
+            + f": chosen {w['best']}"
+            for name, w in record["workflow"].items()
+        )
         + "\n\nPrior scale on a batch-aware fit of "
         + f"{record['prior'][0]['rows']:,} x 2,000 ({100 * record['prior'][0]['nonzero']:.1f}% non-zero): "
         + "; ".join(
