@@ -318,7 +318,7 @@ def test_a_distributed_mini_batch_fit_with_batch_effects_is_the_single_process_f
         assert float(ranks[0]["elbo"]) == pytest.approx(reference.elbo_, rel=1e-3)
         assert cosine(ranks[0]["loadings"], reference.loadings_) >= 0.99
         g, g_reference = np.log(ranks[0]["batch_effects"]), np.log(reference.batch_effects_)
-        assert np.corrcoef(g.ravel(), g_reference.ravel())[0, 1] >= 0.97  # 0.989 measured
+        assert np.corrcoef(g.ravel(), g_reference.ravel())[0, 1] >= 0.97  # 0.9996 measured (0.989 unaveraged)
         planted_g = np.log(planted["batch_effects"]).ravel()  # and as near the planted g
         assert np.corrcoef(g.ravel(), planted_g)[0, 1] >= np.corrcoef(g_reference.ravel(), planted_g)[0, 1] - 0.02
 
