@@ -609,7 +609,7 @@ class PNMF(TransformerMixin, BaseEstimator):
             trainer = MinibatchTrainer(X, b, self, seed, effects, group, xb)
             result = loop.run(
                 host,
-                [Phase(trainer, self.tol, loop.WINDOW["expanded"], noisy=True, tail=SVI_TAIL)],
+                [Phase(trainer, self.tol, noisy=True, tail=SVI_TAIL)],  # stops on trainer.monitor
                 None,
                 None,
                 w,
