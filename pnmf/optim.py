@@ -135,6 +135,12 @@ class Trainer:
         ).value
 
 
+def averaging_weight(t, eta: float):
+    """c_t = (eta + 1) / (t + eta), the weight of iterate t = 1, 2, ... in a running average
+    that keeps about the last 1 / (eta + 1) of the iterates (Shamir & Zhang, 2013)."""
+    return (eta + 1.0) / (t + eta)
+
+
 class Averaged:
     """A Monte Carlo trainer whose fitted parameters are the average of its iterates.
 
@@ -163,7 +169,7 @@ class Averaged:
         new, key, value = self.trainer.step(inner, key)
         mu, var, w, extra = self.trainer.params(new)
         t = state[AVERAGE + "t"] + 1
-        c = (self.eta + 1.0) / (t + self.eta)
+        c = averaging_weight(t, self.eta)
         new[AVERAGE + "t"] = t
         for name, current in {"mu": mu, "var": var, "w": w, **extra}.items():
             new[AVERAGE + name] = state[AVERAGE + name] + c * (current - state[AVERAGE + name])

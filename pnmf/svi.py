@@ -21,7 +21,7 @@ import numpy as np
 from .backends import get_backend
 from .distributed import Group
 from .elbo import Terms, evaluate
-from .optim import AVERAGE, EXTRA, multiplicative_loadings
+from .optim import AVERAGE, EXTRA, averaging_weight, multiplicative_loadings
 from .scaling import TINY_EFFECT, RowEffects
 
 # Local natural steps per batch, and the loadings' Robbins-Monro schedule. On 2000 x 60
@@ -215,7 +215,7 @@ class MinibatchTrainer:
         if "prior" in state and t >= PRIOR_HOLD:
             new["prior"] = np.sqrt((1.0 - rate) * state["prior"] ** 2 + rate * prior_batch)
         if AVERAGE_ETA is not None:
-            c = (AVERAGE_ETA + 1.0) / (t + 1 + AVERAGE_ETA)
+            c = averaging_weight(t + 1, AVERAGE_ETA)
             for name in AVERAGED:
                 if name in state:
                     new[AVERAGE + name] = state[AVERAGE + name] + c * (new[name] - state[AVERAGE + name])
