@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
-from sklearn.base import BaseEstimator, TransformerMixin, clone
+from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin, clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted, check_non_negative, validate_data
@@ -60,6 +60,33 @@ def _one_of(name: str, value, allowed) -> None:
         raise ValueError(f"{name}={value!r} is not one of " + ", ".join(repr(a) for a in allowed))
 
 
+# Rows of counts on disk (at most a block) whose values are checked for integers before a fit.
+COUNTS_CHECKED_ON_DISK = 1000
+
+
+def warn_if_not_counts(values: np.ndarray, stacklevel: int = 2) -> None:
+    """Warn when the counts hold non-integer values: normalised data in place of counts.
+
+    The model is Poisson: scaled or log-transformed values violate it, and the ELBO is
+    then no bound on a likelihood. Intensities that are not counts (some spectra, images)
+    can still be fitted; the warning says what the numbers mean.
+    """
+    values = np.asarray(values)
+    if values.dtype.kind != "f" or values.size == 0:
+        return
+    fractional = values != np.floor(values)
+    n = int(np.count_nonzero(fractional))
+    if n:
+        example = values[fractional].flat[0]
+        warnings.warn(
+            f"X holds non-integer values ({n:,} of {values.size:,} entries, such as {example:.4g}): the model is "
+            "Poisson, for counts; normalised or log-transformed data violate it and the ELBO is then no bound on "
+            "a likelihood. Pass the raw counts (of an AnnData, often layers['counts'] or .raw.X).",
+            UserWarning,
+            stacklevel=stacklevel + 1,
+        )
+
+
 def _number(name: str, value, *, integer=False, low=None, high=None, low_open=False, allow_none=False):
     if value is None and allow_none:
         return
@@ -72,7 +99,7 @@ def _number(name: str, value, *, integer=False, low=None, high=None, low_open=Fa
         raise ValueError(f"{name}={value!r} must be <= {high}")
 
 
-class PNMF(TransformerMixin, BaseEstimator):
+class PNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     """Probabilistic non-negative matrix factorisation of counts.
 
     Counts X (n_samples, n_features) are Poisson with rate exp(F) @ W.T, where the
@@ -291,6 +318,11 @@ class PNMF(TransformerMixin, BaseEstimator):
         return tags
 
     @property
+    def _n_features_out(self) -> int:
+        """Columns of ``transform``'s output (named pnmf0, pnmf1, ... by ``get_feature_names_out``)."""
+        return self.components_.shape[0]
+
+    @property
     def _samples(self) -> int:
         """E, or its default for the training mode."""
         if self.E is not None:
@@ -361,6 +393,8 @@ class PNMF(TransformerMixin, BaseEstimator):
         # the wrong matrix. A process of a distributed fit may hold rows without counts.
         if reset and not self.distributed and not np.any(X.data if sp.issparse(X) else X):
             raise ValueError("X has no non-zero counts: there is nothing to factorise (are these the counts?)")
+        if reset:
+            warn_if_not_counts(X.data if sp.issparse(X) else X, stacklevel=4)  # fit's caller
         return X
 
     # -- fitting ------------------------------------------------------------------------
@@ -474,6 +508,8 @@ class PNMF(TransformerMixin, BaseEstimator):
                     "time: set batch_size=, or read them into memory first"
                 )
             self.n_features_in_ = X.shape[1]
+            first = X[0 : min(X.shape[0], X.block_rows, COUNTS_CHECKED_ON_DISK)]
+            warn_if_not_counts(first.data if sp.issparse(first) else first, stacklevel=3)
             if self.batch_size >= X.shape[0]:
                 X = X[0 : X.shape[0]]
         else:

@@ -75,6 +75,13 @@ def test_bad_counts_on_disk_are_named_when_read(tmp_path, counts):
             PNMF(4).fit(handle["x"])
 
 
+def test_non_integer_values_on_disk_warn(tmp_path, counts):
+    with h5py.File(tmp_path / "scaled.h5", "w") as handle:
+        handle["x"] = counts.toarray() / 3.0
+    with h5py.File(tmp_path / "scaled.h5", "r") as handle, pytest.warns(UserWarning, match="non-integer"):
+        PNMF(4, **{**PARAMS, "max_iter": 2}).fit(handle["x"])
+
+
 def test_a_backed_anndata_without_batches_is_read_whole(tmp_path, counts):
     path = tmp_path / "counts.h5ad"
     ad.AnnData(counts).write_h5ad(path)
@@ -134,7 +141,8 @@ def test_large_batches_on_disk_are_read_a_run_of_rows_at_a_time():
     source = CountingRows(x)
     params = dict(PARAMS, batch_size=2560, max_iter=3, tol=0)
     model = PNMF(2, **params).fit(DiskRows(source, block_rows=20_000))
-    steps = source.reads[2:-8]  # after a row and the sum, before the last pass's 8 batches
+    # after a row, the 1,000 rows checked for integers and the sum, before the last pass's 8 batches
+    steps = source.reads[3:-8]
     assert len(steps) <= 3 * 257 and sum(steps) == 3 * 2560 and source.by_index == 0
     np.testing.assert_array_equal(model.loadings_, PNMF(2, **params).fit(x).loadings_)
 

@@ -107,6 +107,7 @@ def _assert_finite(model, n_rows):
     assert model.mean_.shape[0] == n_rows
 
 
+@pytest.mark.filterwarnings("ignore:X holds non-integer values")  # tiny, huge and fractional values on purpose
 @pytest.mark.parametrize("case", HARD)
 @pytest.mark.parametrize("training_mode", TRAININGS)
 @pytest.mark.parametrize("mode", MODES)
@@ -200,3 +201,19 @@ def test_property_random_problems_give_finite_reproducible_fits(
     second = PNMF(n_components, **params).fit(data)
     np.testing.assert_array_equal(first.loadings_, second.loadings_)
     np.testing.assert_array_equal(first.elbo_history_, second.elbo_history_)
+
+
+def test_non_integer_counts_warn_at_the_users_line_and_counts_do_not():
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(2.0, (30, 8)).astype(float)
+    normalised = np.log1p(counts)
+    for data in (normalised, sp.csr_matrix(normalised)):
+        with pytest.warns(UserWarning, match="non-integer values .* raw counts") as record:
+            PNMF(2, backend="numpy", max_iter=5).fit(data)
+        assert record[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        PNMF(2, backend="numpy", max_iter=5).fit(counts.astype(np.float32))
+        PNMF(2, backend="numpy", max_iter=5).fit(sp.csr_matrix(counts))
+        PNMF(2, backend="numpy", max_iter=5).fit(counts.astype(np.int64))

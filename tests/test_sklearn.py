@@ -17,6 +17,7 @@ from pnmf import PNMF, make_counts
 from .conftest import BACKENDS
 
 
+@pytest.mark.filterwarnings("ignore:X holds non-integer values")  # scikit-learn's checks fit random reals
 def test_check_estimator_passes_every_check():
     # float64: the subset-invariance check asks transform of one row and of 20 rows to agree
     # within 1e-7, one float32 rounding, and BLAS sums a row differently in different batches.
@@ -90,3 +91,14 @@ def test_works_in_a_pipeline():
     pipe = make_pipeline(FunctionTransformer(np.round), PNMF(2, backend="numpy", max_iter=50, random_state=0))
     h = pipe.fit_transform(x)
     assert h.shape == (50, 2) and np.all(np.isfinite(h))
+
+
+def test_output_columns_are_named_and_pandas_output_keeps_the_rows():
+    pd = pytest.importorskip("pandas")
+    x, _, _ = make_counts(40, 12, 3, random_state=2)
+    frame = pd.DataFrame(x, index=[f"cell{i}" for i in range(40)], columns=[f"g{j}" for j in range(12)])
+    model = PNMF(3, backend="numpy", max_iter=30, random_state=0).fit(frame)
+    assert list(model.get_feature_names_out()) == ["pnmf0", "pnmf1", "pnmf2"]
+    h = model.set_output(transform="pandas").transform(frame)
+    assert list(h.columns) == ["pnmf0", "pnmf1", "pnmf2"] and list(h.index) == list(frame.index)
+    np.testing.assert_allclose(h.to_numpy(), model.set_output(transform="default").transform(frame))
