@@ -87,6 +87,10 @@ def read_counts(path: str, layer: str | None = None, backed: bool = False) -> Co
             x = adata.X if layer is None else adata.layers[layer]
             if x is None:
                 raise UsageError(f"{path} has no X; name a layer with counts (--layer)")
+            if layer is None and len(adata.layers):
+                _HINTS["X holds non-integer values"] = (
+                    f"{path}'s X was read; its layers are {', '.join(adata.layers)}: --layer NAME reads one"
+                )
             return Counts(x, np.asarray(adata.obs_names), np.asarray(adata.var_names), adata.obs)
         if source.suffix == ".npz":
             x = sp.load_npz(source).tocsr()
@@ -113,6 +117,17 @@ def read_counts(path: str, layer: str | None = None, backed: bool = False) -> Co
             f"{path} could not be read: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
         ) from err
     raise UsageError(f"{path}: unknown format (expected .h5ad, a 10x directory, .npz, .csv or .tsv)")
+
+
+# What the command line adds to a warning that starts with the key (set as files are read).
+_HINTS: dict[str, str] = {}
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line of the command's own, with what the files read suggest."""
+    text = str(message)
+    hints = [hint for start, hint in _HINTS.items() if text.startswith(start)]
+    print(f"pnmf: warning: {' '.join([text, *hints])}", file=sys.stderr)
 
 
 def _batch(counts: Counts, key: str | None):
@@ -443,6 +458,7 @@ def main(argv=None) -> int:
         args = parser().parse_args(argv)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
+            warnings.showwarning = _show_warning
             written = args.run(args)
     except UsageError as err:
         print(f"pnmf: error: {err}", file=sys.stderr)

@@ -108,6 +108,23 @@ def test_batches_layers_transform_info_and_python_m(files, tmp_path):
     assert "component 0: gene" in info.stdout
 
 
+def test_normalised_x_warns_on_one_line_naming_the_files_layers(files, tmp_path):
+    folder, data = files
+    adata = anndata.read_h5ad(folder / "cells.h5ad")
+    adata.X = sp.csr_matrix(np.log1p(data["X"]))
+    adata.write_h5ad(tmp_path / "normalised.h5ad")
+    common = ("-k", 3, "--max-iter", 5, "--backend", "numpy", "--factors", "csv")
+    done = pnmf_command("fit", tmp_path / "normalised.h5ad", *common, "-o", tmp_path / "x", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if "non-integer" in line]
+    assert len(lines) == 1 and lines[0].startswith("pnmf: warning: X holds non-integer values"), done.stderr
+    assert "its layers are counts" in lines[0] and "UserWarning" not in done.stderr
+    layer = pnmf_command(
+        "fit", tmp_path / "normalised.h5ad", "--layer", "counts", *common, "-o", tmp_path / "c", cwd=tmp_path
+    )
+    assert layer.returncode == 0 and "non-integer" not in layer.stderr, layer.stderr
+
+
 def test_select_k_and_consensus(files, tmp_path):
     folder, _ = files
     select = pnmf_command(
