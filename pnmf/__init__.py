@@ -4,7 +4,7 @@ from . import plot
 from .consensus import consensus
 from .data import make_counts, poisson_deviance, thin
 from .estimator import PNMF
-from .integrations import fit_anndata
+from .integrations import fit_anndata, transform_anndata
 from .selection import select_n_components
 
 __version__ = "0.1.0"
@@ -19,4 +19,5 @@ __all__ = [
     "poisson_deviance",
     "select_n_components",
     "thin",
+    "transform_anndata",
 ]

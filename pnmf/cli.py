@@ -13,7 +13,6 @@ import argparse
 import os
 import sys
 import warnings
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -276,50 +275,21 @@ def cmd_consensus(args) -> list[Path]:
 
 
 def cmd_transform(args) -> list[Path]:
+    from .integrations import transform_named
+
     _check_out(args)
     model = _load(args.model, args.backend, args.device)
     counts = read_counts(args.counts, args.layer, backed=True)
     batch = _batch(counts, args.batch_key)
-    _align_features(counts, model, args.counts)
     fmt = _factor_format(args)
-    # An .h5ad's X is transformed a block of rows at a time from disk, unless a new batch's
-    # effects are to be estimated, which needs all of its rows at once.
-    if batch is not None and model.batches_ is not None and model._unseen_batches(batch).size:
-        counts.x = in_memory(counts.x)
-    with warnings.catch_warnings():  # the names were compared above; the counts carry none
-        warnings.filterwarnings("ignore", message="X does not have valid feature names")
-        factors = model.transform(counts.x, batch=batch)
+    names = counts.var_names if counts.named else None
+    factors, columns = transform_named(model, counts.x, names, batch=batch, source=args.counts)
+    if columns is not None:
+        print(f"matched the model's {len(columns)} features by name among the {len(names)} of {args.counts}")
+        counts.var_names = counts.var_names[columns]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     return _write_factors(out, "factors", counts, factors, model, fmt)
-
-
-def _align_features(counts: Counts, model, path: str) -> None:
-    """Make the columns of ``counts`` the model's features, in its order: a file that names
-    its features may hold them in another order or hold more (the columns are then picked by
-    name, in memory); one that lacks any, or does not name them, must match in number."""
-    names = getattr(model, "feature_names_in_", None)
-    names = None if names is None or not counts.named else np.asarray(names).astype(str)
-    have = counts.var_names.astype(str)
-    if names is None or np.array_equal(names, have):
-        if counts.x.shape[1] != model.n_features_in_:
-            raise UsageError(f"{path} has {counts.x.shape[1]} features; the model was fitted on {model.n_features_in_}")
-        return
-    index = {name: i for i, name in enumerate(have)}
-    missing = [name for name in names if name not in index]
-    if missing:
-        raise UsageError(
-            f"{path} lacks {len(missing)} of the model's {len(names)} features (first: '{missing[0]}'); "
-            "the factors need the counts of every one"
-        )
-    times = Counter(have)
-    repeated = [name for name in names if times[name] > 1]
-    if repeated:
-        raise UsageError(f"{path} names feature '{repeated[0]}' more than once: which column is the model's is unclear")
-    columns = np.array([index[name] for name in names])
-    counts.x = in_memory(counts.x)[:, columns]
-    counts.var_names = have[columns]
-    print(f"matched the model's {len(names)} features by name among the {len(have)} of {path}")
 
 
 def cmd_select_k(args) -> list[Path]:
@@ -375,6 +345,7 @@ def cmd_info(args) -> list[Path]:
     if model.batches_ is not None:
         print(f"  batches: {', '.join(map(str, model.batches_))}")
     table = model.top_features(5)
+    print("  most specific features (programs.csv ranks by loading too):")
     for component, block in table[table.ranking == "specificity"].groupby("component"):
         print(f"  component {component}: {', '.join(block.feature)}")
     return []

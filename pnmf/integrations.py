@@ -2,11 +2,86 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from . import distributed
 from .data import in_memory, share
 from .estimator import PNMF
+from .programs import feature_columns
+
+
+def _size_factors(adata, size_factors):
+    """``size_factors`` as PNMF takes them: 'total' (a strategy), an obs column's values or an array."""
+    if isinstance(size_factors, str) and size_factors != "total":
+        if size_factors not in adata.obs:
+            raise KeyError(f"size_factors={size_factors!r} is neither 'total' nor a column of adata.obs")
+        return adata.obs[size_factors].to_numpy()
+    return size_factors
+
+
+def _labels(adata, batch_key: str | None):
+    if batch_key is None:
+        return None
+    if batch_key not in adata.obs:
+        raise KeyError(f"batch_key={batch_key!r} is not a column of adata.obs")
+    return np.asarray(adata.obs[batch_key].astype(str))
+
+
+def transform_named(model: PNMF, x, names=None, *, batch=None, size_factors=None, source: str = "X"):
+    """``model.transform`` of counts x whose columns are the features ``names``.
+
+    The model's features are picked from x by name when they differ (another order, or more
+    of them; see :func:`pnmf.programs.feature_columns`). Counts on disk are transformed a
+    block of rows at a time, unless columns are picked or a batch unseen in fit needs its
+    rows at once. Returns the factors and the picked columns (None: x's own).
+    """
+    columns = feature_columns(model, x.shape[1], names, source)
+    if columns is not None:
+        x = in_memory(x)[:, columns]
+    if batch is not None and model.batches_ is not None and model._unseen_batches(batch).size:
+        x = in_memory(x)
+    with warnings.catch_warnings():  # the names were matched above; the counts carry none
+        warnings.filterwarnings("ignore", message="X does not have valid feature names")
+        return model.transform(x, batch=batch, size_factors=size_factors), columns
+
+
+def transform_anndata(
+    model: PNMF,
+    adata,
+    layer: str | None = None,
+    key_added: str = "pnmf",
+    *,
+    batch_key: str | None = None,
+    size_factors=None,
+) -> np.ndarray:
+    """Map the cells of ``adata`` onto a fitted model's programs: ``adata.obsm["X_" + key_added]``.
+
+    The counts are ``adata.X`` or ``adata.layers[layer]``; the model's genes are picked by
+    name from ``adata.var_names`` (which may hold them in another order, or more genes), so
+    a query dataset need not be subset first. ``batch_key`` names the obs column of each
+    cell's batch, required when the model was fitted with batches: batches seen in fit keep
+    their effects, new ones have theirs estimated with the loadings fixed. ``size_factors``
+    as in :func:`fit_anndata` (by default the model's own strategy). A backed AnnData is
+    read a block of cells at a time. Returns the factors (n_obs, n_components).
+    """
+    x = adata.X if layer is None else adata.layers[layer]
+    if x is None:
+        raise ValueError("adata.X is empty; name a layer with counts (layer=...)")
+    per_cell = _size_factors(adata, size_factors)
+    if isinstance(per_cell, str):
+        raise ValueError("size_factors='total' is a fitting strategy: transform uses the model's own")
+    factors, _ = transform_named(
+        model,
+        x,
+        np.asarray(adata.var_names),
+        batch=_labels(adata, batch_key),
+        size_factors=per_cell,
+        source="adata" if layer is None else f"adata.layers[{layer!r}]",
+    )
+    adata.obsm[f"X_{key_added}"] = factors
+    return factors
 
 
 def fit_anndata(
@@ -36,7 +111,9 @@ def fit_anndata(
       with size factors ``size_factors`` (one per cell); and ``top_features``, the program
       table of ``PNMF.top_features`` (20 genes per component, named by ``adata.var_names``).
 
-    Sparse matrices stay sparse. ``params`` go to ``PNMF``. Returns the fitted model.
+    Sparse matrices stay sparse. ``params`` go to ``PNMF``. Returns the fitted model, its
+    ``feature_names_in_`` the genes (``adata.var_names``): ``transform_anndata`` maps other
+    cells onto it, matching genes by name.
 
     An AnnData opened with ``backed="r"`` keeps X on disk: with ``batch_size=`` the fit
     reads one batch of rows at a time (and the last pass, which infers every cell's
@@ -53,12 +130,8 @@ def fit_anndata(
     x = adata.X if layer is None else adata.layers[layer]
     if x is None:
         raise ValueError("adata.X is empty; name a layer with counts (layer=...)")
-    if isinstance(size_factors, str) and size_factors != "total":
-        if size_factors not in adata.obs:
-            raise KeyError(f"size_factors={size_factors!r} is neither 'total' nor a column of adata.obs")
-        size_factors = adata.obs[size_factors].to_numpy()
-    if batch_key is not None and batch_key not in adata.obs:
-        raise KeyError(f"batch_key={batch_key!r} is not a column of adata.obs")
+    size_factors = _size_factors(adata, size_factors)
+    labels = _labels(adata, batch_key)
     strategy = size_factors if isinstance(size_factors, str) else None
     per_cell = None if size_factors is None or isinstance(size_factors, str) else np.asarray(size_factors)
     model = PNMF(n_components, size_factors=strategy, **params)
@@ -68,10 +141,11 @@ def fit_anndata(
         x = share(x, rows, batched=model.batch_size is not None)  # a backed X reads only these rows
     elif model.batch_size is None:
         x = in_memory(x)
-    labels = None if batch_key is None else np.asarray(adata.obs[batch_key].astype(str))[rows]
+    labels = None if labels is None else labels[rows]
     if per_cell is not None and per_cell.shape[:1] == (adata.n_obs,):
         per_cell = per_cell[rows]
     factors = model.fit_transform(x, size_factors=per_cell, batch=labels)
+    model.feature_names_in_ = np.asarray(adata.var_names).astype(object)  # for top_features, plots, save
     if not params.get("distributed"):
         adata.obsm[f"X_{key_added}"] = factors
     adata.varm[key_added.upper()] = model.loadings_

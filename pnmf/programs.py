@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 
 RANKINGS = ("loading", "specificity")
@@ -28,6 +30,36 @@ def feature_labels(model, feature_names=None) -> np.ndarray:
     if names.shape != (n_features,):
         raise ValueError(f"feature_names has {names.size} entries; the model has {n_features} features")
     return names
+
+
+def feature_columns(model, n_columns: int, names=None, source: str = "X") -> np.ndarray | None:
+    """The columns of counts (``n_columns`` of them, named ``names``) that hold the model's
+    features, in its order.
+
+    None when the columns are the model's already, or when the model or the counts do not
+    name their features (their number must then match). Counts may hold the features in
+    another order, or more of them; a ValueError names a feature of the model they lack or
+    name twice.
+    """
+    fitted = getattr(model, "feature_names_in_", None)
+    have = None if names is None else np.asarray(names).astype(str)
+    fitted = None if fitted is None else np.asarray(fitted).astype(str)
+    if fitted is None or have is None or np.array_equal(fitted, have):
+        if n_columns != model.n_features_in_:
+            raise ValueError(f"{source} has {n_columns} features; the model was fitted on {model.n_features_in_}")
+        return None
+    index = {name: i for i, name in enumerate(have)}
+    missing = [name for name in fitted if name not in index]
+    if missing:
+        raise ValueError(
+            f"{source} lacks {len(missing)} of the model's {len(fitted)} features (first: '{missing[0]}'); "
+            "the factors need the counts of every one"
+        )
+    times = Counter(have)
+    repeated = [name for name in fitted if times[name] > 1]
+    if repeated:
+        raise ValueError(f"{source} names feature '{repeated[0]}' more than once: which column is the model's?")
+    return np.array([index[name] for name in fitted])
 
 
 def top_features(model, n: int = 20, feature_names=None):

@@ -257,6 +257,14 @@ def test_fit_anndata_reads_batches_and_size_factors_from_obs(small):
         direct.transform(small["X"], size_factors=small["size_factors"], batch=small["batch"]),
         rtol=1e-6,
     )
+    from pnmf import transform_anndata
+
+    mapped = adata.obsm["X_pnmf"].copy()
+    np.testing.assert_allclose(
+        transform_anndata(model, adata, batch_key="sample", size_factors="depth"), mapped, rtol=1e-6
+    )
+    with pytest.raises(ValueError, match="batch"):
+        transform_anndata(model, adata, size_factors="depth")  # the model has batch effects: which apply?
     with pytest.raises(KeyError, match="batch_key='donor'"):
         pnmf_fit_anndata(adata, 3, batch_key="donor")
     with pytest.raises(KeyError, match="size_factors='depth2'"):

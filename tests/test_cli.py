@@ -105,7 +105,7 @@ def test_batches_layers_transform_info_and_python_m(files, tmp_path):
     )
     info = pnmf_command("info", tmp_path / "fit" / "model.npz", cwd=tmp_path)
     assert info.returncode == 0 and "batches: batch0, batch1, batch2" in info.stdout
-    assert "component 0: gene" in info.stdout
+    assert "most specific features" in info.stdout and "component 0: gene" in info.stdout
 
 
 def test_normalised_x_warns_on_one_line_naming_the_files_layers(files, tmp_path):

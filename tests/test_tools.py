@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
 
 import pnmf
-from pnmf import PNMF, fit_anndata, make_counts, select_n_components
+from pnmf import PNMF, fit_anndata, make_counts, select_n_components, transform_anndata
 
 
 def test_select_n_components_finds_the_planted_number():
@@ -67,7 +69,36 @@ def test_fit_anndata_writes_the_model_into_the_object():
     )
     assert adata.obsm["X_nmf"].shape == (40, 3)
     np.testing.assert_array_equal(adata.varm["NMF"], model.loadings_)
-    np.testing.assert_allclose(adata.obsm["X_nmf"], model.transform(x), rtol=1e-5)  # dense vs sparse sums
+    np.testing.assert_allclose(adata.obsm["X_nmf"], transform_anndata(model, adata, "counts", "q"), rtol=1e-5)
+    assert adata.obsm["X_q"].shape == (40, 3)
     assert adata.uns["nmf"]["elbo"] == model.elbo_ and adata.uns["nmf"]["layer"] == "counts"
     np.testing.assert_array_equal(adata.uns["nmf"]["var"], model.var_)
     assert sp.issparse(adata.X)  # the data itself is untouched
+
+
+def test_transform_anndata_matches_genes_by_name(tmp_path):
+    anndata = pytest.importorskip("anndata")
+    pd = pytest.importorskip("pandas")
+    x, _, _ = make_counts(60, 20, 3, random_state=4)
+    genes = np.array([f"g{j}" for j in range(20)])
+    adata = anndata.AnnData(sp.csr_matrix(x), var=pd.DataFrame(index=genes))
+    model = fit_anndata(adata, 3, backend="numpy", dtype="float64", random_state=0)
+    np.testing.assert_array_equal(model.feature_names_in_, genes)
+    assert set(model.top_features(2).feature) <= set(genes)  # the genes' names, not column numbers
+    # A query with the genes shuffled, two more of them, and on disk.
+    order = np.random.default_rng(0).permutation(20)
+    extra = np.random.default_rng(1).poisson(1.0, (60, 2)).astype(float)
+    query = anndata.AnnData(
+        sp.csr_matrix(np.hstack([x[:, order], extra])), var=pd.DataFrame(index=[*genes[order], "new1", "new2"])
+    )
+    query.write_h5ad(tmp_path / "query.h5ad")
+    backed = anndata.read_h5ad(tmp_path / "query.h5ad", backed="r")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no complaint about names: they were matched
+        factors = transform_anndata(model, backed)
+    np.testing.assert_allclose(factors, adata.obsm["X_pnmf"], rtol=1e-8)
+    np.testing.assert_array_equal(backed.obsm["X_pnmf"], factors)
+    with pytest.raises(ValueError, match="lacks 1 of the model's 20 features .*'g5'"):
+        transform_anndata(model, query[:, query.var_names != "g5"].copy())
+    with pytest.raises(ValueError, match="has 19 features; the model was fitted on 20"):
+        transform_anndata(PNMF(3, backend="numpy", max_iter=5).fit(x), anndata.AnnData(sp.csr_matrix(x[:, 1:])))
