@@ -1,8 +1,10 @@
 """The ``pnmf`` command: fit, transform, select-k, consensus and info, for pipelines and clusters.
 
 Counts are read from .h5ad (``--layer``), a 10x directory (matrix.mtx with features.tsv or
-genes.tsv and barcodes.tsv, gzipped or not), a SciPy .npz or a .csv/.tsv table (rows are
-samples, the first column their names, the header the features). Every input and argument
+genes.tsv and barcodes.tsv, gzipped or not), a 10x HDF5 matrix (.h5, Cell Ranger 2 or
+later), a SciPy .npz or a .csv/.tsv table (rows are samples, the first column their names,
+the header the features). Of a 10x matrix with other features too (antibodies, CRISPR
+guides), the Gene Expression features are read. Every input and argument
 is checked before any work; a problem is one line on stderr and exit status 2, and
 nothing is written.
 """
@@ -54,8 +56,45 @@ def _find(folder: Path, *names: str) -> Path:
     raise UsageError(f"{folder} is not a 10x directory: no {' or '.join(names)} in it")
 
 
+def _gene_expression(x, var: np.ndarray, types: np.ndarray | None, path: Path) -> tuple[object, np.ndarray]:
+    """The Gene Expression features of a 10x matrix that holds others too (antibodies, ...)."""
+    if types is None:
+        return x, var
+    keep = types == "Gene Expression"
+    if keep.all() or not keep.any():
+        return x, var
+    others = ", ".join(sorted(set(types[~keep])))
+    print(f"{path}: kept its {keep.sum()} Gene Expression features of {len(types)} (left out: {others})")
+    return x[:, np.flatnonzero(keep)], var[keep]
+
+
+def _read_10x_h5(source: Path) -> Counts:
+    """A 10x Genomics HDF5 matrix (Cell Ranger's filtered_feature_bc_matrix.h5, v2 or v3)."""
+    import h5py
+
+    def text(dataset) -> np.ndarray:
+        return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in dataset[:]])
+
+    with h5py.File(source, "r") as handle:
+        groups = [name for name in handle if isinstance(handle[name], h5py.Group)]
+        if "matrix" in handle:  # Cell Ranger 3 and later: features of every type
+            group, features = handle["matrix"], handle["matrix"]["features"]
+            var, types = text(features["name"]), text(features["feature_type"]) if "feature_type" in features else None
+        elif len(groups) == 1 and "gene_names" in handle[groups[0]]:  # Cell Ranger 2: one genome's genes
+            group = handle[groups[0]]
+            var, types = text(group["gene_names"]), None
+        else:
+            raise UsageError(f"{source} is not a 10x HDF5 matrix: no 'matrix' group (groups: {', '.join(groups)})")
+        n_features, n_cells = (int(n) for n in group["shape"][:])
+        # Stored features x cells by columns (CSC): its transpose is cells x features by rows.
+        x = sp.csc_matrix((group["data"][:], group["indices"][:], group["indptr"][:]), shape=(n_features, n_cells)).T
+        obs = text(group["barcodes"])
+    x, var = _gene_expression(sp.csr_matrix(x), var, types, source)
+    return Counts(x, obs, var)
+
+
 def read_counts(path: str, layer: str | None = None, backed: bool = False) -> Counts:
-    """Counts from .h5ad, a 10x directory, .npz or .csv/.tsv; UsageError naming what is wrong.
+    """Counts from .h5ad, a 10x directory or .h5, .npz or .csv/.tsv; UsageError naming what is wrong.
 
     ``backed``: an .h5ad's X stays on disk (AnnData's ``backed="r"``), to be read by rows;
     its layers are read whole.
@@ -70,13 +109,18 @@ def read_counts(path: str, layer: str | None = None, backed: bool = False) -> Co
             from scipy.io import mmread
 
             x = sp.csr_matrix(mmread(_find(source, "matrix.mtx")).T)  # 10x stores features x cells
-            var = _names(_find(source, "features.tsv", "genes.tsv"), column=1)
+            features = _find(source, "features.tsv", "genes.tsv")
+            var = _names(features, column=1)
+            types = _names(features, column=2) if features.name.startswith("features") else None
             obs = _names(_find(source, "barcodes.tsv"))
             if x.shape != (len(obs), len(var)):
                 raise UsageError(
                     f"{path}: matrix.mtx is {x.shape[1]} x {x.shape[0]} but the names are {len(var)} x {len(obs)}"
                 )
+            x, var = _gene_expression(x, var, types, source)
             return Counts(x, obs, var)
+        if source.suffix == ".h5":
+            return _read_10x_h5(source)
         if source.suffix == ".h5ad":
             import anndata
 
@@ -115,7 +159,7 @@ def read_counts(path: str, layer: str | None = None, backed: bool = False) -> Co
         raise UsageError(
             f"{path} could not be read: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
         ) from err
-    raise UsageError(f"{path}: unknown format (expected .h5ad, a 10x directory, .npz, .csv or .tsv)")
+    raise UsageError(f"{path}: unknown format (expected .h5ad, a 10x directory or .h5, .npz, .csv or .tsv)")
 
 
 # What the command line adds to a warning that starts with the key (set as files are read).
@@ -361,7 +405,7 @@ def parser() -> argparse.ArgumentParser:
     commands = main.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(sub, model_options=True):
-        sub.add_argument("counts", help=".h5ad, 10x directory, .npz, .csv or .tsv")
+        sub.add_argument("counts", help=".h5ad, 10x directory or .h5, .npz, .csv or .tsv")
         sub.add_argument("--layer", help="the .h5ad layer with the counts (default: X)")
         sub.add_argument("--out", "-o", required=True, help="folder for the outputs")
         sub.add_argument("--backend", default="auto", choices=["auto", "numpy", "torch", "mlx"])

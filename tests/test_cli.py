@@ -55,14 +55,35 @@ def files(tmp_path_factory):
         handle.write("".join(f"ID{j}\t{g}\tGene Expression\n" for j, g in enumerate(genes)))
     with gzip.open(tenx / "barcodes.tsv.gz", "wt") as handle:
         handle.write("".join(f"{c}\n" for c in cells))
+    write_10x_h5(folder / "tenx.h5", x, cells, genes)
     return folder, data
+
+
+def write_10x_h5(path: Path, x: np.ndarray, cells, genes, antibodies: np.ndarray | None = None) -> None:
+    """Counts as Cell Ranger 3 writes them: features x cells by columns, names as bytes."""
+    import h5py
+
+    types = ["Gene Expression"] * len(genes)
+    if antibodies is not None:  # another modality's features, after the genes
+        x = np.hstack([x, antibodies])
+        genes, types = [*genes, *(f"CD{j}" for j in range(antibodies.shape[1]))], types + ["Antibody Capture"] * 2
+    stored = sp.csc_matrix(x.T)
+    with h5py.File(path, "w") as handle:
+        group = handle.create_group("matrix")
+        group["barcodes"] = np.array(cells, dtype="S")
+        group["data"], group["indices"], group["indptr"] = stored.data.astype(np.int32), stored.indices, stored.indptr
+        group["shape"] = np.array(stored.shape, dtype=np.int32)
+        features = group.create_group("features")
+        features["name"] = np.array(genes, dtype="S")
+        features["id"] = np.array([f"ENSG{j}" for j in range(len(genes))], dtype="S")
+        features["feature_type"] = np.array(types, dtype="S")
 
 
 def read_factors(path: Path) -> np.ndarray:
     return pd.read_csv(path, index_col=0).to_numpy()
 
 
-@pytest.mark.parametrize("name", ["counts.csv", "counts.tsv", "counts.npz", "tenx", "cells.h5ad"])
+@pytest.mark.parametrize("name", ["counts.csv", "counts.tsv", "counts.npz", "tenx", "tenx.h5", "cells.h5ad"])
 def test_fit_reads_every_format_and_writes_what_the_api_computes(files, name, tmp_path):
     folder, data = files
     out = tmp_path / "out"
@@ -106,6 +127,38 @@ def test_batches_layers_transform_info_and_python_m(files, tmp_path):
     info = pnmf_command("info", tmp_path / "fit" / "model.npz", cwd=tmp_path)
     assert info.returncode == 0 and "batches: batch0, batch1, batch2" in info.stdout
     assert "most specific features" in info.stdout and "component 0: gene" in info.stdout
+
+
+def test_a_10x_matrix_with_antibodies_keeps_its_genes(files, tmp_path):
+    folder, data = files
+    cells, genes = [f"cell{i}" for i in range(240)], [f"gene{j}" for j in range(50)]
+    antibodies = np.random.default_rng(0).poisson(30.0, (240, 2)).astype(float)
+    write_10x_h5(tmp_path / "both.h5", data["X"], cells, genes, antibodies)
+    common = ("-k", 3, "--seed", 0, "--backend", "numpy", "--dtype", "float64", "--factors", "csv")
+    done = pnmf_command("fit", tmp_path / "both.h5", *common, "-o", tmp_path / "out", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "kept its 50 Gene Expression features of 52 (left out: Antibody Capture)" in done.stdout
+    model = PNMF.load(tmp_path / "out" / "model.npz")
+    assert list(model.feature_names_in_) == genes
+    expected = PNMF(3, random_state=0, backend="numpy", dtype="float64").fit(data["X"])
+    np.testing.assert_allclose(model.loadings_, expected.loadings_, rtol=1e-8)
+    import h5py
+
+    shutil.copy(folder / "tenx.h5", tmp_path / "v2.h5")
+    with h5py.File(tmp_path / "v2.h5", "a") as handle:  # Cell Ranger 2: one group per genome, its gene names
+        handle.move("matrix/features/name", "matrix/gene_names")
+        handle.move("matrix/features/id", "matrix/genes")
+        del handle["matrix/features"]
+        handle.move("matrix", "GRCh38")
+    done = pnmf_command("fit", tmp_path / "v2.h5", *common, "-o", tmp_path / "v2", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    np.testing.assert_allclose(PNMF.load(tmp_path / "v2" / "model.npz").loadings_, expected.loadings_, rtol=1e-8)
+    shutil.copy(folder / "tenx.h5", tmp_path / "other.h5")
+    with h5py.File(tmp_path / "other.h5", "a") as handle:
+        handle.move("matrix", "counts")
+    done = pnmf_command("fit", tmp_path / "other.h5", *common, "-o", tmp_path / "bad", cwd=tmp_path)
+    assert done.returncode == 2 and "not a 10x HDF5 matrix: no 'matrix' group (groups: counts)" in done.stderr
+    assert not (tmp_path / "bad").exists()
 
 
 def test_normalised_x_warns_on_one_line_naming_the_files_layers(files, tmp_path):
