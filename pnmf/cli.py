@@ -395,12 +395,24 @@ def cmd_info(args) -> list[Path]:
     return []
 
 
+class _DefaultsShown(argparse.HelpFormatter):
+    """Help that names each option's default, where it has one and the help does not."""
+
+    def _get_help_string(self, action) -> str:
+        text = action.help or ""
+        unset = any(action.default is value for value in (None, False, argparse.SUPPRESS))  # 0 is a default
+        if action.option_strings and not unset and "default" not in text:
+            text += " (default: %(default)s)"
+        return text.strip()
+
+
 def parser() -> argparse.ArgumentParser:
     from . import __version__
 
     main = argparse.ArgumentParser(
         prog="pnmf", description="Probabilistic NMF of count data: fit, transform, select-k, consensus, info."
     )
+    shown = dict(formatter_class=_DefaultsShown)
     main.add_argument("--version", action="version", version=f"pnmf {__version__}")
     commands = main.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -408,25 +420,29 @@ def parser() -> argparse.ArgumentParser:
         sub.add_argument("counts", help=".h5ad, 10x directory or .h5, .npz, .csv or .tsv")
         sub.add_argument("--layer", help="the .h5ad layer with the counts (default: X)")
         sub.add_argument("--out", "-o", required=True, help="folder for the outputs")
-        sub.add_argument("--backend", default="auto", choices=["auto", "numpy", "torch", "mlx"])
+        sub.add_argument("--backend", default="auto", choices=["auto", "numpy", "torch", "mlx"], help="array framework")
         sub.add_argument("--device", help="torch: cpu, cuda, mps; MLX: cpu, gpu")
-        sub.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+        sub.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="float precision")
         sub.add_argument("--batch-key", help="obs column of an .h5ad with each row's batch")
         if model_options:
-            sub.add_argument("--mode", default="lower-bound", choices=MODES)
-            sub.add_argument("--training-mode", default="natural", choices=["natural", "standard"])
+            sub.add_argument("--mode", default="lower-bound", choices=MODES, help="ELBO: Jensen bound or Monte Carlo")
+            sub.add_argument(
+                "--training-mode", default="natural", choices=["natural", "standard"], help="natural gradients or Adam"
+            )
             sub.add_argument("--size-factors", choices=["total"], help="per-row size factors: row totals")
             sub.add_argument("--prior-scale", help="'auto' (default) or a number")
-            sub.add_argument("--max-iter", type=int, default=2000)
-            sub.add_argument("--tol", type=float, default=1e-4)
-            sub.add_argument("--seed", type=int, default=0)
+            sub.add_argument("--max-iter", type=int, default=2000, help="most iterations (steps of a mini-batch fit)")
+            sub.add_argument(
+                "--tol", type=float, default=1e-4, help="stop when the ELBO settles to this (0: run max-iter)"
+            )
+            sub.add_argument("--seed", type=int, default=0, help="random seed")
             sub.add_argument("--verbose", "-v", action="store_true", help="a progress bar")
             sub.add_argument("--top", type=int, default=20, help="features per component in programs.csv")
             sub.add_argument("--factors", choices=["h5ad", "csv"], help="format of the factors (default: as the input)")
 
-    fit = commands.add_parser("fit", help="fit a model; write model.npz, factors and programs.csv")
+    fit = commands.add_parser("fit", help="fit a model; write model.npz, factors and programs.csv", **shown)
     common(fit)
-    fit.add_argument("--n-components", "-k", type=int, required=True)
+    fit.add_argument("--n-components", "-k", type=int, required=True, help="number of components (programs)")
     fit.add_argument(
         "--distributed", action="store_true", help="one fit over every process (under torchrun, or mlx.launch with MLX)"
     )
@@ -437,26 +453,26 @@ def parser() -> argparse.ArgumentParser:
     fit.add_argument("--checkpoint-every", type=int, help="iterations between checkpoints (default: 100)")
     fit.set_defaults(run=cmd_fit)
 
-    cons = commands.add_parser("consensus", help="the consensus of restarts; write as fit does")
+    cons = commands.add_parser("consensus", help="the consensus of restarts; write as fit does", **shown)
     common(cons)
-    cons.add_argument("--n-components", "-k", type=int, required=True)
-    cons.add_argument("--restarts", type=int, default=10)
+    cons.add_argument("--n-components", "-k", type=int, required=True, help="number of components (programs)")
+    cons.add_argument("--restarts", type=int, default=10, help="fits whose components are combined")
     cons.set_defaults(run=cmd_consensus, distributed=False)
 
-    select = commands.add_parser("select-k", help="held-out deviance (and stability) per number of components")
+    select = commands.add_parser("select-k", help="held-out deviance (and stability) per number of components", **shown)
     common(select)
-    select.add_argument("--candidates", type=int, nargs="+", required=True, metavar="K")
+    select.add_argument("--candidates", type=int, nargs="+", required=True, metavar="K", help="numbers of components")
     select.add_argument("--restarts", type=int, default=1, help="restarts per K (> 1: consensus and stability)")
     select.set_defaults(run=cmd_select_k, distributed=False, factors=None)
 
-    transform = commands.add_parser("transform", help="factors of new counts under a fitted model")
+    transform = commands.add_parser("transform", help="factors of new counts under a fitted model", **shown)
     transform.add_argument("model", help="a model.npz written by fit")
     common(transform, model_options=False)
     transform.add_argument("--factors", choices=["h5ad", "csv"], help="format of the factors (default: as the input)")
     transform.set_defaults(run=cmd_transform)
 
-    info = commands.add_parser("info", help="summarise a model file")
-    info.add_argument("model")
+    info = commands.add_parser("info", help="summarise a model file", **shown)
+    info.add_argument("model", help="a model.npz written by fit")
     info.set_defaults(run=cmd_info)
 
     for sub in (main, fit, cons, select, transform, info):

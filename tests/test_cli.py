@@ -409,3 +409,12 @@ def test_fit_runs_unchanged_under_mlx_launch(files, tmp_path):
     model = PNMF.load(tmp_path / "d" / "model.npz")
     np.testing.assert_allclose(model.loadings_, whole.loadings_, rtol=2e-3, atol=1e-6)  # float32 sums
     assert sum(len(read_factors(h)) for h in halves) == len(data["X"])
+
+
+def test_help_names_each_default_and_no_missing_one(tmp_path):
+    done = pnmf_command("fit", "--help", cwd=tmp_path)
+    text = " ".join(done.stdout.split())  # argparse wraps lines
+    assert done.returncode == 0
+    for default in ("(default: 2000)", "(default: 0)", "(default: 0.0001)", "(default: natural)"):
+        assert default in text, default
+    assert "(default: None)" not in text and "(default: False)" not in text
