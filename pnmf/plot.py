@@ -1,4 +1,4 @@
-"""Figures of a fitted model (needs matplotlib: ``pip install "pnmf[plot]"``)."""
+"""Figures of a fitted model (needs matplotlib: ``pip install "pnmf-vi[plot]"``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ def _axes(ax, figsize=(6, 4)):
     try:
         import matplotlib.pyplot as plt
     except ImportError as err:
-        raise ImportError('pnmf.plot needs matplotlib: pip install "pnmf[plot]"') from err
+        raise ImportError('pnmf.plot needs matplotlib: pip install "pnmf-vi[plot]"') from err
     if ax is None:
         _, ax = plt.subplots(figsize=figsize, layout="constrained")
     return ax

@@ -102,3 +102,29 @@ def test_transform_anndata_matches_genes_by_name(tmp_path):
         transform_anndata(model, query[:, query.var_names != "g5"].copy())
     with pytest.raises(ValueError, match="has 19 features; the model was fitted on 20"):
         transform_anndata(PNMF(3, backend="numpy", max_iter=5).fit(x), anndata.AnnData(sp.csr_matrix(x[:, 1:])))
+
+
+@pytest.mark.parametrize("missing", ["torch", "mlx", "matplotlib", "pandas"])
+def test_a_missing_extra_names_this_distributions_extra(monkeypatch, missing):
+    import re
+    import sys
+    from importlib.metadata import PackageNotFoundError, metadata
+
+    try:
+        extras = set(metadata("pnmf-vi").get_all("Provides-Extra"))
+    except PackageNotFoundError:
+        pytest.skip("pnmf-vi is not installed as a distribution here")
+    model = PNMF(2, backend="numpy", max_iter=5).fit(make_counts(20, 6, 2)[0])
+    calls = {
+        "torch": ("pnmf.backends.torch", lambda: PNMF(2, backend="torch").fit(np.ones((3, 3)))),
+        "mlx": ("pnmf.backends.mlx", lambda: PNMF(2, backend="mlx").fit(np.ones((3, 3)))),
+        "matplotlib": ("matplotlib.pyplot", lambda: pnmf.plot.elbo_history(model)),
+        "pandas": ("pandas", lambda: model.top_features(3)),
+    }
+    module, call = calls[missing]
+    monkeypatch.setitem(sys.modules, module, None)  # an import of it fails, as when it is not installed
+    with pytest.raises(ImportError) as raised:
+        call()
+    named = re.findall(r"pnmf[-\w]*\[(\w+)\]", str(raised.value))
+    assert named and all(extra in extras for extra in named), str(raised.value)
+    assert re.findall(r"([\w-]+)\[", str(raised.value))[0] == "pnmf-vi"  # not the other project 'pnmf'

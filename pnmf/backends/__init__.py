@@ -10,8 +10,8 @@ from .base import Backend
 BACKENDS = ("numpy", "torch", "mlx")
 
 _INSTALL = {
-    "torch": 'pip install "pnmf[torch]"   (or: pip install torch)',
-    "mlx": 'pip install "pnmf[mlx]"   (Apple silicon; elsewhere: pip install "mlx[cpu]" or "mlx[cuda13]")',
+    "torch": 'pip install "pnmf-vi[torch]"   (or: pip install torch)',
+    "mlx": 'pip install "pnmf-vi[mlx]"   (Metal on a Mac, the CPU elsewhere; NVIDIA GPUs: pip install "pnmf-vi[cuda13]")',
 }
 
 _CLASSES = {
