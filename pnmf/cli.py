@@ -131,9 +131,8 @@ def read_counts(path: str, layer: str | None = None, backed: bool = False) -> Co
             if x is None:
                 raise UsageError(f"{path} has no X; name a layer with counts (--layer)")
             if layer is None and len(adata.layers):
-                _HINTS["X holds non-integer values"] = (
-                    f"{path}'s X was read; its layers are {', '.join(adata.layers)}: --layer NAME reads one"
-                )
+                hint = f"{path}'s X was read; its layers are {', '.join(adata.layers)}: --layer NAME reads one"
+                _HINTS.update(dict.fromkeys(NOT_COUNTS, hint))
             return Counts(x, np.asarray(adata.obs_names), np.asarray(adata.var_names), adata.obs)
         if source.suffix == ".npz":
             x = sp.load_npz(source).tocsr()
@@ -164,13 +163,18 @@ def read_counts(path: str, layer: str | None = None, backed: bool = False) -> Co
 
 # What the command line adds to a warning that starts with the key (set as files are read).
 _HINTS: dict[str, str] = {}
+# The starts of the warning and the error of values that are not counts.
+NOT_COUNTS = ("X holds non-integer values", "thinning splits integer counts")
+
+
+def _hinted(text: str) -> str:
+    """A message with what the files read suggest about it."""
+    return " ".join([text, *(hint for start, hint in _HINTS.items() if text.startswith(start))])
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """A warning as one line of the command's own, with what the files read suggest."""
-    text = str(message)
-    hints = [hint for start, hint in _HINTS.items() if text.startswith(start)]
-    print(f"pnmf: warning: {' '.join([text, *hints])}", file=sys.stderr)
+    """A warning as one line of the command's own."""
+    print(f"pnmf: warning: {_hinted(str(message))}", file=sys.stderr)
 
 
 def _batch(counts: Counts, key: str | None):
@@ -498,7 +502,7 @@ def main(argv=None) -> int:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (Python flushes it at exit)
         return 0
     except (ValueError, TypeError, KeyError, ImportError, FloatingPointError) as err:
-        print(f"pnmf: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
+        print(f"pnmf: error: {_hinted(str(err).splitlines()[0]) if str(err) else type(err).__name__}", file=sys.stderr)
         return 2
     for path in written:
         print(f"wrote {path}")

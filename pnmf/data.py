@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
-from sklearn.utils import check_random_state
+from sklearn.utils import check_array, check_random_state
+from sklearn.utils.validation import check_non_negative
 
 
 def make_counts(
@@ -59,13 +60,32 @@ def make_batched_counts(
     return {"X": x, "H": h, "W": w, "size_factors": s, "batch": labels, "batch_effects": g}
 
 
+def refuse_anndata(x) -> None:
+    """A TypeError when x is an AnnData, whose counts are one of its matrices."""
+    if type(x).__name__ == "AnnData":  # without importing anndata
+        raise TypeError(
+            "X is an AnnData: pass its counts (adata.X or adata.layers['counts']), or call "
+            "pnmf.fit_anndata(adata, ...) / pnmf.transform_anndata(model, adata, ...)"
+        )
+
+
 def thin(x, fraction: float = 0.5, random_state=None):
     """Split counts into X_train + X_test = X with X_train ~ Binomial(X, fraction).
 
     For Poisson counts the two parts are independent Poisson with rates fraction * rate
     and (1 - fraction) * rate, so X_test scores a model fitted on X_train.
-    Sparse input gives sparse output with the same pattern.
+    Sparse input gives sparse output with the same pattern. X must hold integer counts.
     """
+    refuse_anndata(x)
+    x = check_array(x, accept_sparse="csr", dtype=(np.float64, np.float32), input_name="X")
+    check_non_negative(x, "thin (counts must be non-negative)")
+    values = x.data if sp.issparse(x) else x
+    fractional = values != np.floor(values)
+    if fractional.any():
+        raise ValueError(
+            f"thinning splits integer counts (X_train ~ Binomial(X, fraction)); X holds non-integer values, "
+            f"such as {values[fractional].flat[0]:.4g}: pass the raw counts"
+        )
     rng = check_random_state(random_state)
     if sp.issparse(x):
         x = sp.csr_matrix(x)
@@ -222,4 +242,6 @@ def _matrix(block) -> np.ndarray | sp.csr_matrix:
 
 def on_disk(x) -> bool:
     """Whether x is a dataset of AnnData (backed), h5py or zarr, which ``DiskRows`` reads by rows."""
+    if type(x).__name__ == "AnnData":  # the container, not its counts (PNMF names the mistake)
+        return False
     return isinstance(x, DiskRows) or type(x).__module__.split(".")[0] in ("anndata", "h5py", "zarr")

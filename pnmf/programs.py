@@ -72,7 +72,7 @@ def top_features(model, n: int = 20, feature_names=None):
     try:
         import pandas as pd
     except ImportError as err:
-        raise ImportError("top_features returns a pandas DataFrame: pip install pandas (or 'pnmf-vi[anndata]')") from err
+        raise ImportError("top_features returns a pandas DataFrame: pip install pandas ('pnmf-vi[anndata]')") from err
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n={n!r} must be a positive integer")
     names = feature_labels(model, feature_names)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from .consensus import consensus
@@ -40,6 +42,9 @@ def select_n_components(
         raise ValueError(f"fraction={fraction!r} must be in (0, 1)")
     if isinstance(n_restarts, bool) or not isinstance(n_restarts, (int, np.integer)) or n_restarts < 1:
         raise ValueError(f"n_restarts={n_restarts!r} must be a positive integer")
+    with warnings.catch_warnings():  # non-integer values: thin's error says more
+        warnings.filterwarnings("ignore", message="X holds non-integer values")
+        X = PNMF(candidates[0], **{"random_state": random_state, **params})._validate_data(X, reset=True)
     train, test = thin(X, fraction, random_state=random_state)
     rows = []
     for k in candidates:

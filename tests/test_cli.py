@@ -176,6 +176,11 @@ def test_normalised_x_warns_on_one_line_naming_the_files_layers(files, tmp_path)
         "fit", tmp_path / "normalised.h5ad", "--layer", "counts", *common, "-o", tmp_path / "c", cwd=tmp_path
     )
     assert layer.returncode == 0 and "non-integer" not in layer.stderr, layer.stderr
+    select = pnmf_command(
+        "select-k", tmp_path / "normalised.h5ad", "--candidates", 2, 3, "-o", tmp_path / "k", cwd=tmp_path
+    )  # thinning needs integer counts: an error, with the same pointer to the layers
+    assert select.returncode == 2 and select.stderr.startswith("pnmf: error: thinning splits integer counts")
+    assert "its layers are counts" in select.stderr and not (tmp_path / "k").exists()
 
 
 def test_select_k_and_consensus(files, tmp_path):

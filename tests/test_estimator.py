@@ -12,7 +12,7 @@ import scipy.sparse as sp
 from scipy.optimize import linear_sum_assignment
 from sklearn.exceptions import NotFittedError
 
-from pnmf import PNMF, make_counts, poisson_deviance, thin
+from pnmf import PNMF, make_counts, poisson_deviance, select_n_components, thin
 
 from .conftest import BACKENDS, lower_bound_at
 
@@ -146,6 +146,12 @@ def test_thinning_and_deviance(planted):
     assert poisson_deviance(x, x) == pytest.approx(0.0, abs=1e-9)
     assert poisson_deviance(sp.csr_matrix(x), rate) == pytest.approx(poisson_deviance(x, rate))
     assert poisson_deviance(x, rate) > 0
+    # Only counts split: a fraction would leave a negative part (2.6 = 3 + -0.4).
+    for bad, message in ((x + 0.6, "non-integer values, such as"), (-x, "non-negative"), (x * np.nan, "NaN")):
+        with pytest.raises(ValueError, match=message):
+            thin(bad, 0.5, random_state=1)
+        with pytest.raises(ValueError, match=message):
+            select_n_components(bad, [1, 2], backend="numpy")
 
 
 def test_input_is_not_modified(planted):

@@ -61,6 +61,16 @@ BAD_PARAMS = [
 ]
 
 
+def test_an_anndata_in_place_of_counts_points_to_its_counts():
+    anndata = pytest.importorskip("anndata")
+    adata = anndata.AnnData(np.array([[1.0, 2.0], [0.0, 3.0]]))
+    with pytest.raises(TypeError, match=r"X is an AnnData: pass its counts .*fit_anndata"):
+        PNMF(1, backend="numpy").fit(adata)
+    model = PNMF(1, backend="numpy", max_iter=5).fit(adata.X)
+    with pytest.raises(TypeError, match="transform_anndata"):
+        model.transform(adata)
+
+
 def test_bad_factors_for_inverse_transform_are_named():
     model = PNMF(2, backend="numpy", max_iter=20, random_state=0).fit(np.eye(4) + 1.0)
     for h in (-np.ones((3, 2)), np.full((3, 2), np.nan)):

@@ -11,7 +11,7 @@ BACKENDS = ("numpy", "torch", "mlx")
 
 _INSTALL = {
     "torch": 'pip install "pnmf-vi[torch]"   (or: pip install torch)',
-    "mlx": 'pip install "pnmf-vi[mlx]"   (Metal on a Mac, the CPU elsewhere; NVIDIA GPUs: pip install "pnmf-vi[cuda13]")',
+    "mlx": 'pip install "pnmf-vi[mlx]"   (Metal on a Mac, the CPU elsewhere; NVIDIA: pip install "pnmf-vi[cuda13]")',
 }
 
 _CLASSES = {
