@@ -319,7 +319,22 @@ def cmd_consensus(args) -> list[Path]:
     model = consensus(counts.x, args.n_components, args.restarts, random_state=seed, batch=batch, **params)
     model.feature_names_in_ = counts.var_names.astype(object)
     print(f"stability (silhouette): {model.stability_:.3f}; outlier components dropped: {model.n_outliers_}")
-    return _outputs(args, counts, model, np.exp(model.mean_ + model.var_ / 2), "")
+    written = _outputs(args, counts, model, np.exp(model.mean_ + model.var_ / 2), "")
+    figure = _figure(lambda plot: plot.consensus(model)[0].figure, Path(args.out) / "consensus.png")
+    return written + figure
+
+
+def _figure(draw, path: Path) -> list[Path]:
+    """``draw(pnmf.plot)``'s figure written to ``path``; nothing without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        return []
+    matplotlib.use("Agg")
+    from . import plot
+
+    draw(plot).savefig(path, dpi=120, bbox_inches="tight")
+    return [path]
 
 
 def cmd_transform(args) -> list[Path]:
@@ -362,18 +377,7 @@ def cmd_select_k(args) -> list[Path]:
     (out / "select_k.csv").write_text("\n".join(lines) + "\n")
     written = [out / "select_k.csv"]
     print(f"chosen number of components: {best}")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        from . import plot
-
-        ax = plot.n_components({**table, "best": best})
-        ax.figure.savefig(out / "select_k.png", dpi=120, bbox_inches="tight")
-        written.append(out / "select_k.png")
-    except ImportError:
-        pass
-    return written
+    return written + _figure(lambda plot: plot.n_components({**table, "best": best}).figure, out / "select_k.png")
 
 
 def _load(path: str, backend: str | None, device: str | None):
@@ -457,7 +461,9 @@ def parser() -> argparse.ArgumentParser:
     fit.add_argument("--checkpoint-every", type=int, help="iterations between checkpoints (default: 100)")
     fit.set_defaults(run=cmd_fit)
 
-    cons = commands.add_parser("consensus", help="the consensus of restarts; write as fit does", **shown)
+    cons = commands.add_parser(
+        "consensus", help="the consensus of restarts; write as fit does, and consensus.png", **shown
+    )
     common(cons)
     cons.add_argument("--n-components", "-k", type=int, required=True, help="number of components (programs)")
     cons.add_argument("--restarts", type=int, default=10, help="fits whose components are combined")

@@ -41,7 +41,12 @@ def consensus(
     clustering, cosine geometry: 1 when every restart finds the same programs; NaN for
     one component),
     ``restart_elbos_`` (n_restarts,) and ``n_outliers_`` (components dropped);
-    ``n_iter_`` is the longest restart's and ``converged_`` whether all converged. The
+    ``n_iter_`` is the longest restart's and ``converged_`` whether all converged. For
+    each of the n_restarts x n_components components (restart by restart),
+    ``restart_labels_`` is the consensus component it joined (-1: an outlier),
+    ``local_density_`` its mean distance to its neighbours (compared with
+    ``density_threshold_``) and ``restart_similarity_`` the cosine similarities among them
+    (float32): :func:`pnmf.plot.consensus` draws them. The
     restarts share one copy of X on the device (checked and moved there once); where the
     data is small enough for a step to be bound by overhead and the fit is the default
     kind (dense, ``lower-bound``, natural), they are fitted together, as lanes of one step
@@ -67,7 +72,8 @@ def consensus(
     unit = raw / np.maximum(np.linalg.norm(raw, axis=1, keepdims=True), 1e-300)
     neighbours = max(1, int(round(NEIGHBOURS * n_restarts)))
     distances, _ = NearestNeighbors(n_neighbors=neighbours + 1).fit(unit).kneighbors(unit)
-    keep = distances[:, 1:].mean(axis=1) <= density_threshold
+    density = distances[:, 1:].mean(axis=1)
+    keep = density <= density_threshold
     if keep.sum() < n_components:
         raise ValueError(
             f"only {int(keep.sum())} of {len(keep)} components are within density_threshold={density_threshold} "
@@ -107,6 +113,11 @@ def consensus(
     model.stability_ = _stability(unit[keep], labels, n_components)
     model.restart_elbos_ = np.array([fit.elbo_ for fit in fits])
     model.n_outliers_ = int((~keep).sum())
+    # What pnmf.plot.consensus draws: every restart's component, where it went and why.
+    model.local_density_, model.density_threshold_ = density, float(density_threshold)
+    model.restart_labels_ = np.full(len(keep), -1)
+    model.restart_labels_[keep] = np.argsort(order)[labels]
+    model.restart_similarity_ = (unit @ unit.T).astype(np.float32)
     return model
 
 

@@ -7,13 +7,17 @@ import numpy as np
 from .programs import feature_labels, specificity
 
 
-def _axes(ax, figsize=(6, 4)):
+def _pyplot():
     try:
         import matplotlib.pyplot as plt
     except ImportError as err:
         raise ImportError('pnmf.plot needs matplotlib: pip install "pnmf-vi[plot]"') from err
+    return plt
+
+
+def _axes(ax, figsize=(6, 4)):
     if ax is None:
-        _, ax = plt.subplots(figsize=figsize, layout="constrained")
+        _, ax = _pyplot().subplots(figsize=figsize, layout="constrained")
     return ax
 
 
@@ -104,3 +108,39 @@ def n_components(table: dict, ax=None):
         right.set_ylabel("consensus stability (silhouette)", color="C1")
     ax.legend(lines, [line.get_label() for line in lines], fontsize=8)
     return ax
+
+
+def consensus(model, axes=None):
+    """The restarts behind a consensus model (from :func:`pnmf.consensus`), as cNMF draws them.
+
+    Left: the cosine similarity of every restart's components, grouped by the consensus
+    component each joined (outliers last, past the white line): bright blocks on the
+    diagonal are programs every restart found. Right: each component's mean distance to its
+    neighbours, the outlier criterion, with ``density_threshold`` marked: a threshold in a
+    gap between a peak near 0 and a tail keeps the reproducible components. ``axes``: two
+    Axes to draw into. Returns the two Axes.
+    """
+    labels = getattr(model, "restart_labels_", None)
+    if labels is None:
+        raise ValueError("the model is not a consensus: fit it with pnmf.consensus")
+    if axes is None:
+        _, axes = _pyplot().subplots(1, 2, figsize=(10, 4.2), layout="constrained")
+    left, right = axes
+    # Kept components by consensus component, then the outliers; restart order within each.
+    order = np.lexsort((np.arange(len(labels)), np.where(labels < 0, labels.max() + 1, labels)))
+    image = left.imshow(model.restart_similarity_[np.ix_(order, order)], vmin=0, vmax=1, interpolation="nearest")
+    left.figure.colorbar(image, ax=left, fraction=0.05, label="cosine similarity")
+    kept = int((labels >= 0).sum())
+    if kept < len(labels):
+        for line in (left.axhline, left.axvline):
+            line(kept - 0.5, color="white", lw=1.5)
+    left.set_title(f"{len(labels)} components of the restarts, by consensus component")
+    left.set_xticks([])
+    left.set_yticks([])
+    right.hist(model.local_density_, bins=min(50, max(10, len(labels) // 4)), color="C0")
+    dropped = int((labels < 0).sum())
+    right.axvline(model.density_threshold_, color="C3", ls="--", label=f"threshold: {dropped} dropped")
+    right.set_xlabel("mean distance to nearest neighbours")
+    right.set_ylabel("components")
+    right.legend(fontsize=8)
+    return axes

@@ -198,6 +198,7 @@ def test_select_k_and_consensus(files, tmp_path):
     )
     assert cons.returncode == 0, cons.stderr
     assert "stability (silhouette)" in cons.stdout and (tmp_path / "c" / "programs.csv").exists()
+    assert (tmp_path / "c" / "consensus.png").stat().st_size > 1000 and "consensus.png" in cons.stdout
 
 
 def test_select_k_and_consensus_fit_batches_with_batch_key(files, tmp_path):

@@ -45,6 +45,38 @@ def test_too_many_components_are_unstable_and_lose_outliers(seed_counts):
     too_many = pnmf.consensus(x, 7, n_restarts=6, random_state=0, backend="numpy")
     assert too_many.stability_ < planted.stability_ - 0.1
     assert too_many.n_outliers_ > 0 == planted.n_outliers_
+    # What the consensus plot draws: each of the 6 x 7 components, its consensus component or
+    # -1, and its density against the threshold.
+    labels = too_many.restart_labels_
+    assert labels.shape == (42,) and set(labels) == {-1, *range(7)}
+    assert np.array_equal(labels < 0, too_many.local_density_ > too_many.density_threshold_)
+    assert (labels < 0).sum() == too_many.n_outliers_
+    assert too_many.restart_similarity_.shape == (42, 42)
+    np.testing.assert_allclose(np.diag(too_many.restart_similarity_), 1.0, rtol=1e-5)
+    # The members of a consensus component are alike.
+    members = [np.flatnonzero(labels == l) for l in range(7)]
+    for l, rows in enumerate(members):
+        within = too_many.restart_similarity_[np.ix_(rows, rows)].mean()
+        assert within > 0.9, (l, within)
+
+
+def test_the_consensus_plot_groups_components_and_marks_the_threshold(seed_counts):
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    x, _, _ = seed_counts
+    model = pnmf.consensus(x, 7, n_restarts=6, random_state=0, backend="numpy")
+    left, right = pnmf.plot.consensus(model)
+    shown = left.images[0].get_array()
+    labels = model.restart_labels_
+    # Rows grouped by consensus component, the outliers last.
+    order = np.argsort(np.where(labels < 0, 99, labels), kind="stable")
+    np.testing.assert_array_equal(shown, model.restart_similarity_[np.ix_(order, order)])
+    assert right.lines[0].get_xdata()[0] == model.density_threshold_
+    assert f"{model.n_outliers_} dropped" in right.get_legend().get_texts()[0].get_text()
+    with pytest.raises(ValueError, match="not a consensus"):
+        pnmf.plot.consensus(PNMF(5, backend="numpy", max_iter=5).fit(x))
 
 
 def test_consensus_checks_its_arguments(seed_counts):
