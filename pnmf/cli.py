@@ -316,7 +316,15 @@ def cmd_consensus(args) -> list[Path]:
     seed = params.pop("random_state")
     params.pop("distributed")
     batch = _batch(counts, args.batch_key)
-    model = consensus(counts.x, args.n_components, args.restarts, random_state=seed, batch=batch, **params)
+    model = consensus(
+        counts.x,
+        args.n_components,
+        args.restarts,
+        random_state=seed,
+        density_threshold=args.density_threshold,
+        batch=batch,
+        **params,
+    )
     model.feature_names_in_ = counts.var_names.astype(object)
     print(f"stability (silhouette): {model.stability_:.3f}; outlier components dropped: {model.n_outliers_}")
     written = _outputs(args, counts, model, np.exp(model.mean_ + model.var_ / 2), "")
@@ -367,7 +375,13 @@ def cmd_select_k(args) -> list[Path]:
     params.pop("distributed")
     batch = _batch(counts, args.batch_key)
     table = select_n_components(
-        counts.x, args.candidates, random_state=seed, n_restarts=args.restarts, batch=batch, **params
+        counts.x,
+        args.candidates,
+        random_state=seed,
+        n_restarts=args.restarts,
+        density_threshold=args.density_threshold,
+        batch=batch,
+        **params,
     )
     best = table.pop("best")
     out = Path(args.out)
@@ -401,6 +415,9 @@ def cmd_info(args) -> list[Path]:
     for component, block in table[table.ranking == "specificity"].groupby("component"):
         print(f"  component {component}: {', '.join(block.feature)}")
     return []
+
+
+DENSITY_HELP = "drop restarts' components farther than this from their neighbours (cNMF's local density threshold)"
 
 
 class _DefaultsShown(argparse.HelpFormatter):
@@ -467,12 +484,14 @@ def parser() -> argparse.ArgumentParser:
     common(cons)
     cons.add_argument("--n-components", "-k", type=int, required=True, help="number of components (programs)")
     cons.add_argument("--restarts", type=int, default=10, help="fits whose components are combined")
+    cons.add_argument("--density-threshold", type=float, default=0.5, help=DENSITY_HELP)
     cons.set_defaults(run=cmd_consensus, distributed=False)
 
     select = commands.add_parser("select-k", help="held-out deviance (and stability) per number of components", **shown)
     common(select)
     select.add_argument("--candidates", type=int, nargs="+", required=True, metavar="K", help="numbers of components")
     select.add_argument("--restarts", type=int, default=1, help="restarts per K (> 1: consensus and stability)")
+    select.add_argument("--density-threshold", type=float, default=0.5, help=DENSITY_HELP + " (with --restarts)")
     select.set_defaults(run=cmd_select_k, distributed=False, factors=None)
 
     transform = commands.add_parser("transform", help="factors of new counts under a fitted model", **shown)

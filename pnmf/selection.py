@@ -12,7 +12,15 @@ from .estimator import PNMF
 
 
 def select_n_components(
-    X, candidates, *, fraction: float = 0.5, random_state=0, n_restarts: int = 1, batch=None, **params
+    X,
+    candidates,
+    *,
+    fraction: float = 0.5,
+    random_state=0,
+    n_restarts: int = 1,
+    density_threshold: float = 0.5,
+    batch=None,
+    **params,
 ) -> dict:
     """Score each number of components by the held-out Poisson deviance of a thinned split.
 
@@ -26,6 +34,7 @@ def select_n_components(
     With ``n_restarts`` > 1 each candidate is the consensus of that many restarts
     (:func:`pnmf.consensus`), and the table adds ``stability``, the silhouette of its
     clustering: cNMF's two criteria, an error to minimise and a stability to keep high.
+    ``density_threshold`` goes to :func:`pnmf.consensus`.
 
     ``batch`` (one label per row) fits every candidate with batch effects (``fit(X,
     batch=...)``), and the held-out rate includes them: the number of programs is then
@@ -49,7 +58,15 @@ def select_n_components(
     rows = []
     for k in candidates:
         if n_restarts > 1:
-            model = consensus(train, k, n_restarts, random_state=random_state, batch=batch, **params)
+            model = consensus(
+                train,
+                k,
+                n_restarts,
+                random_state=random_state,
+                density_threshold=density_threshold,
+                batch=batch,
+                **params,
+            )
         else:
             model = PNMF(k, **{"random_state": random_state, **params}).fit(train, batch=batch)
         factors = np.exp(model.mean_ + model.var_ / 2)

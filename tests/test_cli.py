@@ -199,6 +199,27 @@ def test_select_k_and_consensus(files, tmp_path):
     assert cons.returncode == 0, cons.stderr
     assert "stability (silhouette)" in cons.stdout and (tmp_path / "c" / "programs.csv").exists()
     assert (tmp_path / "c" / "consensus.png").stat().st_size > 1000 and "consensus.png" in cons.stdout
+    # cNMF's local density threshold: the same restarts, their components kept or dropped by it.
+    common = ("-k", 5, "--restarts", 3, "--seed", 0, "--backend", "numpy")
+    dropped = {}
+    for threshold in (0.02, 2.0):
+        done = pnmf_command(
+            "consensus",
+            folder / "counts.npz",
+            *common,
+            "--density-threshold",
+            threshold,
+            "-o",
+            tmp_path / "d",
+            cwd=tmp_path,
+        )
+        assert done.returncode == 0, done.stderr
+        dropped[threshold] = int(done.stdout.split("outlier components dropped: ")[1].split()[0])
+    assert dropped[2.0] == 0 < dropped[0.02]
+    bad = pnmf_command(
+        "consensus", folder / "counts.npz", *common, "--density-threshold", -1, "-o", tmp_path / "e", cwd=tmp_path
+    )
+    assert bad.returncode == 2 and "density_threshold=-1.0 must be in (0, 2]" in bad.stderr
 
 
 def test_select_k_and_consensus_fit_batches_with_batch_key(files, tmp_path):

@@ -97,6 +97,10 @@ def test_k_selection_with_restarts_chooses_the_planted_k_and_shows_stability(see
     assert stability[5] > 0.95 and stability[5] >= max(stability.values()) - 0.01
     with pytest.raises(ValueError, match="n_restarts=0"):
         select_n_components(x, [5], n_restarts=0)
+    # The density threshold reaches each candidate's consensus: at 7 components, 2 more than
+    # planted, a threshold that drops no outlier leaves the clusters less clean than 0.5.
+    tight = select_n_components(x, [7], n_restarts=4, backend="numpy", density_threshold=2.0)
+    assert tight["stability"][0] < dict(zip(table["n_components"], table["stability"]))[7]
 
 
 def test_the_k_selection_plot_draws_both_criteria_and_marks_k(seed_counts):
