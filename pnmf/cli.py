@@ -455,7 +455,9 @@ def parser() -> argparse.ArgumentParser:
                 "--training-mode", default="natural", choices=["natural", "standard"], help="natural gradients or Adam"
             )
             sub.add_argument("--size-factors", choices=["total"], help="per-row size factors: row totals")
-            sub.add_argument("--prior-scale", help="'auto' (default) or a number")
+            sub.add_argument(
+                "--prior-scale", help="scale of the factors' prior: a number (default: 1) or 'auto' (fitted)"
+            )
             sub.add_argument("--max-iter", type=int, default=2000, help="most iterations (steps of a mini-batch fit)")
             sub.add_argument(
                 "--tol", type=float, default=1e-4, help="stop when the ELBO settles to this (0: run max-iter)"

@@ -445,3 +445,14 @@ def test_help_names_each_default_and_no_missing_one(tmp_path):
     for default in ("(default: 2000)", "(default: 0)", "(default: 0.0001)", "(default: natural)"):
         assert default in text, default
     assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_the_prior_scale_is_fixed_at_1_unless_asked_as_help_says(files, tmp_path):
+    folder, _ = files
+    common = ("-k", 2, "--max-iter", 20, "--backend", "numpy", "--factors", "csv")
+    help_text = " ".join(pnmf_command("fit", "--help", cwd=tmp_path).stdout.split())
+    assert "a number (default: 1) or 'auto'" in help_text
+    for option, expected in (((), 1.0), (("--prior-scale", "auto"), "auto"), (("--prior-scale", "0.5"), 0.5)):
+        done = pnmf_command("fit", folder / "counts.npz", *common, *option, "-o", tmp_path / "f", cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert PNMF.load(tmp_path / "f" / "model.npz").prior_scale == expected
