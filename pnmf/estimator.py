@@ -60,6 +60,8 @@ def _one_of(name: str, value, allowed) -> None:
         raise ValueError(f"{name}={value!r} is not one of " + ", ".join(repr(a) for a in allowed))
 
 
+# Values checked for integers at a time (their temporaries: a few MB).
+CHECK_CHUNK = 1 << 20
 # Rows of counts on disk (at most a block) whose values are checked for integers before a fit.
 COUNTS_CHECKED_ON_DISK = 1000
 
@@ -71,13 +73,18 @@ def warn_if_not_counts(values: np.ndarray, stacklevel: int = 2) -> None:
     then no bound on a likelihood. Intensities that are not counts (some spectra, images)
     can still be fitted; the warning says what the numbers mean.
     """
-    values = np.asarray(values)
-    if values.dtype.kind != "f" or values.size == 0:
+    values = np.ravel(values, order="K")  # no copy of a contiguous array
+    if values.dtype.kind != "f":
         return
-    fractional = values != np.floor(values)
-    n = int(np.count_nonzero(fractional))
+    n, example = 0, None
+    for start in range(0, values.size, CHECK_CHUNK):  # bounded temporaries
+        part = values[start : start + CHECK_CHUNK]
+        fractional = part != np.floor(part)
+        found = int(np.count_nonzero(fractional))
+        if found and example is None:
+            example = part[fractional][0]
+        n += found
     if n:
-        example = values[fractional].flat[0]
         warnings.warn(
             f"X holds non-integer values ({n:,} of {values.size:,} entries, such as {example:.4g}): the model is "
             "Poisson, for counts; normalised or log-transformed data violate it and the ELBO is then no bound on "
