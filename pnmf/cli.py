@@ -12,6 +12,7 @@ nothing is written.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import warnings
@@ -515,7 +516,18 @@ def _one_line(message: str):
     raise UsageError(message)
 
 
+def _log_to_stderr() -> None:
+    """pnmf's progress messages (logger 'pnmf', INFO and up) as lines on stderr."""
+    logger = logging.getLogger("pnmf")
+    if not logger.handlers:  # once, however often main runs in one process
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("pnmf: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def main(argv=None) -> int:
+    _log_to_stderr()
     try:
         args = parser().parse_args(argv)
         with warnings.catch_warnings():

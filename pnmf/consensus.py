@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import time
+
 import numpy as np
 from sklearn.cluster import KMeans
 from sklearn.metrics import silhouette_score
@@ -10,6 +13,8 @@ from sklearn.utils import check_random_state
 
 from .estimator import PNMF
 from .scaling import batch_sums, check_batch, normalise
+
+log = logging.getLogger(__name__)
 
 # Outlier filter: the mean distance of a (unit-norm) component to its nearest neighbours
 # among all restarts' components, over NEIGHBOURS x n_restarts of them (cNMF's default).
@@ -67,7 +72,9 @@ def consensus(
         )
     rng = check_random_state(random_state)
     seeds = rng.randint(np.iinfo(np.int32).max, size=n_restarts)
+    start = time.perf_counter()
     fits = PNMF(n_components, **pnmf_params)._fit_restarts(X, seeds, batch)
+    log.info("K=%d: %d restarts fitted (%.1f s)", n_components, n_restarts, time.perf_counter() - start)
     raw = np.concatenate([fit.loadings_.T for fit in fits])  # (R * L, D)
     unit = raw / np.maximum(np.linalg.norm(raw, axis=1, keepdims=True), 1e-300)
     neighbours = max(1, int(round(NEIGHBOURS * n_restarts)))

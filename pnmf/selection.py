@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 import warnings
 
 import numpy as np
@@ -9,6 +11,8 @@ import numpy as np
 from .consensus import consensus
 from .data import poisson_deviance, thin
 from .estimator import PNMF
+
+log = logging.getLogger(__name__)
 
 
 def select_n_components(
@@ -40,6 +44,9 @@ def select_n_components(
     batch=...)``), and the held-out rate includes them: the number of programs is then
     chosen for what the batches do not explain.
 
+    Each candidate's result is logged as it comes (logger ``pnmf.selection``, level INFO;
+    the ``pnmf select-k`` command shows it).
+
     Returns a table as a dict of equal-length arrays (``pandas.DataFrame(result)`` shows
     it): ``n_components``, ``heldout_deviance``, ``train_elbo``, ``n_iter``, ``converged``
     (and ``stability``); and ``best``, the candidate with the lowest held-out deviance.
@@ -57,6 +64,7 @@ def select_n_components(
     train, test = thin(X, fraction, random_state=random_state)
     rows = []
     for k in candidates:
+        start = time.perf_counter()
         if n_restarts > 1:
             model = consensus(
                 train,
@@ -74,6 +82,8 @@ def select_n_components(
         rate *= (1 - fraction) / fraction
         row = (k, poisson_deviance(test, rate), model.elbo_, model.n_iter_, model.converged_)
         rows.append(row + ((model.stability_,) if n_restarts > 1 else ()))
+        stability = f", stability {model.stability_:.3f}" if n_restarts > 1 else ""
+        log.info("K=%d: held-out deviance %.6g%s (%.1f s)", k, row[1], stability, time.perf_counter() - start)
     columns = ("n_components", "heldout_deviance", "train_elbo", "n_iter", "converged")
     columns += ("stability",) if n_restarts > 1 else ()
     table = {name: np.array(values) for name, values in zip(columns, zip(*rows))}

@@ -193,6 +193,11 @@ def test_select_k_and_consensus(files, tmp_path):
     assert list(table.n_components) == [2, 3, 4] and "stability" in table
     assert f"chosen number of components: {table.n_components[table.heldout_deviance.idxmin()]}" in select.stdout
     assert (tmp_path / "k" / "select_k.png").stat().st_size > 1000
+    assert [line.split(":")[1] for line in select.stderr.splitlines() if "held-out deviance" in line] == [
+        " K=2",
+        " K=3",
+        " K=4",
+    ]  # one line per candidate, as it comes
     cons = pnmf_command(
         "consensus", folder / "counts.csv", "-k", 3, "--restarts", 3, "-o", tmp_path / "c", cwd=tmp_path
     )

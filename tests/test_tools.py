@@ -22,6 +22,16 @@ def test_select_n_components_finds_the_planted_number():
     assert np.all(np.isfinite(table["train_elbo"]))
 
 
+def test_each_candidate_and_its_restarts_are_logged_as_they_come(caplog):
+    x, _, _ = make_counts(100, 30, 2, random_state=1)
+    with caplog.at_level("INFO", logger="pnmf"):
+        table = select_n_components(x, [1, 3], n_restarts=2, backend="numpy", max_iter=50)
+    lines = [record.getMessage() for record in caplog.records]
+    assert [line.split(":")[0] for line in lines] == ["K=1", "K=1", "K=3", "K=3"]  # restarts, then the result
+    assert lines[1].startswith(f"K=1: held-out deviance {table['heldout_deviance'][0]:.6g}, stability")
+    assert "2 restarts fitted" in lines[2]
+
+
 def test_select_n_components_checks_its_arguments():
     x = np.ones((5, 4))
     with pytest.raises(ValueError, match="candidates"):
