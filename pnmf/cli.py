@@ -185,7 +185,9 @@ def _batch(counts: Counts, key: str | None):
         raise UsageError("--batch-key needs an .h5ad input, whose obs holds the batch labels")
     if key not in counts.obs:
         raise UsageError(f"--batch-key {key!r} is not a column of obs (columns: {', '.join(counts.obs.columns)})")
-    return counts.obs[key].astype(str).to_numpy()
+    from .integrations import batch_labels
+
+    return batch_labels(counts.obs, key)
 
 
 def _model_params(args) -> dict:

@@ -21,12 +21,26 @@ def _size_factors(adata, size_factors):
     return size_factors
 
 
+def batch_labels(obs, key: str) -> np.ndarray:
+    """The batch labels in column ``key`` of an obs table, as strings; a ValueError when
+    some are missing (NaN would otherwise become a batch called 'nan')."""
+    column = obs[key]
+    missing = int(column.isna().sum())
+    if missing:
+        first = column.index[column.isna().to_numpy()][0]
+        raise ValueError(
+            f"obs[{key!r}] has {missing} missing label{'s' * (missing > 1)} (first: row {first!r}): "
+            "give those cells a batch or leave them out"
+        )
+    return np.asarray(column.astype(str))
+
+
 def _labels(adata, batch_key: str | None):
     if batch_key is None:
         return None
     if batch_key not in adata.obs:
         raise KeyError(f"batch_key={batch_key!r} is not a column of adata.obs")
-    return np.asarray(adata.obs[batch_key].astype(str))
+    return batch_labels(adata.obs, batch_key)
 
 
 def transform_named(model: PNMF, x, names=None, *, batch=None, size_factors=None, source: str = "X"):

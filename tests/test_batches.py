@@ -267,6 +267,10 @@ def test_fit_anndata_reads_batches_and_size_factors_from_obs(small):
         transform_anndata(model, adata, size_factors="depth")  # the model has batch effects: which apply?
     with pytest.raises(KeyError, match="batch_key='donor'"):
         pnmf_fit_anndata(adata, 3, batch_key="donor")
+    unlabelled = adata.copy()
+    unlabelled.obs.loc["cell7", "sample"] = np.nan  # not a batch called 'nan'
+    with pytest.raises(ValueError, match=r"obs\['sample'\] has 1 missing label \(first: row 'cell7'\)"):
+        pnmf_fit_anndata(unlabelled, 3, batch_key="sample")
     with pytest.raises(KeyError, match="size_factors='depth2'"):
         pnmf_fit_anndata(adata, 3, size_factors="depth2")
 

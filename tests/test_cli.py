@@ -183,6 +183,19 @@ def test_normalised_x_warns_on_one_line_naming_the_files_layers(files, tmp_path)
     assert "its layers are counts" in select.stderr and not (tmp_path / "k").exists()
 
 
+def test_cells_without_a_batch_are_named_not_made_a_batch(files, tmp_path):
+    folder, _ = files
+    adata = anndata.read_h5ad(folder / "cells.h5ad")
+    adata.obs["donor"] = adata.obs["donor"].astype("category")
+    adata.obs.loc[["cell3", "cell9"], "donor"] = np.nan
+    adata.write_h5ad(tmp_path / "unlabelled.h5ad")
+    done = pnmf_command(
+        "fit", tmp_path / "unlabelled.h5ad", "-k", 2, "--batch-key", "donor", "-o", tmp_path / "out", cwd=tmp_path
+    )
+    assert done.returncode == 2 and not (tmp_path / "out").exists()
+    assert "pnmf: error: obs['donor'] has 2 missing labels (first: row 'cell3')" in done.stderr
+
+
 def test_select_k_and_consensus(files, tmp_path):
     folder, _ = files
     select = pnmf_command(
