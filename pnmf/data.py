@@ -128,6 +128,12 @@ class DiskRows:
     def __init__(self, data, block_rows: int = 10_000, rows: slice | None = None):
         if hasattr(data, "keys") and not hasattr(data, "shape"):  # a group of arrays
             data = _CSRGroup.of_group(data)
+        if getattr(data, "format", None) == "csc":
+            raise ValueError(
+                "the counts on disk are stored by columns (CSC): every read of a few rows reads all of them. "
+                "Read them into memory (adata.to_memory()), or write them by rows once "
+                "(adata.X = adata.X.tocsr(); adata.write_h5ad(path), in memory)"
+            )
         whole = tuple(int(s) for s in data.shape)
         if len(whole) != 2 or min(whole) < 1:
             raise ValueError(f"counts on disk must be a non-empty 2-d matrix; got shape {whole}")

@@ -201,3 +201,15 @@ def test_a_share_of_the_rows_on_disk_reads_only_its_own(counts):
     assert (share[0:10] != counts[300:310]).nnz == 0 and (share[390:500] != counts[690:700]).nnz == 0
     assert (share[np.array([0, 1, 5, 399])] != counts[[300, 301, 305, 699]]).nnz == 0
     assert share.sum() == pytest.approx(counts[300:700].sum()) and max(source.reads) <= 150
+
+
+def test_counts_on_disk_by_columns_are_refused_for_batches_and_read_whole_to_map(tmp_path, counts):
+    path = tmp_path / "csc.h5ad"
+    ad.AnnData(sp.csc_matrix(counts)).write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    with pytest.raises(ValueError, match=r"stored by columns \(CSC\).*to_memory"):
+        PNMF(4, **PARAMS).fit(backed.X)  # each batch would read every count
+    model = PNMF(4, **PARAMS).fit(counts)
+    with pytest.raises(ValueError, match="stored by columns"):
+        model.transform(backed.X)
+    np.testing.assert_allclose(pnmf.transform_anndata(model, backed), model.transform(counts), rtol=1e-6)
