@@ -24,6 +24,7 @@ import scipy.sparse as sp
 
 from .data import in_memory, share
 from .elbo import MODES
+from .loop import interrupt_stops_all
 
 
 class UsageError(Exception):
@@ -535,10 +536,14 @@ def main(argv=None) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             warnings.showwarning = _show_warning
-            written = args.run(args)
+            with interrupt_stops_all():  # Ctrl-C stops the command: no outputs of a fit cut short
+                written = args.run(args)
     except UsageError as err:
         print(f"pnmf: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("pnmf: interrupted; nothing more was written (a fit with --checkpoint resumes from it)", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # the reader (``| head``) left: stop quietly, as command-line tools do
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (Python flushes it at exit)
         return 0

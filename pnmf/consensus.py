@@ -12,6 +12,7 @@ from sklearn.neighbors import NearestNeighbors
 from sklearn.utils import check_random_state
 
 from .estimator import PNMF
+from .loop import interrupt_stops_all
 from .scaling import batch_sums, check_batch, normalise
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,8 @@ def consensus(
     rng = check_random_state(random_state)
     seeds = rng.randint(np.iinfo(np.int32).max, size=n_restarts)
     start = time.perf_counter()
-    fits = PNMF(n_components, **pnmf_params)._fit_restarts(X, seeds, batch)
+    with interrupt_stops_all():  # no consensus of restarts cut short
+        fits = PNMF(n_components, **pnmf_params)._fit_restarts(X, seeds, batch)
     log.info("K=%d: %d restarts fitted (%.1f s)", n_components, n_restarts, time.perf_counter() - start)
     raw = np.concatenate([fit.loadings_.T for fit in fits])  # (R * L, D)
     unit = raw / np.maximum(np.linalg.norm(raw, axis=1, keepdims=True), 1e-300)

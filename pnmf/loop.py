@@ -15,6 +15,8 @@ where a fit stops, so a resumed fit stops where an uninterrupted one does.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import os
 import sys
@@ -25,6 +27,21 @@ from typing import Any
 import numpy as np
 
 from .backends.base import Array, Backend
+
+# Whether a fit interrupted with Ctrl-C returns what it reached (a fit of its own) or lets
+# the interrupt through (one fit of many: restarts, candidates for K, a command).
+KEEP_ON_INTERRUPT = contextvars.ContextVar("keep_on_interrupt", default=True)
+
+
+@contextlib.contextmanager
+def interrupt_stops_all():
+    """Within it, Ctrl-C stops every fit: KeyboardInterrupt reaches the caller."""
+    token = KEEP_ON_INTERRUPT.set(False)
+    try:
+        yield
+    finally:
+        KEEP_ON_INTERRUPT.reset(token)
+
 
 CHECK_EVERY = 10  # iterations between reads of the ELBO history (each read waits for the device)
 WINDOW = {"lower-bound": 10, "expanded": 50, "simple": 50}  # moving-average window of the stopping rule
@@ -167,6 +184,8 @@ def run(
             if not last and not converged:
                 break  # max_iter reached before the last phase
     except KeyboardInterrupt:
+        if not KEEP_ON_INTERRUPT.get():
+            raise
         warnings.warn(
             f"fit interrupted after {len(history)} iterations; returning the parameters reached so far",
             RuntimeWarning,

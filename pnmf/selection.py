@@ -11,6 +11,7 @@ import numpy as np
 from .consensus import consensus
 from .data import poisson_deviance, thin
 from .estimator import PNMF
+from .loop import interrupt_stops_all
 
 log = logging.getLogger(__name__)
 
@@ -65,18 +66,19 @@ def select_n_components(
     rows = []
     for k in candidates:
         start = time.perf_counter()
-        if n_restarts > 1:
-            model = consensus(
-                train,
-                k,
-                n_restarts,
-                random_state=random_state,
-                density_threshold=density_threshold,
-                batch=batch,
-                **params,
-            )
-        else:
-            model = PNMF(k, **{"random_state": random_state, **params}).fit(train, batch=batch)
+        with interrupt_stops_all():  # Ctrl-C stops the selection, not one candidate's fit
+            if n_restarts > 1:
+                model = consensus(
+                    train,
+                    k,
+                    n_restarts,
+                    random_state=random_state,
+                    density_threshold=density_threshold,
+                    batch=batch,
+                    **params,
+                )
+            else:
+                model = PNMF(k, **{"random_state": random_state, **params}).fit(train, batch=batch)
         factors = np.exp(model.mean_ + model.var_ / 2)
         rate = model.inverse_transform(factors, size_factors=model.size_factors_, batch=batch)
         rate *= (1 - fraction) / fraction

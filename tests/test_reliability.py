@@ -182,6 +182,47 @@ def test_interrupt_keeps_the_parameters_and_warns(monkeypatch):
     assert model.elbo_ > -np.inf
 
 
+def _interrupt_at(monkeypatch, call: int) -> None:
+    """Ctrl-C at the ``call``-th step of standard training."""
+    import pnmf.optim
+
+    real_step = pnmf.optim.StandardTrainer.step
+    calls = {"n": 0}
+
+    def interrupted(self, state, key):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+        return real_step(self, state, key)
+
+    monkeypatch.setattr(pnmf.optim.StandardTrainer, "step", interrupted)
+
+
+def test_an_interrupt_stops_restarts_selections_and_commands_not_one_fit(monkeypatch, tmp_path, capsys):
+    import pnmf
+    from pnmf.cli import main
+
+    x = np.random.default_rng(2).poisson(3.0, (30, 6)).astype(float)
+    params = dict(backend="numpy", mode="expanded", training_mode="standard", max_iter=40, tol=0)
+    _interrupt_at(monkeypatch, 60)  # in the second restart, or the second candidate
+    with pytest.raises(KeyboardInterrupt):
+        pnmf.consensus(x, 2, n_restarts=3, **params)
+    _interrupt_at(monkeypatch, 60)
+    with pytest.raises(KeyboardInterrupt):
+        pnmf.select_n_components(x, [1, 2, 3], **params)
+    _interrupt_at(monkeypatch, 10)
+    import scipy.sparse
+
+    scipy.sparse.save_npz(tmp_path / "x.npz", scipy.sparse.csr_matrix(x))
+    command = ["fit", str(tmp_path / "x.npz"), "-k", 2, "--mode", "expanded", "--training-mode", "standard"]
+    status = main([*map(str, command), "--backend", "numpy", "-o", str(tmp_path / "out")])
+    assert status == 130 and "pnmf: interrupted" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    _interrupt_at(monkeypatch, 10)  # a fit of its own still keeps what it reached
+    with pytest.warns(RuntimeWarning, match="interrupted"):
+        assert PNMF(2, **params).fit(x).n_iter_ < 40
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     n=st.integers(1, 12),
