@@ -49,7 +49,8 @@ def transform_named(model: PNMF, x, names=None, *, batch=None, size_factors=None
     The model's features are picked from x by name when they differ (another order, or more
     of them; see :func:`pnmf.programs.feature_columns`). Counts on disk are transformed a
     block of rows at a time, unless columns are picked, they are stored by columns (CSC),
-    or a batch unseen in fit needs its rows at once. Returns the factors and the picked columns (None: x's own).
+    or a batch unseen in fit needs its rows at once. Returns the factors and the picked
+    columns (None: x's own).
     """
     columns = feature_columns(model, x.shape[1], names, source)
     if columns is not None or getattr(x, "format", None) == "csc":  # by columns: rows are not read alone
