@@ -23,8 +23,13 @@ def _axes(ax, figsize=(6, 4)):
 
 def elbo_history(model, ax=None):
     """The ELBO at every iteration of the fit (log iteration axis)."""
-    ax = _axes(ax)
     history = np.asarray(model.elbo_history_)
+    if history.size == 0:
+        raise ValueError(
+            "the model has no ELBO history: a consensus of restarts has none of its own (their final ELBOs are "
+            "restart_elbos_; pnmf.plot.consensus draws the restarts)"
+        )
+    ax = _axes(ax)
     ax.semilogx(np.arange(1, len(history) + 1), history, lw=1.2)
     ax.set_xlabel("iteration")
     ax.set_ylabel("ELBO")

@@ -77,6 +77,8 @@ def test_the_consensus_plot_groups_components_and_marks_the_threshold(seed_count
     assert f"{model.n_outliers_} dropped" in right.get_legend().get_texts()[0].get_text()
     with pytest.raises(ValueError, match="not a consensus"):
         pnmf.plot.consensus(PNMF(5, backend="numpy", max_iter=5).fit(x))
+    with pytest.raises(ValueError, match="no ELBO history.*restart_elbos_"):
+        pnmf.plot.elbo_history(model)  # not an empty figure
 
 
 def test_consensus_checks_its_arguments(seed_counts):
