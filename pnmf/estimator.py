@@ -491,6 +491,10 @@ class PNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         the ``size_factors`` parameter); ``batch`` (n_samples,) labels (strings or integers)
         fit a batch effect per batch and feature (``batch_effects_``). With
         ``distributed=True``, X, ``size_factors`` and ``batch`` are this process's block of rows.
+
+        Non-integer values (normalised data where counts belong) draw a ``UserWarning``; for
+        intensities that are not counts by design, ``warnings.filterwarnings("ignore",
+        "X holds non-integer values")`` silences it.
         """
         self._fit(X, size_factors, batch)
         return self
