@@ -373,6 +373,8 @@ def cmd_select_k(args) -> list[Path]:
     _check_out(args)
     if any(k < 1 for k in args.candidates):
         raise UsageError(f"--candidates must be positive integers; got {args.candidates}")
+    if args.density_threshold is not None and args.restarts < 2:
+        raise UsageError("--density-threshold filters the restarts of a consensus: give --restarts 2 or more")
     counts = read_counts(args.counts, args.layer)
     params = _model_params(args)
     seed = params.pop("random_state")
@@ -383,7 +385,7 @@ def cmd_select_k(args) -> list[Path]:
         args.candidates,
         random_state=seed,
         n_restarts=args.restarts,
-        density_threshold=args.density_threshold,
+        density_threshold=0.5 if args.density_threshold is None else args.density_threshold,
         batch=batch,
         **params,
     )
@@ -497,7 +499,7 @@ def parser() -> argparse.ArgumentParser:
     common(select)
     select.add_argument("--candidates", type=int, nargs="+", required=True, metavar="K", help="numbers of components")
     select.add_argument("--restarts", type=int, default=1, help="restarts per K (> 1: consensus and stability)")
-    select.add_argument("--density-threshold", type=float, default=0.5, help=DENSITY_HELP + " (with --restarts)")
+    select.add_argument("--density-threshold", type=float, help=DENSITY_HELP + " (with --restarts; default: 0.5)")
     select.set_defaults(run=cmd_select_k, distributed=False, factors=None)
 
     transform = commands.add_parser("transform", help="factors of new counts under a fitted model", **shown)

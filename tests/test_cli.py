@@ -238,6 +238,18 @@ def test_select_k_and_consensus(files, tmp_path):
         "consensus", folder / "counts.npz", *common, "--density-threshold", -1, "-o", tmp_path / "e", cwd=tmp_path
     )
     assert bad.returncode == 2 and "density_threshold=-1.0 must be in (0, 2]" in bad.stderr
+    alone = pnmf_command(
+        "select-k",
+        folder / "counts.npz",
+        "--candidates",
+        2,
+        "--density-threshold",
+        0.3,
+        "-o",
+        tmp_path / "s",
+        cwd=tmp_path,
+    )  # one fit per K: no restarts for the threshold to filter
+    assert alone.returncode == 2 and "give --restarts 2 or more" in alone.stderr and not (tmp_path / "s").exists()
 
 
 def test_select_k_and_consensus_fit_batches_with_batch_key(files, tmp_path):
