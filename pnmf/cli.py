@@ -290,14 +290,14 @@ def _check_out(args) -> None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {args.out} exists and is not a directory")
+    if getattr(args, "top", 1) < 1:
+        raise UsageError(f"--top {args.top} must be at least 1")
 
 
 def cmd_fit(args) -> list[Path]:
     from .estimator import PNMF
 
     _check_out(args)
-    if args.top < 1:
-        raise UsageError(f"--top {args.top} must be at least 1")
     if args.checkpoint_every is not None and args.checkpoint is None:
         raise UsageError("--checkpoint-every needs --checkpoint (the file to write)")
     model = PNMF(args.n_components, **_model_params(args))
@@ -447,7 +447,7 @@ def parser() -> argparse.ArgumentParser:
     main.add_argument("--version", action="version", version=f"pnmf {__version__}")
     commands = main.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def common(sub, model_options=True):
+    def common(sub, model_options=True, outputs=True):
         sub.add_argument("counts", help=".h5ad, 10x directory or .h5, .npz, .csv or .tsv")
         sub.add_argument("--layer", help="the .h5ad layer with the counts (default: X)")
         sub.add_argument("--out", "-o", required=True, help="folder for the outputs")
@@ -470,6 +470,7 @@ def parser() -> argparse.ArgumentParser:
             )
             sub.add_argument("--seed", type=int, default=0, help="random seed")
             sub.add_argument("--verbose", "-v", action="store_true", help="a progress bar")
+        if model_options and outputs:  # a model, its programs and factors are written
             sub.add_argument("--top", type=int, default=20, help="features per component in programs.csv")
             sub.add_argument("--factors", choices=["h5ad", "csv"], help="format of the factors (default: as the input)")
 
@@ -496,11 +497,11 @@ def parser() -> argparse.ArgumentParser:
     cons.set_defaults(run=cmd_consensus, distributed=False)
 
     select = commands.add_parser("select-k", help="held-out deviance (and stability) per number of components", **shown)
-    common(select)
+    common(select, outputs=False)
     select.add_argument("--candidates", type=int, nargs="+", required=True, metavar="K", help="numbers of components")
     select.add_argument("--restarts", type=int, default=1, help="restarts per K (> 1: consensus and stability)")
     select.add_argument("--density-threshold", type=float, help=DENSITY_HELP + " (with --restarts; default: 0.5)")
-    select.set_defaults(run=cmd_select_k, distributed=False, factors=None)
+    select.set_defaults(run=cmd_select_k, distributed=False)
 
     transform = commands.add_parser("transform", help="factors of new counts under a fitted model", **shown)
     transform.add_argument("model", help="a model.npz written by fit")

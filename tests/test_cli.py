@@ -291,6 +291,8 @@ BAD = [
     (["transform", "model.npz", "counts.csv"], "model.npz: no such model file"),
     (["select-k", "counts.csv", "--candidates", "0", "2"], "--candidates must be positive"),
     (["consensus", "counts.csv", "-k", "2", "--restarts", "1"], "--restarts 1 must be at least 2"),
+    (["consensus", "counts.csv", "-k", "2", "--top", "0"], "--top 0 must be at least 1"),
+    (["select-k", "counts.csv", "--candidates", "2", "--top", "5"], "unrecognized arguments: --top 5"),
     ([], "required: COMMAND"),
 ]
 
