@@ -221,6 +221,24 @@ def test_device_choice_is_checked():
         PNMF(2, backend="numpy", device="cuda").fit(np.ones((3, 3)))
 
 
+def test_with_backend_auto_the_device_picks_the_framework(monkeypatch):
+    import pnmf.backends as backends
+
+    if "torch" in BACKENDS:  # CUDA is torch's: its own error here, not NumPy's
+        with pytest.raises(ValueError, match="device='cuda' is not available to torch"):
+            backends.get_backend("auto", "cuda")
+    if "mlx" in BACKENDS:  # 'gpu' is MLX's
+        if ("mlx", "gpu") in backends.gpu_devices():
+            assert backends.get_backend("auto", "gpu").name == "mlx"
+        else:
+            with pytest.raises(ValueError, match="device='gpu' is not available to this MLX install"):
+                backends.get_backend("auto", "gpu")
+    # A GPU found, the CPU asked for: the CPU's own choice (NumPy for dense counts).
+    monkeypatch.setattr(backends, "_auto", lambda sparse=False: ("torch", "cuda"))
+    assert backends.get_backend("auto", "cpu").name == "numpy"
+    assert backends.get_backend("auto", "cpu", sparse=True).name == ("torch" if "torch" in BACKENDS else "numpy")
+
+
 def test_verbose_shows_a_progress_bar_with_the_elbo(planted, capsys):
     x, _, _ = planted
     PNMF(3, backend="numpy", max_iter=30, tol=0, verbose=True).fit(x)

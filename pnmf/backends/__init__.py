@@ -90,11 +90,18 @@ def gpu_devices() -> list[tuple[str, str]]:
 def get_backend(name: str = "auto", device: str | None = None, dtype: str = "float32", sparse: bool = False) -> Backend:
     """The backend ``name`` ('auto', 'numpy', 'torch', 'mlx') on ``device`` with ``dtype``.
 
-    ``sparse`` says the counts are sparse, which is what 'auto' picks by on a CPU.
+    ``sparse`` says the counts are sparse, which is what 'auto' picks by on a CPU. With
+    'auto' and a ``device``, the device picks the framework: 'cuda' and 'mps' torch, 'gpu'
+    MLX, 'cpu' the CPU's choice.
     """
-    if name == "auto":
+    if name == "auto" and device is not None and device != "cpu":
+        # The device names its framework: CUDA and MPS are torch's, 'gpu' is MLX's.
+        name = "mlx" if device == "gpu" else "torch"
+    elif name == "auto":
         name, auto_device = _auto(sparse)
         device = auto_device if device is None else device
+        if device == "cpu" and auto_device != "cpu":  # a GPU here, the CPU asked for
+            name = "torch" if sparse and "torch" in available() else "numpy"
     if name not in _CLASSES:
         raise ValueError(f"backend={name!r} is not one of 'auto', " + ", ".join(repr(b) for b in BACKENDS))
     if dtype not in ("float32", "float64"):
