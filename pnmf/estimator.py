@@ -990,8 +990,10 @@ class PNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     def load(cls, path, backend: str | None = None, device: str | None = None) -> PNMF:
         """Read a model written by ``save``, to run on ``backend``/``device`` (default: as saved).
 
-        A model fitted on one backend loads into any other with identical loadings. A file
-        that is not a pnmf model, or is damaged, raises ValueError.
+        A model fitted on one backend loads into any other with identical loadings. One
+        fitted on a backend or device this machine lacks (a GPU) runs on ``backend='auto'``'s
+        choice instead, with a warning. A file that is not a pnmf model, or is damaged,
+        raises ValueError.
         """
         return io.load(cls, path, backend=backend, device=device)
 

@@ -96,7 +96,32 @@ def load(cls, path, backend: str | None = None, device: str | None = None):
     if backend is not None:
         chosen = get_backend(backend, device, params["dtype"])
         model.backend_, model.device_ = chosen.name, chosen.device
+    else:
+        _run_here(model, path)
     return model
+
+
+def _run_here(model, path: Path) -> None:
+    """Keep the backend and device a model was fitted on where they exist here; else (a
+    model fitted on a GPU, loaded on a laptop) take ``backend='auto'``'s, with a warning."""
+    import warnings
+
+    from .backends import get_backend
+
+    try:
+        get_backend(model.backend_, model.device_, model.dtype)
+        return
+    except (ImportError, ValueError) as err:
+        reason = str(err).splitlines()[0]
+    chosen = get_backend("auto", None, model.dtype)
+    warnings.warn(
+        f"{path} was fitted on {model.backend_} ({model.device_}), which is not available here ({reason}); it runs "
+        f"on {chosen.name} ({chosen.device}) instead (PNMF.load(path, backend=..., device=...) chooses)",
+        UserWarning,
+        stacklevel=4,
+    )
+    model.backend, model.device = "auto", None
+    model.backend_, model.device_ = chosen.name, chosen.device
 
 
 def _plain(value):

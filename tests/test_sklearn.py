@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import warnings
 
 import joblib
 import numpy as np
@@ -66,6 +67,21 @@ def test_save_and_load_into_any_backend(fitted, tmp_path, target):
     np.testing.assert_allclose(loaded.transform(x), model.transform(x), rtol=1e-3)
     # Loaded as saved when no backend is named.
     assert PNMF.load(path).get_params() == model.get_params()
+
+
+def test_a_model_fitted_on_a_device_missing_here_loads_onto_what_is_here(fitted, tmp_path):
+    x, model = fitted
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # as saved, where it can run: silently
+        assert PNMF.load(model.save(tmp_path / "here.npz")).backend_ == model.backend_
+    away = clone(model).set_params(backend="torch", device="cuda:7")
+    vars(away).update({k: v for k, v in vars(model).items() if k.endswith("_")})
+    away.backend_, away.device_ = "torch", "cuda:7"  # as a GPU cluster would have saved it
+    with pytest.warns(UserWarning, match=r"fitted on torch \(cuda:7\), which is not available here") as record:
+        loaded = PNMF.load(away.save(tmp_path / "away.npz"))
+    assert record[0].filename == __file__
+    assert loaded.device_ == "cpu" and loaded.get_params()["backend"] == "auto"
+    np.testing.assert_allclose(loaded.transform(x), model.transform(x), rtol=1e-3)
 
 
 def test_load_rejects_foreign_and_damaged_files(fitted, tmp_path):
