@@ -242,6 +242,23 @@ def share(x, rows: slice, batched: bool):
     return DiskRows(x, rows=rows) if batched and on_disk(x) else x[rows]
 
 
+class _Columns:
+    """Rows of counts on disk with only some of their columns, in a given order."""
+
+    def __init__(self, data, columns: np.ndarray):
+        self.data, self.columns = data, columns
+        self.shape = (data.shape[0], len(columns))
+
+    def __getitem__(self, rows):
+        return _matrix(self.data[rows])[:, self.columns]
+
+
+def pick_columns(x, columns: np.ndarray):
+    """The columns ``columns`` of x, in that order: a copy in memory, or, for counts on disk,
+    a reader that picks them from each block of rows it reads."""
+    return DiskRows(_Columns(x, columns)) if on_disk(x) else x[:, columns]
+
+
 def _matrix(block) -> np.ndarray | sp.csr_matrix:
     return sp.csr_matrix(block) if sp.issparse(block) else np.asarray(block)
 

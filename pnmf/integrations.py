@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 
 from . import distributed
-from .data import in_memory, share
+from .data import in_memory, pick_columns, share
 from .estimator import PNMF
 from .programs import feature_columns
 
@@ -48,15 +48,15 @@ def transform_named(model: PNMF, x, names=None, *, batch=None, size_factors=None
 
     The model's features are picked from x by name when they differ (another order, or more
     of them; see :func:`pnmf.programs.feature_columns`). Counts on disk are transformed a
-    block of rows at a time, unless columns are picked, they are stored by columns (CSC),
-    or a batch unseen in fit needs its rows at once. Returns the factors and the picked
-    columns (None: x's own).
+    block of rows at a time (their columns picked block by block), unless they are stored
+    by columns (CSC) or a batch unseen in fit needs its rows at once. Returns the factors
+    and the picked columns (None: x's own).
     """
     columns = feature_columns(model, x.shape[1], names, source)
-    if columns is not None or getattr(x, "format", None) == "csc":  # by columns: rows are not read alone
+    if getattr(x, "format", None) == "csc":  # stored by columns: rows are not read alone
         x = in_memory(x)
     if columns is not None:
-        x = x[:, columns]
+        x = pick_columns(x, columns)
     if batch is not None and model.batches_ is not None and model._unseen_batches(batch).size:
         x = in_memory(x)
     with warnings.catch_warnings():  # the names were matched above; the counts carry none

@@ -213,3 +213,19 @@ def test_counts_on_disk_by_columns_are_refused_for_batches_and_read_whole_to_map
     with pytest.raises(ValueError, match="stored by columns"):
         model.transform(backed.X)
     np.testing.assert_allclose(pnmf.transform_anndata(model, backed), model.transform(counts), rtol=1e-6)
+
+
+def test_mapping_counts_on_disk_picks_the_models_genes_a_block_of_rows_at_a_time(counts):
+    from pnmf.integrations import transform_named
+
+    genes = np.array([f"g{j}" for j in range(40)])
+    model = PNMF(4, **dict(PARAMS, dtype="float64", tol=0, max_iter=40)).fit(counts)  # blocks equal the whole
+    expected = model.transform(counts)
+    model.feature_names_in_ = genes.astype(object)
+    order = np.random.default_rng(0).permutation(40)
+    extra = sp.csr_matrix(np.ones((counts.shape[0], 3), dtype=np.float32))
+    source = CountingRows(sp.hstack([counts[:, order], extra], format="csr"))  # shuffled, and 3 more genes
+    factors, columns = transform_named(model, DiskRows(source), np.r_[genes[order], ["x", "y", "z"]])
+    np.testing.assert_array_equal(genes[order][columns], genes)
+    assert max(source.reads) <= 100  # a block of batch_size rows at a time, never the whole
+    np.testing.assert_allclose(factors, expected, rtol=1e-10)
