@@ -60,6 +60,26 @@ def make_batched_counts(
     return {"X": x, "H": h, "W": w, "size_factors": s, "batch": labels, "batch_effects": g}
 
 
+# Values checked for integers at a time (their temporaries: a few MB).
+CHECK_CHUNK = 1 << 20
+
+
+def non_integers(values: np.ndarray) -> tuple[int, float | None]:
+    """How many of ``values`` are not whole numbers, and the first of them (None: none)."""
+    values = np.ravel(values, order="K")  # no copy of a contiguous array
+    if values.dtype.kind != "f":
+        return 0, None
+    n, example = 0, None
+    for start in range(0, values.size, CHECK_CHUNK):  # bounded temporaries
+        part = values[start : start + CHECK_CHUNK]
+        fractional = part != np.floor(part)
+        found = int(np.count_nonzero(fractional))
+        if found and example is None:
+            example = float(part[fractional][0])
+        n += found
+    return n, example
+
+
 def refuse_anndata(x) -> None:
     """A TypeError when x is an AnnData, whose counts are one of its matrices."""
     if type(x).__name__ == "AnnData":  # without importing anndata
@@ -79,12 +99,11 @@ def thin(x, fraction: float = 0.5, random_state=None):
     refuse_anndata(x)
     x = check_array(x, accept_sparse="csr", dtype=(np.float64, np.float32), input_name="X")
     check_non_negative(x, "thin (counts must be non-negative)")
-    values = x.data if sp.issparse(x) else x
-    fractional = values != np.floor(values)
-    if fractional.any():
+    n, example = non_integers(x.data if sp.issparse(x) else x)
+    if n:
         raise ValueError(
             f"thinning splits integer counts (X_train ~ Binomial(X, fraction)); X holds non-integer values, "
-            f"such as {values[fractional].flat[0]:.4g}: pass the raw counts"
+            f"such as {example:.4g}: pass the raw counts"
         )
     rng = check_random_state(random_state)
     if sp.issparse(x):

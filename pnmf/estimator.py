@@ -21,7 +21,7 @@ from sklearn.utils.validation import check_is_fitted, check_non_negative, valida
 
 from . import distributed, io, loop, programs
 from .backends import BACKENDS, get_backend
-from .data import DiskRows, on_disk, refuse_anndata
+from .data import DiskRows, non_integers, on_disk, refuse_anndata
 from .elbo import MEAN_BOUND, MODES, Noise, as_counts, evaluate
 from .init import INITS, initialize
 from .loop import TAIL_STANDARD, Phase
@@ -60,8 +60,6 @@ def _one_of(name: str, value, allowed) -> None:
         raise ValueError(f"{name}={value!r} is not one of " + ", ".join(repr(a) for a in allowed))
 
 
-# Values checked for integers at a time (their temporaries: a few MB).
-CHECK_CHUNK = 1 << 20
 # Rows of counts on disk (at most a block) whose values are checked for integers before a fit.
 COUNTS_CHECKED_ON_DISK = 1000
 
@@ -73,20 +71,10 @@ def warn_if_not_counts(values: np.ndarray, stacklevel: int = 2) -> None:
     then no bound on a likelihood. Intensities that are not counts (some spectra, images)
     can still be fitted; the warning says what the numbers mean.
     """
-    values = np.ravel(values, order="K")  # no copy of a contiguous array
-    if values.dtype.kind != "f":
-        return
-    n, example = 0, None
-    for start in range(0, values.size, CHECK_CHUNK):  # bounded temporaries
-        part = values[start : start + CHECK_CHUNK]
-        fractional = part != np.floor(part)
-        found = int(np.count_nonzero(fractional))
-        if found and example is None:
-            example = part[fractional][0]
-        n += found
+    n, example = non_integers(values)
     if n:
         warnings.warn(
-            f"X holds non-integer values ({n:,} of {values.size:,} entries, such as {example:.4g}): the model is "
+            f"X holds non-integer values ({n:,} of {np.size(values):,} entries, such as {example:.4g}): the model is "
             "Poisson, for counts; normalised or log-transformed data violate it and the ELBO is then no bound on "
             "a likelihood. Pass the raw counts (of an AnnData, often layers['counts'] or .raw.X).",
             UserWarning,
