@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from .consensus import DENSITY_THRESHOLD
 from .data import in_memory, share
 from .elbo import MODES
 from .loop import interrupt_stops_all
@@ -385,7 +386,7 @@ def cmd_select_k(args) -> list[Path]:
         args.candidates,
         random_state=seed,
         n_restarts=args.restarts,
-        density_threshold=0.5 if args.density_threshold is None else args.density_threshold,
+        density_threshold=DENSITY_THRESHOLD if args.density_threshold is None else args.density_threshold,
         batch=batch,
         **params,
     )
@@ -493,14 +494,16 @@ def parser() -> argparse.ArgumentParser:
     common(cons)
     cons.add_argument("--n-components", "-k", type=int, required=True, help="number of components (programs)")
     cons.add_argument("--restarts", type=int, default=10, help="fits whose components are combined")
-    cons.add_argument("--density-threshold", type=float, default=0.5, help=DENSITY_HELP)
+    cons.add_argument("--density-threshold", type=float, default=DENSITY_THRESHOLD, help=DENSITY_HELP)
     cons.set_defaults(run=cmd_consensus, distributed=False)
 
     select = commands.add_parser("select-k", help="held-out deviance (and stability) per number of components", **shown)
     common(select, outputs=False)
     select.add_argument("--candidates", type=int, nargs="+", required=True, metavar="K", help="numbers of components")
     select.add_argument("--restarts", type=int, default=1, help="restarts per K (> 1: consensus and stability)")
-    select.add_argument("--density-threshold", type=float, help=DENSITY_HELP + " (with --restarts; default: 0.5)")
+    select.add_argument(
+        "--density-threshold", type=float, help=f"{DENSITY_HELP} (with --restarts; default: {DENSITY_THRESHOLD})"
+    )
     select.set_defaults(run=cmd_select_k, distributed=False)
 
     transform = commands.add_parser("transform", help="factors of new counts under a fitted model", **shown)

@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 # Outlier filter: the mean distance of a (unit-norm) component to its nearest neighbours
 # among all restarts' components, over NEIGHBOURS x n_restarts of them (cNMF's default).
 NEIGHBOURS = 0.3
+# ... and the largest such mean distance a component may have (cNMF's default).
+DENSITY_THRESHOLD = 0.5
 
 
 def consensus(
@@ -28,7 +30,7 @@ def consensus(
     n_restarts: int = 10,
     random_state=None,
     *,
-    density_threshold: float = 0.5,
+    density_threshold: float = DENSITY_THRESHOLD,
     batch=None,
     **pnmf_params,
 ) -> PNMF:

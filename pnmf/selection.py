@@ -8,7 +8,7 @@ import warnings
 
 import numpy as np
 
-from .consensus import consensus
+from .consensus import DENSITY_THRESHOLD, consensus
 from .data import poisson_deviance, thin
 from .estimator import PNMF
 from .loop import interrupt_stops_all
@@ -23,7 +23,7 @@ def select_n_components(
     fraction: float = 0.5,
     random_state=0,
     n_restarts: int = 1,
-    density_threshold: float = 0.5,
+    density_threshold: float = DENSITY_THRESHOLD,
     batch=None,
     **params,
 ) -> dict:
