@@ -81,8 +81,15 @@ def consensus(
     log.info("K=%d: %d restarts fitted (%.1f s)", n_components, n_restarts, time.perf_counter() - start)
     raw = np.concatenate([fit.loadings_.T for fit in fits])  # (R * L, D)
     unit = raw / np.maximum(np.linalg.norm(raw, axis=1, keepdims=True), 1e-300)
+    # One product of the components gives every distance used below: the outlier filter's
+    # Euclidean ones (|a - b|^2 = 2 - 2 a.b for unit vectors), the silhouette's cosine ones
+    # and the similarities pnmf.plot.consensus draws.
+    similarity = unit @ unit.T
+    np.fill_diagonal(similarity, 1.0)
+    euclidean = np.sqrt(np.maximum(2.0 - 2.0 * similarity, 0.0))
     neighbours = max(1, int(round(NEIGHBOURS * n_restarts)))
-    distances, _ = NearestNeighbors(n_neighbors=neighbours + 1).fit(unit).kneighbors(unit)
+    found = NearestNeighbors(n_neighbors=neighbours + 1, metric="precomputed").fit(euclidean)
+    distances, _ = found.kneighbors(euclidean)
     density = distances[:, 1:].mean(axis=1)
     keep = density <= density_threshold
     if keep.sum() < n_components:
@@ -121,21 +128,22 @@ def consensus(
     model.elbo_history_ = np.zeros(0)
     model.n_iter_ = max(fit.n_iter_ for fit in fits)
     model.converged_ = all(fit.converged_ for fit in fits)
-    model.stability_ = _stability(unit[keep], labels, n_components)
+    model.stability_ = _stability(np.maximum(1.0 - similarity[np.ix_(keep, keep)], 0.0), labels, n_components)
     model.restart_elbos_ = np.array([fit.elbo_ for fit in fits])
     model.n_outliers_ = int((~keep).sum())
     # What pnmf.plot.consensus draws: every restart's component, where it went and why.
     model.local_density_, model.density_threshold_ = density, float(density_threshold)
     model.restart_labels_ = np.full(len(keep), -1)
     model.restart_labels_[keep] = np.argsort(order)[labels]
-    model.restart_similarity_ = (unit @ unit.T).astype(np.float32)
+    model.restart_similarity_ = similarity.astype(np.float32)
     return model
 
 
-def _stability(unit: np.ndarray, labels: np.ndarray, n_components: int) -> float:
-    """Silhouette of the clustering (cosine); NaN for one component, where it is undefined."""
+def _stability(cosine: np.ndarray, labels: np.ndarray, n_components: int) -> float:
+    """Silhouette of the clustering, from the cosine distances of its members; NaN for one
+    component, where it is undefined."""
     if n_components < 2:
         return float("nan")
     if len(labels) == n_components:  # one member per cluster: nothing to compare
         return 1.0
-    return float(silhouette_score(unit, labels, metric="cosine"))
+    return float(silhouette_score(cosine, labels, metric="precomputed"))
