@@ -15,6 +15,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -305,8 +306,17 @@ def cmd_fit(args) -> list[Path]:
     model._validate_params()  # a bad parameter is named before the counts are read
     counts, suffix = _rows(read_counts(args.counts, args.layer, backed=True), model)
     batch = _batch(counts, args.batch_key)
+    start = time.perf_counter()
     factors = model.fit_transform(counts.x, batch=batch)
     model.feature_names_in_ = counts.var_names.astype(object)  # the model file keeps them
+    if not suffix or suffix.startswith(".rank-0-"):
+        settled = "converged" if model.converged_ else "not converged (see the warning)"
+        rows = "every process's rows" if suffix else f"{len(factors):,} rows"
+        print(
+            f"fitted {model.n_components} components to {rows} on {model.backend_} ({model.device_}): "
+            f"{model.n_iter_} iterations, {settled}, ELBO {model.elbo_:.6g} "
+            f"({time.perf_counter() - start:.1f} s)"
+        )
     return _outputs(args, counts, model, factors, suffix)
 
 

@@ -93,6 +93,8 @@ def test_fit_reads_every_format_and_writes_what_the_api_computes(files, name, tm
     assert done.returncode == 0, done.stderr
     model = PNMF(3, random_state=0, backend="numpy", dtype="float64")
     expected = model.fit_transform(data["X"])
+    summary = f"fitted 3 components to 240 rows on numpy (cpu): {model.n_iter_} iterations, converged, ELBO "
+    assert summary + f"{model.elbo_:.6g}" in done.stdout, done.stdout
     if name.endswith(".h5ad"):
         written = anndata.read_h5ad(out / "factors.h5ad")
         assert list(written.obs_names[:2]) == ["cell0", "cell1"] and written.varm["PNMF"].shape == (50, 3)
