@@ -149,3 +149,26 @@ def consensus(model, axes=None):
     right.set_ylabel("components")
     right.legend(fontsize=8)
     return axes
+
+
+def batch_effects(model, feature_names=None, top: int = 30, ax=None):
+    """Heatmap of log2 of the batch effects g (batches x features) of the ``top`` features
+    whose effects differ most between batches (by the spread of log g), each centred on its
+    mean over the batches: red where a batch measures a feature higher than the others,
+    blue where lower. The features a batch shifts most, at a glance.
+    """
+    g = getattr(model, "batch_effects_", None)
+    if g is None:
+        raise ValueError("the model has no batch effects: fit it with batch= (one label per row)")
+    names = feature_labels(model, feature_names)
+    log_g = np.log2(np.maximum(np.asarray(g, dtype=np.float64), 1e-300))
+    centred = log_g - log_g.mean(axis=0, keepdims=True)
+    chosen = np.argsort(-np.ptp(centred, axis=0), kind="stable")[: min(top, centred.shape[1])]
+    limit = max(float(np.abs(centred[:, chosen]).max()), 1e-12)
+    ax = _axes(ax, figsize=(0.25 * len(chosen) + 2.5, 0.35 * len(g) + 2.0))
+    image = ax.imshow(centred[:, chosen], aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit)
+    ax.set_xticks(range(len(chosen)), names[chosen], rotation=90, fontsize=7)
+    ax.set_yticks(range(len(g)), [str(b) for b in model.batches_])
+    ax.set_title(f"batch effects: log2 g, centred per feature ({len(chosen)} most variable)")
+    ax.figure.colorbar(image, ax=ax, fraction=0.05, label="log2 fold")
+    return ax

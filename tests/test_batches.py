@@ -279,3 +279,27 @@ def pnmf_fit_anndata(*args, **kwargs):
     from pnmf import fit_anndata
 
     return fit_anndata(*args, **kwargs)
+
+
+def test_the_batch_effects_plot_shows_the_most_shifted_features(planted):
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from pnmf import plot
+
+    model = PNMF(6, size_factors="total", **NATURAL).fit(planted["X"], batch=planted["batch"])
+    ax = plot.batch_effects(model, top=12)
+    shown = ax.images[0].get_array()
+    centred = np.log2(model.batch_effects_) - np.log2(model.batch_effects_).mean(axis=0)
+    spread = np.ptp(centred, axis=0)
+    assert shown.shape == (3, 12) and np.allclose(shown.mean(axis=0), 0.0)
+    # The 12 columns are the features with the largest spread between batches.
+    assert np.ptp(shown, axis=0).min() >= np.sort(spread)[-12] - 1e-12
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["batch0", "batch1", "batch2"]
+    # They are features the planted effects shift too: their planted spread is above the median.
+    planted_spread = np.ptp(np.log2(planted["batch_effects"]), axis=0)
+    columns = [int(t.get_text()) for t in ax.get_xticklabels()]
+    assert np.median(planted_spread[columns]) > np.median(planted_spread)
+    with pytest.raises(ValueError, match="no batch effects"):
+        plot.batch_effects(PNMF(6, **NATURAL).fit(planted["X"]))
