@@ -167,7 +167,12 @@ def fit_anndata(
         adata.obsm[f"X_{key_added}"] = factors
     adata.varm[key_added.upper()] = model.loadings_
     adata.uns[key_added] = {
-        "params": {k: v for k, v in model.get_params().items() if v is not None},
+        # Written as .h5ad attributes: numbers, strings and booleans (a checkpoint Path as its text).
+        "params": {
+            k: v if isinstance(v, (bool, int, float, str)) else str(v)
+            for k, v in model.get_params().items()
+            if v is not None
+        },
         "elbo": float(model.elbo_),
         "elbo_history": np.asarray(model.elbo_history_),
         "n_iter": int(model.n_iter_),

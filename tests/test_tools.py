@@ -86,6 +86,22 @@ def test_fit_anndata_writes_the_model_into_the_object():
     assert sp.issparse(adata.X)  # the data itself is untouched
 
 
+def test_what_fit_anndata_stores_is_written_and_read_back_as_h5ad(tmp_path):
+    anndata = pytest.importorskip("anndata")
+    from pathlib import Path
+
+    x, _, _ = make_counts(40, 25, 3, random_state=13)
+    adata = anndata.AnnData(X=sp.csr_matrix(x))
+    model = fit_anndata(adata, 3, backend="numpy", random_state=0, checkpoint=Path(tmp_path / "fit.npz"))
+    transform_anndata(model, adata, key_added="again")
+    adata.write_h5ad(tmp_path / "out.h5ad")  # a checkpoint Path among the params broke this
+    read = anndata.read_h5ad(tmp_path / "out.h5ad")
+    assert read.uns["pnmf"]["params"]["checkpoint"] == str(tmp_path / "fit.npz")
+    assert read.uns["pnmf"]["params"]["n_components"] == 3
+    np.testing.assert_array_equal(read.obsm["X_again"], adata.obsm["X_again"])
+    assert list(read.uns["pnmf"]["top_features"].columns) == list(model.top_features(2).columns)
+
+
 def test_transform_anndata_matches_genes_by_name(tmp_path):
     anndata = pytest.importorskip("anndata")
     pd = pytest.importorskip("pandas")
