@@ -3,7 +3,8 @@
 Counts are read from .h5ad (``--layer``), a 10x directory (matrix.mtx with features.tsv or
 genes.tsv and barcodes.tsv, gzipped or not), a 10x HDF5 matrix (.h5, Cell Ranger 2 or
 later), a SciPy .npz or a .csv/.tsv table (rows are samples, the first column their names,
-the header the features). Of a 10x matrix with other features too (antibodies, CRISPR
+the header the features; a table of numbers alone, as ``np.savetxt`` writes one, is read
+as a matrix without names). Of a 10x matrix with other features too (antibodies, CRISPR
 guides), the Gene Expression features are read. Every input and argument
 is checked before any work; a problem is one line on stderr and exit status 2, and
 nothing is written.
@@ -50,6 +51,20 @@ def _names(path: Path, column: int = 0) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt") as handle:
         return np.array([line.rstrip("\n").split("\t")[min(column, len(line.split("\t")) - 1)] for line in handle])
+
+
+def _numbers_only(path: Path, sep: str) -> bool:
+    """Whether the first line of a table holds numbers alone (no header row, no name column)."""
+    import gzip
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as handle:
+        fields = handle.readline().rstrip("\n").split(sep)
+    try:
+        [float(field) for field in fields]
+    except ValueError:
+        return False
+    return True
 
 
 def _find(folder: Path, *names: str) -> Path:
@@ -145,6 +160,15 @@ def read_counts(path: str, layer: str | None = None, backed: bool = False) -> Co
             import pandas as pd
 
             sep = "\t" if ".tsv" in source.name or source.suffix == ".txt" else ","
+            if _numbers_only(source, sep):  # no header, no row names: a bare matrix (np.savetxt's)
+                values = pd.read_csv(source, sep=sep, header=None).to_numpy()
+                print(f"{path} has no header row: read as a matrix without names")
+                if values.dtype.kind not in "biuf":
+                    raise UsageError(f"{path} holds values that are not numbers")
+                n, d = values.shape
+                return Counts(
+                    values.astype(np.float64), np.arange(n).astype(str), np.arange(d).astype(str), named=False
+                )
             table = pd.read_csv(source, sep=sep, index_col=0)
             if table.shape[1] == 0:
                 raise UsageError(f"{path} has no feature columns (expected a header row and a name column)")

@@ -45,6 +45,7 @@ def files(tmp_path_factory):
     sp.save_npz(folder / "counts.npz", sp.csr_matrix(x))
     pd.DataFrame(x, index=cells, columns=genes).to_csv(folder / "counts.csv")
     pd.DataFrame(x, index=cells, columns=genes).to_csv(folder / "counts.tsv", sep="\t")
+    np.savetxt(folder / "bare.csv", x, delimiter=",", fmt="%d")  # numbers alone: no header, no names
     tenx = folder / "tenx"
     tenx.mkdir()
     scipy.io.mmwrite(tenx / "matrix.mtx", sp.coo_matrix(x.T))
@@ -83,7 +84,9 @@ def read_factors(path: Path) -> np.ndarray:
     return pd.read_csv(path, index_col=0).to_numpy()
 
 
-@pytest.mark.parametrize("name", ["counts.csv", "counts.tsv", "counts.npz", "tenx", "tenx.h5", "cells.h5ad"])
+@pytest.mark.parametrize(
+    "name", ["counts.csv", "counts.tsv", "bare.csv", "counts.npz", "tenx", "tenx.h5", "cells.h5ad"]
+)
 def test_fit_reads_every_format_and_writes_what_the_api_computes(files, name, tmp_path):
     folder, data = files
     out = tmp_path / "out"
@@ -105,7 +108,7 @@ def test_fit_reads_every_format_and_writes_what_the_api_computes(files, name, tm
     saved = PNMF.load(out / "model.npz")
     np.testing.assert_allclose(saved.loadings_, model.loadings_, rtol=1e-8)
     programs = pd.read_csv(out / "programs.csv", dtype={"feature": str})
-    names = [f"gene{j}" for j in range(50)] if name != "counts.npz" else [str(j) for j in range(50)]
+    names = [str(j) for j in range(50)] if name in ("counts.npz", "bare.csv") else [f"gene{j}" for j in range(50)]
     assert list(programs.feature) == list(model.top_features(20, feature_names=names).feature)
 
 
