@@ -45,20 +45,21 @@ class Counts:
     named: bool = True  # whether the file names its features (a .npz does not)
 
 
-def _names(path: Path, column: int = 0) -> np.ndarray:
+def _open_text(path: Path):
+    """A text file, gzipped (.gz) or not."""
     import gzip
 
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt") as handle:
+    return gzip.open(path, "rt") if path.suffix == ".gz" else open(path)  # noqa: SIM115 (the caller closes it)
+
+
+def _names(path: Path, column: int = 0) -> np.ndarray:
+    with _open_text(path) as handle:
         return np.array([line.rstrip("\n").split("\t")[min(column, len(line.split("\t")) - 1)] for line in handle])
 
 
 def _numbers_only(path: Path, sep: str) -> bool:
     """Whether the first line of a table holds numbers alone (no header row, no name column)."""
-    import gzip
-
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt") as handle:
+    with _open_text(path) as handle:
         fields = handle.readline().rstrip("\n").split(sep)
     try:
         [float(field) for field in fields]
