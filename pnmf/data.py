@@ -80,12 +80,19 @@ def non_integers(values: np.ndarray) -> tuple[int, float | None]:
     return n, example
 
 
-def refuse_anndata(x) -> None:
-    """A TypeError when x is an AnnData, whose counts are one of its matrices."""
+def refuse_containers(x) -> None:
+    """A TypeError when x is an AnnData, whose counts are one of its matrices, or a masked
+    array, whose mask a fit would pass over (it models every entry)."""
     if type(x).__name__ == "AnnData":  # without importing anndata
         raise TypeError(
             "X is an AnnData: pass its counts (adata.X or adata.layers['counts']), or call "
             "pnmf.fit_anndata(adata, ...) / pnmf.transform_anndata(model, adata, ...)"
+        )
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError(
+            "X is a masked array: the model has a count for every entry and would fit the masked "
+            "ones' values; pass X.filled(0) to count them as zeros, or leave out the rows or "
+            "features with missing counts"
         )
 
 
@@ -96,7 +103,7 @@ def thin(x, fraction: float = 0.5, random_state=None):
     and (1 - fraction) * rate, so X_test scores a model fitted on X_train.
     Sparse input gives sparse output with the same pattern. X must hold integer counts.
     """
-    refuse_anndata(x)
+    refuse_containers(x)
     x = check_array(x, accept_sparse="csr", dtype=(np.float64, np.float32), input_name="X")
     check_non_negative(x, "thin (counts must be non-negative)")
     n, example = non_integers(x.data if sp.issparse(x) else x)

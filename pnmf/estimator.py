@@ -21,7 +21,7 @@ from sklearn.utils.validation import check_is_fitted, check_non_negative, valida
 
 from . import distributed, io, loop, programs
 from .backends import BACKENDS, get_backend
-from .data import DiskRows, non_integers, on_disk, refuse_anndata
+from .data import DiskRows, non_integers, on_disk, refuse_containers
 from .elbo import MEAN_BOUND, MODES, Noise, as_counts, evaluate
 from .init import INITS, initialize
 from .loop import TAIL_STANDARD, Phase
@@ -366,7 +366,7 @@ class PNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             )
 
     def _validate_data(self, X, reset: bool):
-        refuse_anndata(X)
+        refuse_containers(X)
         try:
             X = validate_data(
                 self,

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sklearn.exceptions import ConvergenceWarning
 
-from pnmf import PNMF
+from pnmf import PNMF, thin
 from pnmf.elbo import MODES
 
 from .conftest import BACKENDS
@@ -69,6 +69,18 @@ def test_an_anndata_in_place_of_counts_points_to_its_counts():
     model = PNMF(1, backend="numpy", max_iter=5).fit(adata.X)
     with pytest.raises(TypeError, match="transform_anndata"):
         model.transform(adata)
+
+
+def test_a_masked_array_is_refused_not_fitted_through_its_mask():
+    # np.asarray drops the mask: the masked entries' values were fitted as counts.
+    x = np.ma.masked_array(np.array([[1.0, 2.0], [0.0, 3.0], [4.0, 1e6]]), mask=[[0, 0], [0, 0], [0, 1]])
+    with pytest.raises(TypeError, match=r"X is a masked array: .*X.filled\(0\)"):
+        PNMF(1, backend="numpy").fit(x)
+    with pytest.raises(TypeError, match="masked array"):
+        thin(x)
+    model = PNMF(1, backend="numpy", max_iter=5).fit(x.filled(0))
+    with pytest.raises(TypeError, match="masked array"):
+        model.transform(x)
 
 
 def test_bad_factors_for_inverse_transform_are_named():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import numpy as np
@@ -132,7 +133,6 @@ def test_transform_anndata_matches_genes_by_name(tmp_path):
 
 @pytest.mark.parametrize("missing", ["torch", "mlx", "matplotlib", "pandas"])
 def test_a_missing_extra_names_this_distributions_extra(monkeypatch, missing):
-    import re
     import sys
     from importlib.metadata import PackageNotFoundError, metadata
 
@@ -154,3 +154,21 @@ def test_a_missing_extra_names_this_distributions_extra(monkeypatch, missing):
     named = re.findall(r"pnmf[-\w]*\[(\w+)\]", str(raised.value))
     assert named and all(extra in extras for extra in named), str(raised.value)
     assert re.findall(r"([\w-]+)\[", str(raised.value))[0] == "pnmf-vi"  # not the other project 'pnmf'
+
+
+@pytest.mark.parametrize("framework", ["torch", "mlx"])
+def test_a_framework_older_than_needed_is_named_with_the_upgrade(monkeypatch, framework):
+    # MLX 0.26 lacked mx.is_available: backend='auto' crashed with an AttributeError.
+    from pnmf import backends
+
+    module = pytest.importorskip({"torch": "torch", "mlx": "mlx.core"}[framework])
+    major, minor = backends.MINIMUM[framework].split(".")
+    old = f"{major}.{int(minor) - 1}.9+cpu"
+    monkeypatch.setattr(module, "__version__", old)
+    with pytest.raises(
+        ImportError,
+        match=rf"needs {framework} >= [\d.]+, and {framework} {re.escape(old)} is installed: pip install -U",
+    ):
+        PNMF(2, backend=framework).fit(np.ones((3, 3)))
+    assert framework not in backends.available()
+    assert PNMF(2, max_iter=3).fit(np.ones((3, 3))).backend_ == "numpy"  # 'auto' passes it over

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib
 import platform
+import sys
+
+from packaging.version import InvalidVersion, Version
 
 from .base import Backend
 
@@ -14,6 +17,12 @@ _INSTALL = {
     "mlx": 'pip install "pnmf-vi[mlx]"   (Metal on a Mac, the CPU elsewhere; NVIDIA: pip install "pnmf-vi[cuda13]")',
 }
 
+# The oldest releases the tests pass on (docs/install.md). Older MLX lacks
+# ``mx.is_available`` and its ``mlx.launch`` reads ``-- python script.py`` as a script named
+# python.
+MINIMUM = {"torch": "2.2", "mlx": "0.32"}
+_FRAMEWORK_MODULE = {"torch": "torch", "mlx": "mlx.core"}
+
 _CLASSES = {
     "numpy": ("numpy", "NumpyBackend"),
     "torch": ("torch", "TorchBackend"),
@@ -21,12 +30,29 @@ _CLASSES = {
 }
 
 
-def _module(name: str):
-    """Import the backend module ``name``; ImportError with the fix when its framework is missing."""
+def _older(installed: str, needed: str) -> bool:
+    """Whether version ``installed`` is a release before ``needed`` (False when unreadable)."""
     try:
-        return importlib.import_module(f"{__name__}.{_CLASSES[name][0]}")
+        return Version(installed).release < Version(needed).release
+    except InvalidVersion:
+        return False
+
+
+def _module(name: str):
+    """Import the backend module ``name``; ImportError with the fix when its framework is
+    missing or older than pnmf needs."""
+    try:
+        module = importlib.import_module(f"{__name__}.{_CLASSES[name][0]}")
     except ImportError as err:
         raise ImportError(f"backend={name!r} needs {name}, which is not installed: {_INSTALL[name]}") from err
+    if name in MINIMUM:
+        installed = str(getattr(sys.modules[_FRAMEWORK_MODULE[name]], "__version__", ""))
+        if _older(installed, MINIMUM[name]):
+            raise ImportError(
+                f"backend={name!r} needs {name} >= {MINIMUM[name]}, and {name} {installed} is installed: "
+                + _INSTALL[name].replace("pip install", "pip install -U")
+            )
+    return module
 
 
 def available() -> list[str]:
