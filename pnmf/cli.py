@@ -145,13 +145,14 @@ def read_counts(path: str, layer: str | None = None, backed: bool = False) -> Co
             import anndata
 
             adata = anndata.read_h5ad(source, backed="r" if backed else None)
-            if layer is not None and layer not in adata.layers:
-                raise UsageError(f"{path} has no layer {layer!r} (layers: {', '.join(adata.layers) or 'none'})")
+            layers = [name for name in adata.layers if name is not None]  # anndata 0.13 lists X as None
+            if layer is not None and layer not in layers:
+                raise UsageError(f"{path} has no layer {layer!r} (layers: {', '.join(layers) or 'none'})")
             x = adata.X if layer is None else adata.layers[layer]
             if x is None:
                 raise UsageError(f"{path} has no X; name a layer with counts (--layer)")
-            if layer is None and len(adata.layers):
-                hint = f"{path}'s X was read; its layers are {', '.join(adata.layers)}: --layer NAME reads one"
+            if layer is None and layers:
+                hint = f"{path}'s X was read; its layers are {', '.join(layers)}: --layer NAME reads one"
                 _HINTS.update(dict.fromkeys(NOT_COUNTS, hint))
             return Counts(x, np.asarray(adata.obs_names), np.asarray(adata.var_names), adata.obs)
         if source.suffix == ".npz":

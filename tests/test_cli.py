@@ -191,8 +191,9 @@ def test_normalised_x_warns_on_one_line_naming_the_files_layers(files, tmp_path)
 def test_cells_without_a_batch_are_named_not_made_a_batch(files, tmp_path):
     folder, _ = files
     adata = anndata.read_h5ad(folder / "cells.h5ad")
-    adata.obs["donor"] = adata.obs["donor"].astype("category")
-    adata.obs.loc[["cell3", "cell9"], "donor"] = np.nan
+    labelled = ~adata.obs_names.isin(["cell3", "cell9"])
+    adata.obs["donor"] = pd.Series(adata.obs["donor"].to_numpy(dtype=object), index=adata.obs_names).where(labelled)
+    adata.obs["donor"] = adata.obs["donor"].astype("category")  # as AnnData stores strings
     adata.write_h5ad(tmp_path / "unlabelled.h5ad")
     done = pnmf_command(
         "fit", tmp_path / "unlabelled.h5ad", "-k", 2, "--batch-key", "donor", "-o", tmp_path / "out", cwd=tmp_path
