@@ -914,6 +914,19 @@ class PNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         mean, var, _, _ = self._infer(X, size_factors, batch)
         return _expected_exp(mean, var)
 
+    def posterior(self, X, *, size_factors=None, batch=None) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and variance of q(F) (each (n_samples, n_components)) of rows of X, loadings fixed.
+
+        q(F[n, l]) = Normal(mean[n, l], var[n, l]) is the posterior of row n's log-factors,
+        inferred as :meth:`transform` infers it (which returns E_q[exp F] = exp(mean + var/2));
+        for the training rows the fit's are ``mean_`` and ``var_``. The factor H[n, l] = exp(F[n, l])
+        is log-normal under q: its 95% credible interval is exp(mean +- 1.96 sqrt(var)), its
+        median exp(mean), its variance (exp(var) - 1) exp(2 mean + var). Rows with fewer counts
+        have wider intervals. Arguments as for :meth:`transform`.
+        """
+        mean, var, _, _ = self._infer(X, size_factors, batch)
+        return mean, var
+
     def map_batches(self, X, *, batch, size_factors=None) -> tuple[np.ndarray, np.ndarray]:
         """The batch effects of the batches of new rows X, as ``transform`` uses them.
 

@@ -126,6 +126,23 @@ def test_transform_is_deterministic_and_agrees_with_fit(planted):
     assert model.score(x) == pytest.approx(model.elbo_, rel=1e-3)
 
 
+def test_posterior_of_new_rows_is_what_transform_reads_and_narrows_with_more_counts(planted):
+    x, _, _ = planted
+    model = PNMF(5, backend="numpy", dtype="float64", random_state=0, max_iter=2000, tol=1e-7).fit(x)
+    mean, var = model.posterior(x[:50])
+    assert mean.shape == var.shape == (50, 5) and np.all(var > 0)
+    np.testing.assert_allclose(np.exp(mean + var / 2), model.transform(x[:50]), rtol=1e-12)
+    # The training rows' posterior again (the fit's is the same optimum, reached from elsewhere).
+    assert np.median(np.abs(mean - model.mean_[:50])) < 0.05
+    assert np.median(var / model.var_[:50]) == pytest.approx(1, abs=0.05)
+    # Ten times the counts at the same proportions: the same factors, known ten times better.
+    deep_mean, deep_var = model.posterior(10 * x[:50])
+    assert np.median(deep_var / var) < 0.2
+    assert np.median(np.abs(deep_mean - np.log(10) - mean)) < 0.1
+    with pytest.raises(NotFittedError):
+        PNMF(2).posterior(x)
+
+
 def test_score_prefers_the_right_data(planted):
     x, _, _ = planted
     train, test = thin(x, 0.5, random_state=0)
