@@ -35,6 +35,18 @@ def batch_labels(obs, key: str) -> np.ndarray:
     return np.asarray(column.astype(str))
 
 
+def _counts(adata, layer: str | None):
+    """``adata.X``, or the layer ``layer``; a KeyError naming the layers there when it is not one."""
+    if layer is not None:
+        layers = [name for name in adata.layers if name is not None]  # anndata 0.13 lists X as None
+        if layer not in layers:
+            raise KeyError(f"layer={layer!r} is not a layer of adata (its layers: {', '.join(layers) or 'none'})")
+        return adata.layers[layer]
+    if adata.X is None:
+        raise ValueError("adata.X is empty; name a layer with counts (layer=...)")
+    return adata.X
+
+
 def _labels(adata, batch_key: str | None):
     if batch_key is None:
         return None
@@ -83,9 +95,7 @@ def transform_anndata(
     as in :func:`fit_anndata` (by default the model's own strategy). A backed AnnData is
     read a block of cells at a time. Returns the factors (n_obs, n_components).
     """
-    x = adata.X if layer is None else adata.layers[layer]
-    if x is None:
-        raise ValueError("adata.X is empty; name a layer with counts (layer=...)")
+    x = _counts(adata, layer)
     per_cell = _size_factors(adata, size_factors)
     if isinstance(per_cell, str):
         raise ValueError("size_factors='total' is a fitting strategy: transform uses the model's own")
@@ -144,9 +154,7 @@ def fit_anndata(
     ``var`` are those of its rows, which ``uns[key]["rows"]`` names as ``[start, stop)``,
     and ``obsm`` is not written.
     """
-    x = adata.X if layer is None else adata.layers[layer]
-    if x is None:
-        raise ValueError("adata.X is empty; name a layer with counts (layer=...)")
+    x = _counts(adata, layer)
     size_factors = _size_factors(adata, size_factors)
     labels = _labels(adata, batch_key)
     strategy = size_factors if isinstance(size_factors, str) else None

@@ -20,6 +20,14 @@ OPTIONAL_ARRAYS = ("size_factors_", "batch_effects_", "prior_scale_")
 SCALARS = ("elbo_", "n_iter_", "converged_", "backend_", "device_", "n_features_in_", "reference_total_")
 
 
+def _npz(path: Path):
+    """The .npz archive at ``path``; ValueError when the file holds one array (.npy) instead."""
+    data = np.load(path, allow_pickle=False)
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"it holds one array of shape {data.shape}, as np.save writes, not an .npz archive")
+    return data
+
+
 def save(model, path) -> Path:
     """Write a fitted model to ``path`` (``.npz`` is appended if missing); returns the path."""
     from . import __version__
@@ -51,7 +59,7 @@ def load(cls, path, backend: str | None = None, device: str | None = None):
 
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with _npz(path) as data:
             metadata = json.loads(str(data["metadata"][()]))
             arrays = {name: np.array(data[name]) for name in ARRAYS}
             arrays.update({name: np.array(data[name]) if name in data else None for name in OPTIONAL_ARRAYS})
@@ -215,7 +223,7 @@ class Checkpoint:
         if not path.exists():
             return None
         try:
-            with np.load(path, allow_pickle=False) as data:
+            with _npz(path) as data:
                 metadata = json.loads(str(data["metadata"][()]))
                 arrays = {name: np.array(data[name]) for name in data.files if name != "metadata"}
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError, EOFError) as err:

@@ -55,6 +55,9 @@ def select_n_components(
     candidates = [int(k) for k in candidates]
     if not candidates or any(k < 1 for k in candidates):
         raise ValueError(f"candidates={candidates!r} must be a non-empty list of positive integers")
+    if len(set(candidates)) < len(candidates):
+        twice = sorted({k for k in candidates if candidates.count(k) > 1})
+        raise ValueError(f"candidates={candidates!r} names {', '.join(map(str, twice))} more than once")
     if not 0 < fraction < 1:
         raise ValueError(f"fraction={fraction!r} must be in (0, 1)")
     if isinstance(n_restarts, bool) or not isinstance(n_restarts, (int, np.integer)) or n_restarts < 1:

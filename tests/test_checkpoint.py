@@ -129,6 +129,10 @@ def test_a_checkpoint_of_other_data_or_parameters_is_refused(tmp_path):
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a pnmf checkpoint"):
         PNMF(3, max_iter=40, checkpoint=path, **common).fit(x)
+    with open(path, "wb") as file:  # one array where the checkpoint was
+        np.save(file, x)
+    with pytest.raises(ValueError, match="not a pnmf checkpoint .*one array"):
+        PNMF(3, max_iter=40, checkpoint=path, **common).fit(x)
 
 
 def test_checkpoint_parameters_are_checked():

@@ -94,6 +94,10 @@ def test_load_rejects_foreign_and_damaged_files(fitted, tmp_path):
     text.write_text("hello")
     with pytest.raises(ValueError, match="not a pnmf model"):
         PNMF.load(text)
+    one_array = tmp_path / "loadings.npy"  # np.save's file (was: TypeError, "context manager protocol")
+    np.save(one_array, model.loadings_)
+    with pytest.raises(ValueError, match=r"not a pnmf model .*one array of shape \(\d+, \d+\)"):
+        PNMF.load(one_array)
     damaged = tmp_path / "damaged.npz"
     damaged.write_bytes(model.save(tmp_path / "good").read_bytes()[:300])
     with pytest.raises(ValueError, match="not a pnmf model"):

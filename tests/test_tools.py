@@ -39,6 +39,8 @@ def test_select_n_components_checks_its_arguments():
         select_n_components(x, [])
     with pytest.raises(ValueError, match="fraction"):
         select_n_components(x, [1], fraction=1.0)
+    with pytest.raises(ValueError, match="names 3 more than once"):  # it fitted K=3 twice, a table of repeats
+        select_n_components(x, [2, 3, 3])
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +64,8 @@ def test_plots_draw_what_they_say(model):
         pnmf.plot.loadings(model, feature_names=names[:5])
     ax = pnmf.plot.factors(model, component=1)
     assert np.all(np.diff(ax.lines[0].get_ydata()) >= 0)  # rows sorted by posterior mean
+    with pytest.raises(ValueError, match="component=3 is not one of the model's 3"):  # was NumPy's IndexError
+        pnmf.plot.factors(model, component=3)
     table = {"n_components": np.array([4, 6, 8]), "heldout_deviance": np.array([3.0, 1.0, 2.0]), "best": 6}
     ax = pnmf.plot.n_components(table)
     np.testing.assert_array_equal(ax.lines[0].get_ydata(), [3.0, 1.0, 2.0])
@@ -101,6 +105,17 @@ def test_what_fit_anndata_stores_is_written_and_read_back_as_h5ad(tmp_path):
     assert read.uns["pnmf"]["params"]["n_components"] == 3
     np.testing.assert_array_equal(read.obsm["X_again"], adata.obsm["X_again"])
     assert list(read.uns["pnmf"]["top_features"].columns) == list(model.top_features(2).columns)
+
+
+def test_a_layer_that_is_not_there_is_named_with_the_layers_that_are():
+    anndata = pytest.importorskip("anndata")
+    x = make_counts(20, 6, 2)[0]
+    adata = anndata.AnnData(sp.csr_matrix(x), layers={"raw": sp.csr_matrix(x)})
+    with pytest.raises(KeyError, match=r"layer='counts' is not a layer of adata \(its layers: raw\)"):
+        fit_anndata(adata, 2, layer="counts")
+    model = fit_anndata(adata, 2, layer="raw", max_iter=5)
+    with pytest.raises(KeyError, match="its layers: raw"):
+        transform_anndata(model, adata, layer="counts")
 
 
 def test_transform_anndata_matches_genes_by_name(tmp_path):
