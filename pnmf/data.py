@@ -80,6 +80,24 @@ def non_integers(values: np.ndarray) -> tuple[int, float | None]:
     return n, example
 
 
+def canonical_csr(x) -> sp.csr_matrix:
+    """Sparse ``x`` as CSR with each entry stored once, in order, and no stored zeros.
+
+    ``x`` itself (as a ``csr_matrix``) when it is so already; otherwise a new matrix, never
+    ``x`` changed: SciPy tidies a matrix in place (``sum_duplicates``, ``sort_indices``,
+    ``eliminate_zeros``; even ``x.sum()`` sums the duplicates of ``x``), which would rewrite
+    the caller's arrays, or fail on read-only ones.
+    """
+    csr = sp.csr_matrix(x)  # a CSR input's arrays are shared, not copied
+    if csr.has_canonical_format and np.all(csr.data):
+        return csr
+    if x.format == "csr":
+        csr = csr.copy()
+    csr.sum_duplicates()
+    csr.eliminate_zeros()
+    return csr
+
+
 def refuse_containers(x) -> None:
     """A TypeError when x is an AnnData, whose counts are one of its matrices, or a masked
     array, whose mask a fit would pass over (it models every entry)."""

@@ -31,6 +31,7 @@ import scipy.sparse as sp
 from scipy.special import gammaln
 
 from .backends.base import TINY_RATE, Array, Backend
+from .data import canonical_csr
 
 MODES = ("simple", "expanded", "lower-bound")
 VAR_GRADIENTS = ("reparam", "price")
@@ -155,11 +156,7 @@ def as_counts(backend: Backend, x: np.ndarray | sp.spmatrix, group=None, scaling
     """
     group = group if group is not None and group.size > 1 else None
     if sp.issparse(x):
-        x = sp.csr_matrix(x)
-        x.sum_duplicates()
-        x.eliminate_zeros()
-        x.sort_indices()
-        counts = SparseCounts(backend, x, group)
+        counts = SparseCounts(backend, canonical_csr(x), group)
     else:
         counts = DenseCounts(backend, np.asarray(x), group)
     counts.scaling = scaling

@@ -21,7 +21,7 @@ from sklearn.utils.validation import check_is_fitted, check_non_negative, valida
 
 from . import distributed, io, loop, programs
 from .backends import BACKENDS, get_backend
-from .data import DiskRows, non_integers, on_disk, refuse_containers
+from .data import DiskRows, canonical_csr, non_integers, on_disk, refuse_containers
 from .elbo import MEAN_BOUND, MODES, Noise, as_counts, evaluate
 from .init import INITS, initialize
 from .loop import TAIL_STANDARD, Phase
@@ -384,6 +384,8 @@ class PNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                     f"X contains {what}: counts must be finite (drop or fill missing values first)"
                 ) from err
             raise
+        if sp.issparse(X):
+            X = canonical_csr(X)  # SciPy's first sum would tidy the caller's matrix in place
         check_non_negative(X, f"{type(self).__name__} (counts must be non-negative)")
         # A fit of no counts has no programs to find (every loading goes to 0): most likely
         # the wrong matrix. A process of a distributed fit may hold rows without counts.

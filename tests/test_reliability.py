@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sklearn.exceptions import ConvergenceWarning
 
-from pnmf import PNMF, thin
+from pnmf import PNMF, consensus, make_counts, select_n_components, thin
 from pnmf.elbo import MODES
 
 from .conftest import BACKENDS
@@ -81,6 +81,45 @@ def test_a_masked_array_is_refused_not_fitted_through_its_mask():
     model = PNMF(1, backend="numpy", max_iter=5).fit(x.filled(0))
     with pytest.raises(TypeError, match="masked array"):
         model.transform(x)
+
+
+def _untidy(x: sp.csr_matrix) -> sp.csr_matrix:
+    """x stored untidily: every entry twice (halves, so some stored zeros), each row's
+    columns in reverse order, and the arrays read-only (as memory-mapped ones are)."""
+    data = np.empty(2 * x.nnz)
+    data[0::2] = np.floor(x.data / 2)
+    data[1::2] = x.data - data[0::2]
+    indices = np.repeat(x.indices, 2)
+    for row in range(x.shape[0]):
+        start, stop = 2 * x.indptr[row], 2 * x.indptr[row + 1]
+        data[start:stop], indices[start:stop] = data[start:stop][::-1].copy(), indices[start:stop][::-1].copy()
+    untidy = sp.csr_matrix((data, indices, 2 * x.indptr), shape=x.shape)
+    for array in (untidy.data, untidy.indices, untidy.indptr):
+        array.setflags(write=False)
+    return untidy
+
+
+def test_a_matrix_with_duplicate_unsorted_and_zero_entries_is_fitted_as_is_and_left_alone(backend_name):
+    # SciPy tidies such a matrix in place, even in x.sum(): the fit rewrote the caller's
+    # arrays, and failed on read-only ones ("WRITEBACKIFCOPY base is read-only").
+    x = sp.csr_matrix(make_counts(60, 20, 3, random_state=0)[0])
+    untidy = _untidy(x)
+    arrays = [a.copy() for a in (untidy.data, untidy.indices, untidy.indptr)]
+    assert not untidy.has_canonical_format and abs(untidy - x).sum() == 0
+    params = dict(backend=backend_name, dtype="float64", random_state=0, max_iter=30)
+    model = PNMF(3, **params).fit(untidy)
+    assert model.elbo_ == pytest.approx(PNMF(3, **params).fit(x).elbo_, rel=1e-12)
+    np.testing.assert_allclose(model.transform(untidy), model.transform(x), rtol=1e-12)
+    for before, after in zip(arrays, (untidy.data, untidy.indices, untidy.indptr)):
+        np.testing.assert_array_equal(before, after)
+
+
+def test_selection_and_consensus_leave_an_untidy_matrix_alone():
+    untidy = _untidy(sp.csr_matrix(make_counts(60, 20, 3, random_state=0)[0]))
+    data = untidy.data.copy()
+    select_n_components(untidy, [2, 3], max_iter=10, backend="numpy")
+    consensus(untidy, 2, n_restarts=2, max_iter=10, backend="numpy", batch=np.repeat(["a", "b"], 30))
+    np.testing.assert_array_equal(untidy.data, data)
 
 
 def test_bad_factors_for_inverse_transform_are_named():
