@@ -144,8 +144,10 @@ def read_counts(path: str, layer: str | None = None, backed: bool = False) -> Co
         if source.suffix == ".h5ad":
             import anndata
 
+            from .integrations import layer_names
+
             adata = anndata.read_h5ad(source, backed="r" if backed else None)
-            layers = [name for name in adata.layers if name is not None]  # anndata 0.13 lists X as None
+            layers = layer_names(adata)
             if layer is not None and layer not in layers:
                 raise UsageError(f"{path} has no layer {layer!r} (layers: {', '.join(layers) or 'none'})")
             x = adata.X if layer is None else adata.layers[layer]

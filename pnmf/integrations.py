@@ -35,10 +35,15 @@ def batch_labels(obs, key: str) -> np.ndarray:
     return np.asarray(column.astype(str))
 
 
+def layer_names(adata) -> list[str]:
+    """The names of ``adata``'s layers (anndata 0.13 lists X among them, as None)."""
+    return [name for name in adata.layers if name is not None]
+
+
 def _counts(adata, layer: str | None):
     """``adata.X``, or the layer ``layer``; a KeyError naming the layers there when it is not one."""
     if layer is not None:
-        layers = [name for name in adata.layers if name is not None]  # anndata 0.13 lists X as None
+        layers = layer_names(adata)
         if layer not in layers:
             raise KeyError(f"layer={layer!r} is not a layer of adata (its layers: {', '.join(layers) or 'none'})")
         return adata.layers[layer]
