@@ -1,6 +1,6 @@
 """The ``pnmf`` command: fit, transform, select-k, consensus and info, for pipelines and clusters.
 
-Counts are read from .h5ad (``--layer``), a 10x directory (matrix.mtx with features.tsv or
+Counts are read from AnnData's .h5ad or .zarr (``--layer``), a 10x directory (matrix.mtx with features.tsv or
 genes.tsv and barcodes.tsv, gzipped or not), a 10x HDF5 matrix (.h5, Cell Ranger 2 or
 later), a SciPy .npz or a .csv/.tsv table (rows are samples, the first column their names,
 the header the features; a table of numbers alone, as ``np.savetxt`` writes one, is read
@@ -25,7 +25,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .consensus import DENSITY_THRESHOLD
-from .data import in_memory, share
+from .data import DiskRows, in_memory, share
 from .elbo import MODES
 from .loop import interrupt_stops_all
 
@@ -114,17 +114,20 @@ def _read_10x_h5(source: Path) -> Counts:
 
 
 def read_counts(path: str, layer: str | None = None, backed: bool = False) -> Counts:
-    """Counts from .h5ad, a 10x directory or .h5, .npz or .csv/.tsv; UsageError naming what is wrong.
+    """Counts from .h5ad or .zarr (AnnData), a 10x directory or .h5, .npz or .csv/.tsv;
+    UsageError naming what is wrong.
 
-    ``backed``: an .h5ad's X stays on disk (AnnData's ``backed="r"``), to be read by rows;
-    its layers are read whole.
+    ``backed``: an .h5ad's or .zarr's X stays on disk (for .h5ad AnnData's ``backed="r"``),
+    to be read by rows; their layers are read whole.
     """
     source = Path(path)
     if not source.exists():
         raise UsageError(f"{path}: no such file or directory")
-    if layer is not None and source.suffix != ".h5ad":
-        raise UsageError(f"--layer applies to .h5ad files; {path} is not one")
+    if layer is not None and source.suffix not in (".h5ad", ".zarr"):
+        raise UsageError(f"--layer applies to .h5ad and .zarr AnnData files; {path} is not one")
     try:
+        if source.suffix == ".zarr":
+            return _read_zarr(source, layer, backed)
         if source.is_dir():
             from scipy.io import mmread
 
@@ -147,16 +150,7 @@ def read_counts(path: str, layer: str | None = None, backed: bool = False) -> Co
             from .integrations import layer_names
 
             adata = anndata.read_h5ad(source, backed="r" if backed else None)
-            layers = layer_names(adata)
-            if layer is not None and layer not in layers:
-                raise UsageError(f"{path} has no layer {layer!r} (layers: {', '.join(layers) or 'none'})")
-            x = adata.X if layer is None else adata.layers[layer]
-            if x is None:
-                raise UsageError(f"{path} has no X; name a layer with counts (--layer)")
-            if layer is None and layers:
-                hint = f"{path}'s X was read; its layers are {', '.join(layers)}: --layer NAME reads one"
-                _HINTS.update(dict.fromkeys(NOT_COUNTS, hint))
-            return Counts(x, np.asarray(adata.obs_names), np.asarray(adata.var_names), adata.obs)
+            return _annotated(path, layer, adata.X, layer_names(adata), adata.layers.__getitem__, adata.obs, adata.var)
         if source.suffix == ".npz":
             x = sp.load_npz(source).tocsr()
             return Counts(x, np.arange(x.shape[0]).astype(str), np.arange(x.shape[1]).astype(str), named=False)
@@ -185,12 +179,62 @@ def read_counts(path: str, layer: str | None = None, backed: bool = False) -> Co
     except UsageError:
         raise
     except ImportError as err:
-        raise UsageError(f"reading {path} needs {err.name}: pip install 'pnmf-vi[anndata]'") from err
+        fix = "pip install zarr" if err.name == "zarr" else "pip install 'pnmf-vi[anndata]'"
+        raise UsageError(f"reading {path} needs {err.name}: {fix}") from err
     except Exception as err:  # a damaged or foreign file, as the reader reports it
         raise UsageError(
             f"{path} could not be read: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
         ) from err
-    raise UsageError(f"{path}: unknown format (expected .h5ad, a 10x directory or .h5, .npz, .csv or .tsv)")
+    raise UsageError(f"{path}: unknown format (expected .h5ad, .zarr, a 10x directory or .h5, .npz, .csv or .tsv)")
+
+
+def _annotated(path: str, layer: str | None, x, layers: list[str], read_layer, obs, var) -> Counts:
+    """The counts of an AnnData file: X (None when it has none) or the layer ``layer``
+    (of ``layers``, read by ``read_layer``), with the names of its rows and features."""
+    if layer is not None and layer not in layers:
+        raise UsageError(f"{path} has no layer {layer!r} (layers: {', '.join(layers) or 'none'})")
+    x = x if layer is None else read_layer(layer)
+    if x is None:
+        raise UsageError(f"{path} has no X; name a layer with counts (--layer)")
+    if layer is None and layers:
+        hint = f"{path}'s X was read; its layers are {', '.join(layers)}: --layer NAME reads one"
+        _HINTS.update(dict.fromkeys(NOT_COUNTS, hint))
+    return Counts(x, np.asarray(obs.index), np.asarray(var.index), obs)
+
+
+def _read_zarr(source: Path, layer: str | None, backed: bool) -> Counts:
+    """An AnnData stored as .zarr; with ``backed`` its X stays on disk, to be read by rows
+    (AnnData reads a .zarr only whole), and a layer is read whole."""
+    import anndata
+    import zarr
+
+    try:
+        from anndata.io import read_elem
+    except ImportError:  # anndata < 0.11
+        from anndata.experimental import read_elem
+
+    from .integrations import layer_names
+
+    if not backed:
+        adata = anndata.read_zarr(source)
+        return _annotated(
+            str(source), layer, adata.X, layer_names(adata), adata.layers.__getitem__, adata.obs, adata.var
+        )
+    store = zarr.open_group(source, mode="r")
+    layers = sorted(store["layers"].keys()) if "layers" in store else []
+    x = store["X"] if "X" in store else None
+    if x is not None and not hasattr(x, "shape"):  # a sparse matrix: a group of arrays
+        # Read by rows when stored by rows (CSR); stored by columns, whole.
+        x = DiskRows(x) if x.attrs.get("encoding-type") == "csr_matrix" else read_elem(x)
+    return _annotated(
+        str(source),
+        layer,
+        x,
+        layers,
+        lambda name: read_elem(store["layers"][name]),
+        read_elem(store["obs"]),
+        read_elem(store["var"]),
+    )
 
 
 # What the command line adds to a warning that starts with the key (set as files are read).
@@ -213,7 +257,7 @@ def _batch(counts: Counts, key: str | None):
     if key is None:
         return None
     if counts.obs is None:
-        raise UsageError("--batch-key needs an .h5ad input, whose obs holds the batch labels")
+        raise UsageError("--batch-key needs an .h5ad or .zarr input, whose obs holds the batch labels")
     if key not in counts.obs:
         raise UsageError(f"--batch-key {key!r} is not a column of obs (columns: {', '.join(counts.obs.columns)})")
     from .integrations import batch_labels
@@ -273,7 +317,7 @@ def _rows(counts: Counts, model) -> tuple[Counts, str]:
 
 def _factor_format(args) -> str:
     """The format of the factors' file, its writer's imports checked before anything is written."""
-    fmt = args.factors or ("h5ad" if str(args.counts).endswith(".h5ad") else "csv")
+    fmt = args.factors or ("h5ad" if str(args.counts).rstrip("/").endswith((".h5ad", ".zarr")) else "csv")
     if fmt == "h5ad":
         try:
             import anndata  # noqa: F401
@@ -487,13 +531,13 @@ def parser() -> argparse.ArgumentParser:
     commands = main.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(sub, model_options=True, outputs=True):
-        sub.add_argument("counts", help=".h5ad, 10x directory or .h5, .npz, .csv or .tsv")
-        sub.add_argument("--layer", help="the .h5ad layer with the counts (default: X)")
+        sub.add_argument("counts", help=".h5ad, .zarr, 10x directory or .h5, .npz, .csv or .tsv")
+        sub.add_argument("--layer", help="the .h5ad or .zarr layer with the counts (default: X)")
         sub.add_argument("--out", "-o", required=True, help="folder for the outputs")
         sub.add_argument("--backend", default="auto", choices=["auto", "numpy", "torch", "mlx"], help="array framework")
         sub.add_argument("--device", help="torch: cpu, cuda, mps; MLX: cpu, gpu")
         sub.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="float precision")
-        sub.add_argument("--batch-key", help="obs column of an .h5ad with each row's batch")
+        sub.add_argument("--batch-key", help="obs column of an .h5ad or .zarr with each row's batch")
         if model_options:
             sub.add_argument("--mode", default="lower-bound", choices=MODES, help="ELBO: Jensen bound or Monte Carlo")
             sub.add_argument(

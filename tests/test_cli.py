@@ -375,6 +375,35 @@ def test_fit_in_batches_reads_the_h5ad_from_disk(files, tmp_path, monkeypatch):
     np.testing.assert_allclose(written, np.exp(model.mean_ + model.var_ / 2), rtol=1e-8)
 
 
+@pytest.mark.parametrize("stored", ["csr", "csc", "dense"])
+def test_an_anndata_zarr_store_is_read_as_its_h5ad_is(files, tmp_path, monkeypatch, stored):
+    # A .zarr was "not a 10x directory: no matrix.mtx in it".
+    from pnmf import cli
+    from pnmf.data import on_disk
+
+    pytest.importorskip("zarr")
+    folder, data = files
+    adata = anndata.read_h5ad(folder / "cells.h5ad")
+    adata.X = {"csr": adata.X, "csc": sp.csc_matrix(adata.X), "dense": adata.X.toarray()}[stored]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # anndata's notice of the zarr format it writes
+        adata.write_zarr(tmp_path / "cells.zarr")
+    seen = []
+    fit = PNMF.fit
+    monkeypatch.setattr(PNMF, "fit", lambda self, X, **kw: seen.append(on_disk(X)) or fit(self, X, **kw))
+    common = ["-k", 3, "--seed", 0, "--backend", "numpy", "--dtype", "float64", "--max-iter", 30, "--tol", 0]
+    run = [str(a) for a in ["fit", tmp_path / "cells.zarr", *common, "--batch-key", "donor", "--batch-size", 60]]
+    assert cli.main([*run, "-o", str(tmp_path / "z")]) == 0
+    assert seen == [stored != "csc"]  # read by batches, unless stored by columns (then read whole)
+    model = PNMF(3, random_state=0, backend="numpy", dtype="float64", max_iter=30, tol=0, batch_size=60)
+    model.fit(data["X"], batch=data["batch"].astype(str))
+    np.testing.assert_allclose(PNMF.load(tmp_path / "z" / "model.npz").loadings_, model.loadings_, rtol=1e-8)
+    written = anndata.read_h5ad(tmp_path / "z" / "factors.h5ad")  # as the input: AnnData
+    assert list(written.obs_names) == list(adata.obs_names)
+    done = pnmf_command("fit", tmp_path / "cells.zarr", "-k", 3, "--layer", "raw", "-o", tmp_path / "r", cwd=tmp_path)
+    assert done.returncode == 2 and "cells.zarr has no layer 'raw' (layers: counts)" in done.stderr
+
+
 def test_transform_reads_the_h5ad_from_disk_unless_a_new_batch_needs_its_rows_whole(files, tmp_path, monkeypatch):
     from pnmf import cli
     from pnmf.data import on_disk
