@@ -10,7 +10,7 @@ import numpy as np
 
 from .consensus import DENSITY_THRESHOLD, consensus
 from .data import poisson_deviance, thin
-from .estimator import PNMF
+from .estimator import PNMF, _number
 from .loop import interrupt_stops_all
 
 log = logging.getLogger(__name__)
@@ -52,9 +52,12 @@ def select_n_components(
     it): ``n_components``, ``heldout_deviance``, ``train_elbo``, ``n_iter``, ``converged``
     (and ``stability``); and ``best``, the candidate with the lowest held-out deviance.
     """
+    candidates = [k.item() if isinstance(k, np.generic) else k for k in candidates]  # np.int64(8) reads as 8
+    if not candidates:
+        raise ValueError("candidates=[] must be a non-empty list of positive integers")
+    for i, k in enumerate(candidates):  # 2.5 or '3' were taken as 2 and 3
+        _number(f"candidates[{i}]", k, integer=True, low=1)
     candidates = [int(k) for k in candidates]
-    if not candidates or any(k < 1 for k in candidates):
-        raise ValueError(f"candidates={candidates!r} must be a non-empty list of positive integers")
     if len(set(candidates)) < len(candidates):
         twice = sorted({k for k in candidates if candidates.count(k) > 1})
         raise ValueError(f"candidates={candidates!r} names {', '.join(map(str, twice))} more than once")

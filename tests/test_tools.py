@@ -39,6 +39,10 @@ def test_select_n_components_checks_its_arguments():
         select_n_components(x, [])
     with pytest.raises(ValueError, match="fraction"):
         select_n_components(x, [1], fraction=1.0)
+    with pytest.raises(TypeError, match=r"candidates\[0\]=2.5 must be an integer"):  # was fitted as K=2
+        select_n_components(x, [2.5, 3])
+    with pytest.raises(ValueError, match=r"candidates\[1\]=0 must be >= 1"):
+        select_n_components(x, np.array([2, 0]))
     with pytest.raises(ValueError, match="names 3 more than once"):  # it fitted K=3 twice, a table of repeats
         select_n_components(x, [2, 3, 3])
 
