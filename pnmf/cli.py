@@ -2,9 +2,10 @@
 
 Counts are read from AnnData's .h5ad or .zarr (``--layer``), a 10x directory (matrix.mtx with features.tsv or
 genes.tsv and barcodes.tsv, gzipped or not), a 10x HDF5 matrix (.h5, Cell Ranger 2 or
-later), a SciPy .npz or a .csv/.tsv table (rows are samples, the first column their names,
-the header the features; a table of numbers alone, as ``np.savetxt`` writes one, is read
-as a matrix without names). Of a 10x matrix with other features too (antibodies, CRISPR
+later), a SciPy .npz, a Matrix Market .mtx or a .csv/.tsv table (rows are samples, the
+first column their names, the header the features; a table of numbers alone, as
+``np.savetxt`` writes one, is read as a matrix without names); ``--transpose`` reads a
+.npz, .mtx or table stored features x samples (genes x cells), as many published ones are. Of a 10x matrix with other features too (antibodies, CRISPR
 guides), the Gene Expression features are read. Every input and argument
 is checked before any work; a problem is one line on stderr and exit status 2, and
 nothing is written.
@@ -113,18 +114,42 @@ def _read_10x_h5(source: Path) -> Counts:
     return Counts(x, obs, var)
 
 
-def read_counts(path: str, layer: str | None = None, backed: bool = False) -> Counts:
-    """Counts from .h5ad or .zarr (AnnData), a 10x directory or .h5, .npz or .csv/.tsv;
+FORMATS = ".h5ad, .zarr, a 10x directory or .h5, .npz, .mtx, .csv or .tsv"
+# Formats that store a bare matrix, whose orientation the file does not say.
+BARE = (".npz", ".mtx", ".mtx.gz", ".csv", ".tsv", ".txt", ".csv.gz", ".tsv.gz", ".txt.gz")
+
+
+def read_counts(path: str, layer: str | None = None, backed: bool = False, transpose: bool = False) -> Counts:
+    """Counts from .h5ad or .zarr (AnnData), a 10x directory or .h5, .npz, .mtx or .csv/.tsv;
     UsageError naming what is wrong.
 
     ``backed``: an .h5ad's or .zarr's X stays on disk (for .h5ad AnnData's ``backed="r"``),
-    to be read by rows; their layers are read whole.
+    to be read by rows; their layers are read whole. ``transpose``: the file (a bare
+    matrix: .npz, .mtx, .csv or .tsv) holds features x samples, as many published tables do.
     """
     source = Path(path)
     if not source.exists():
         raise UsageError(f"{path}: no such file or directory")
     if layer is not None and source.suffix not in (".h5ad", ".zarr"):
         raise UsageError(f"--layer applies to .h5ad and .zarr AnnData files; {path} is not one")
+    bare = source.is_file() and source.name.endswith(BARE)
+    if transpose and not bare:
+        raise UsageError(
+            f"--transpose applies to .npz, .mtx, .csv and .tsv files, which do not say which way they are "
+            f"stored; {path} stores samples (cells) as rows"
+        )
+    counts = _read(source, path, layer, backed)
+    if transpose:
+        counts = Counts(
+            sp.csr_matrix(counts.x.T) if sp.issparse(counts.x) else counts.x.T.copy(),
+            counts.var_names,
+            counts.obs_names,
+            named=counts.named,
+        )
+    return counts
+
+
+def _read(source: Path, path: str, layer: str | None, backed: bool) -> Counts:
     try:
         if source.suffix == ".zarr":
             return _read_zarr(source, layer, backed)
@@ -151,13 +176,19 @@ def read_counts(path: str, layer: str | None = None, backed: bool = False) -> Co
 
             adata = anndata.read_h5ad(source, backed="r" if backed else None)
             return _annotated(path, layer, adata.X, layer_names(adata), adata.layers.__getitem__, adata.obs, adata.var)
-        if source.suffix == ".npz":
-            x = sp.load_npz(source).tocsr()
+        if source.suffix == ".npz" or source.name.endswith((".mtx", ".mtx.gz")):
+            if source.suffix == ".npz":
+                x = sp.load_npz(source)
+            else:
+                from scipy.io import mmread
+
+                x = mmread(source)
+            x = sp.csr_matrix(x)
             return Counts(x, np.arange(x.shape[0]).astype(str), np.arange(x.shape[1]).astype(str), named=False)
-        if source.suffix in (".csv", ".tsv", ".txt") or source.name.endswith((".csv.gz", ".tsv.gz")):
+        if source.name.endswith(BARE):  # a table
             import pandas as pd
 
-            sep = "\t" if ".tsv" in source.name or source.suffix == ".txt" else ","
+            sep = "\t" if source.name.endswith((".tsv", ".tsv.gz", ".txt", ".txt.gz")) else ","
             if _numbers_only(source, sep):  # no header, no row names: a bare matrix (np.savetxt's)
                 values = pd.read_csv(source, sep=sep, header=None).to_numpy()
                 print(f"{path} has no header row: read as a matrix without names")
@@ -185,7 +216,7 @@ def read_counts(path: str, layer: str | None = None, backed: bool = False) -> Co
         raise UsageError(
             f"{path} could not be read: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
         ) from err
-    raise UsageError(f"{path}: unknown format (expected .h5ad, .zarr, a 10x directory or .h5, .npz, .csv or .tsv)")
+    raise UsageError(f"{path}: unknown format (expected {FORMATS})")
 
 
 def _annotated(path: str, layer: str | None, x, layers: list[str], read_layer, obs, var) -> Counts:
@@ -376,7 +407,7 @@ def cmd_fit(args) -> list[Path]:
         raise UsageError("--checkpoint-every needs --checkpoint (the file to write)")
     model = PNMF(args.n_components, **_model_params(args))
     model._validate_params()  # a bad parameter is named before the counts are read
-    counts, suffix = _rows(read_counts(args.counts, args.layer, backed=True), model)
+    counts, suffix = _rows(read_counts(args.counts, args.layer, backed=True, transpose=args.transpose), model)
     batch = _batch(counts, args.batch_key)
     start = time.perf_counter()
     factors = model.fit_transform(counts.x, batch=batch)
@@ -384,6 +415,7 @@ def cmd_fit(args) -> list[Path]:
     if not suffix or suffix.startswith(".rank-0-"):
         settled = "converged" if model.converged_ else "not converged (see the warning)"
         rows = "every process's rows" if suffix else f"{len(factors):,} rows"
+        rows += f" x {model.n_features_in_:,} features"
         print(
             f"fitted {model.n_components} components to {rows} on {model.backend_} ({model.device_}): "
             f"{model.n_iter_} iterations, {settled}, ELBO {model.elbo_:.6g} "
@@ -398,7 +430,7 @@ def cmd_consensus(args) -> list[Path]:
     _check_out(args)
     if args.restarts < 2:
         raise UsageError(f"--restarts {args.restarts} must be at least 2")
-    counts = read_counts(args.counts, args.layer)
+    counts = read_counts(args.counts, args.layer, transpose=args.transpose)
     params = _model_params(args)
     seed = params.pop("random_state")
     params.pop("distributed")
@@ -437,7 +469,7 @@ def cmd_transform(args) -> list[Path]:
 
     _check_out(args)
     model = _load(args.model, args.backend, args.device)
-    counts = read_counts(args.counts, args.layer, backed=True)
+    counts = read_counts(args.counts, args.layer, backed=True, transpose=args.transpose)
     batch = _batch(counts, args.batch_key)
     fmt = _factor_format(args)
     names = counts.var_names if counts.named else None
@@ -458,7 +490,7 @@ def cmd_select_k(args) -> list[Path]:
         raise UsageError(f"--candidates must be positive integers; got {args.candidates}")
     if args.density_threshold is not None and args.restarts < 2:
         raise UsageError("--density-threshold filters the restarts of a consensus: give --restarts 2 or more")
-    counts = read_counts(args.counts, args.layer)
+    counts = read_counts(args.counts, args.layer, transpose=args.transpose)
     params = _model_params(args)
     seed = params.pop("random_state")
     params.pop("distributed")
@@ -531,7 +563,10 @@ def parser() -> argparse.ArgumentParser:
     commands = main.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(sub, model_options=True, outputs=True):
-        sub.add_argument("counts", help=".h5ad, .zarr, 10x directory or .h5, .npz, .csv or .tsv")
+        sub.add_argument("counts", help=".h5ad, .zarr, 10x directory or .h5, .npz, .mtx, .csv or .tsv")
+        sub.add_argument(
+            "--transpose", "-T", action="store_true", help="the .npz, .mtx, .csv or .tsv holds features x samples"
+        )
         sub.add_argument("--layer", help="the .h5ad or .zarr layer with the counts (default: X)")
         sub.add_argument("--out", "-o", required=True, help="folder for the outputs")
         sub.add_argument("--backend", default="auto", choices=["auto", "numpy", "torch", "mlx"], help="array framework")

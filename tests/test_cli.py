@@ -46,6 +46,11 @@ def files(tmp_path_factory):
     pd.DataFrame(x, index=cells, columns=genes).to_csv(folder / "counts.csv")
     pd.DataFrame(x, index=cells, columns=genes).to_csv(folder / "counts.tsv", sep="\t")
     np.savetxt(folder / "bare.csv", x, delimiter=",", fmt="%d")  # numbers alone: no header, no names
+    scipy.io.mmwrite(folder / "counts.mtx", sp.coo_matrix(x))
+    # Genes x cells, as many published tables are (read with --transpose).
+    pd.DataFrame(x.T, index=genes, columns=cells).to_csv(folder / "genes_by_cells.tsv.gz", sep="\t")
+    scipy.io.mmwrite(folder / "genes_by_cells.mtx", sp.coo_matrix(x.T))
+    sp.save_npz(folder / "genes_by_cells.npz", sp.csc_matrix(x.T))
     tenx = folder / "tenx"
     tenx.mkdir()
     scipy.io.mmwrite(tenx / "matrix.mtx", sp.coo_matrix(x.T))
@@ -84,19 +89,38 @@ def read_factors(path: Path) -> np.ndarray:
     return pd.read_csv(path, index_col=0).to_numpy()
 
 
-@pytest.mark.parametrize(
-    "name", ["counts.csv", "counts.tsv", "bare.csv", "counts.npz", "tenx", "tenx.h5", "cells.h5ad"]
-)
+FORMATS = ["counts.csv", "counts.tsv", "bare.csv", "counts.npz", "counts.mtx", "tenx", "tenx.h5", "cells.h5ad"]
+TRANSPOSED = ["genes_by_cells.tsv.gz", "genes_by_cells.mtx", "genes_by_cells.npz"]  # read with --transpose
+UNNAMED = ("counts.npz", "bare.csv", "counts.mtx", "genes_by_cells.mtx", "genes_by_cells.npz")
+
+
+@pytest.mark.parametrize("name", FORMATS + TRANSPOSED)
 def test_fit_reads_every_format_and_writes_what_the_api_computes(files, name, tmp_path):
     folder, data = files
     out = tmp_path / "out"
+    transpose = ["--transpose"] if name in TRANSPOSED else []
     done = pnmf_command(
-        "fit", folder / name, "-k", 3, "--seed", 0, "--backend", "numpy", "--dtype", "float64", "-o", out, cwd=tmp_path
+        "fit",
+        folder / name,
+        *transpose,
+        "-k",
+        3,
+        "--seed",
+        0,
+        "--backend",
+        "numpy",
+        "--dtype",
+        "float64",
+        "-o",
+        out,
+        cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr
     model = PNMF(3, random_state=0, backend="numpy", dtype="float64")
     expected = model.fit_transform(data["X"])
-    summary = f"fitted 3 components to 240 rows on numpy (cpu): {model.n_iter_} iterations, converged, ELBO "
+    summary = (
+        f"fitted 3 components to 240 rows x 50 features on numpy (cpu): {model.n_iter_} iterations, converged, ELBO "
+    )
     assert summary + f"{model.elbo_:.6g}" in done.stdout, done.stdout
     if name.endswith(".h5ad"):
         written = anndata.read_h5ad(out / "factors.h5ad")
@@ -104,11 +128,13 @@ def test_fit_reads_every_format_and_writes_what_the_api_computes(files, name, tm
         factors = written.obsm["X_pnmf"]
     else:
         factors = read_factors(out / "factors.csv")
+        rows = pd.read_csv(out / "factors.csv", index_col=0).index
+        assert list(rows[:2]) == ([0, 1] if name in UNNAMED else ["cell0", "cell1"])
     np.testing.assert_allclose(factors, expected, rtol=1e-6)
     saved = PNMF.load(out / "model.npz")
     np.testing.assert_allclose(saved.loadings_, model.loadings_, rtol=1e-8)
     programs = pd.read_csv(out / "programs.csv", dtype={"feature": str})
-    names = [str(j) for j in range(50)] if name in ("counts.npz", "bare.csv") else [f"gene{j}" for j in range(50)]
+    names = [str(j) for j in range(50)] if name in UNNAMED else [f"gene{j}" for j in range(50)]
     assert list(programs.feature) == list(model.top_features(20, feature_names=names).feature)
 
 
@@ -291,6 +317,7 @@ BAD = [
     (["fit", "counts.csv", "-k", "3", "--batch-key", "donor"], "--batch-key needs an .h5ad"),
     (["fit", "garbage.npz", "-k", "3"], "garbage.npz could not be read"),
     (["fit", "notes.txt2", "-k", "3"], "unknown format"),
+    (["fit", "cells.h5ad", "-k", "3", "--transpose"], "--transpose applies to .npz, .mtx, .csv and .tsv"),
     (["fit", "negative.csv", "-k", "3"], "non-negative"),
     (["fit", "counts.csv", "-k", "3", "--checkpoint-every", "5"], "--checkpoint-every needs --checkpoint"),
     (["fit", "cells.h5ad", "-k", "3", "--batch-size", "0"], "batch_size=0 must be >= 1"),
