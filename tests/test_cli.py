@@ -550,3 +550,52 @@ def test_the_prior_scale_is_fixed_at_1_unless_asked_as_help_says(files, tmp_path
         done = pnmf_command("fit", folder / "counts.npz", *common, *option, "-o", tmp_path / "f", cwd=tmp_path)
         assert done.returncode == 0, done.stderr
         assert PNMF.load(tmp_path / "f" / "model.npz").prior_scale == expected
+
+
+HUGE_PAGE_PROBE = """
+import sys, torch
+from pnmf import cli
+
+fit = cli.cmd_fit
+
+def probed(args):  # after the fit: are torch's large buffers page-aligned, as with huge pages?
+    written = fit(args)
+    print("huge pages:", all(torch.empty(2**20).data_ptr() % 4096 == 0 for _ in range(5)))
+    return written
+
+cli.cmd_fit = probed
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torch's huge pages are Linux's")
+@pytest.mark.parametrize(
+    "extra, setting, expected", [([], None, True), (["--batch-size", "100"], None, False), ([], "0", False)]
+)
+def test_a_fit_in_memory_puts_torchs_buffers_on_huge_pages(files, tmp_path, extra, setting, expected):
+    """torch aligns its buffers of 2 MB and more to the page, not to 64 bytes, when
+    THP_MEM_ALLOC_ENABLE is set at its first allocation: the command sets it for fits held in
+    memory, before torch allocates anything, and keeps a value the user set."""
+    pytest.importorskip("torch")
+    folder, _ = files
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if setting is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = setting
+    args = [
+        "fit",
+        folder / "counts.npz",
+        "-k",
+        2,
+        "--backend",
+        "torch",
+        "--max-iter",
+        5,
+        "-o",
+        tmp_path / "out",
+        *extra,
+    ]
+    done = subprocess.run(
+        [sys.executable, "-c", HUGE_PAGE_PROBE, *map(str, args)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"huge pages: {expected}" in done.stdout, done.stdout

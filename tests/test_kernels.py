@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -478,23 +474,3 @@ def test_mlx_waits_for_the_step_before_each_one_it_queues(monkeypatch):
     # Queuing step i waited for step i - 1 (the first for nothing), never for step i itself.
     assert [len(trees[0]) for trees in waited] == [0, 1, 1]
     assert waited[1][0][0] is steps[0] and waited[2][0][0] is steps[1]
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="torch's huge-page allocation is Linux's")
-@pytest.mark.parametrize("setting, aligned", [(None, True), ("0", False)])
-def test_torch_cpu_buffers_are_on_huge_pages_unless_the_user_said_otherwise(setting, aligned):
-    """torch marks its large buffers for huge pages, which it aligns to the page (else to 64
-    bytes), when THP_MEM_ALLOC_ENABLE is set at its first allocation: importing pnmf sets it,
-    and keeps the user's own value."""
-    pytest.importorskip("torch")
-    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    if setting is not None:
-        env["THP_MEM_ALLOC_ENABLE"] = setting
-    code = (
-        "import pnmf, torch\n"
-        "buffers = [torch.empty(2**20) for _ in range(5)]\n"
-        "print(all(b.data_ptr() % 4096 == 0 for b in buffers))"
-    )
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == str(aligned)

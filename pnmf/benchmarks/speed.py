@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import resource
+import sys
 import time
 from pathlib import Path
 
@@ -97,9 +99,12 @@ def _scipy_pair_seconds(x, n_columns: int, repeats: int = 5) -> float:
     return best_time(lambda: (x @ m, x.T @ m2), repeats)
 
 
-def _sparse_job(queue, backend: str, shape, nnz: int, monte_carlo: bool) -> None:
+def _sparse_job(queue, backend: str, shape, nnz: int, monte_carlo: bool, huge_pages: bool) -> None:
+    # torch reads it at its first allocation, which is below (see pnmf.cli._huge_pages).
+    os.environ["THP_MEM_ALLOC_ENABLE"] = "1" if huge_pages else "0"
     x = sparse_counts(*shape, nnz)
-    result = {"backend": backend, "n_rows": shape[0], "n_cols": shape[1], "nnz": int(x.nnz)}
+    name = f"{backend}, huge pages" if huge_pages else backend
+    result = {"backend": name, "n_rows": shape[0], "n_cols": shape[1], "nnz": int(x.nnz)}
     result["scipy_pair_s"] = _scipy_pair_seconds(x, SPARSE_COMPONENTS)
     result["lower-bound_s_per_iter"] = seconds_per_iteration(x, backend, "lower-bound", SPARSE_COMPONENTS)
     if monte_carlo:
@@ -118,11 +123,12 @@ def _sparse_job(queue, backend: str, shape, nnz: int, monte_carlo: bool) -> None
     queue.put(result)
 
 
-def sparse_run(backend: str, shape, nnz: int, monte_carlo: bool = False) -> dict:
-    """One sparse measurement in a fresh process (its peak memory is then its own)."""
+def sparse_run(backend: str, shape, nnz: int, monte_carlo: bool = False, huge_pages: bool = False) -> dict:
+    """One sparse measurement in a fresh process (its peak memory is then its own); with
+    ``huge_pages``, torch's large buffers on transparent huge pages (``THP_MEM_ALLOC_ENABLE``)."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=_sparse_job, args=(queue, backend, shape, nnz, monte_carlo))
+    process = context.Process(target=_sparse_job, args=(queue, backend, shape, nnz, monte_carlo, huge_pages))
     process.start()
     result = queue.get()
     process.join()
@@ -266,6 +272,9 @@ def run(backends: list[str], out: Path, quick: bool = False, peer_python: str | 
         print(f"[{backend}] sparse 50,000 x 10,000 at 1% ...", flush=True)
         nnz = int(SPARSE_SHAPE[0] * SPARSE_SHAPE[1] * SPARSE_DENSITY)
         record["sparse"].append(sparse_run(backend, SPARSE_SHAPE, nnz, monte_carlo=True))
+        if backend == "torch" and sys.platform == "linux":  # the command line's setting for fits in memory
+            print("[torch] the same on huge pages ...", flush=True)
+            record["sparse"].append(sparse_run(backend, SPARSE_SHAPE, nnz, monte_carlo=True, huge_pages=True))
         for target in SCALING_NNZ:
             print(f"[{backend}] scaling, nnz {target:.0e} ...", flush=True)
             n_rows = 50_000
