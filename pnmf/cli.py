@@ -658,10 +658,10 @@ def _huge_pages(args) -> None:
 
     A torch fit of sparse counts allocates its buffers over the non-zeros afresh each step,
     and without huge pages takes a page fault per 4 kB of each: in memory its steps took up
-    to 2.3x as long (0.080 against 0.034 s at 5e6 non-zeros). Mini-batch fits and transforms read from disk are left out: their
-    changing buffers fragment memory that huge pages back whole (a mini-batch fit's peak
-    rose from 0.83 to 1.03-1.29 GB). torch reads the variable at its first allocation,
-    which comes later (docs/performance.md).
+    to 2.3x as long (0.080 against 0.034 s at 5e6 non-zeros). Mini-batch fits and
+    transforms read from disk are left out: their changing buffers fragment memory that
+    huge pages back whole (a mini-batch fit's peak rose from 0.83 to 1.03-1.29 GB). torch
+    reads the variable at its first allocation, which comes later (docs/performance.md).
     """
     in_memory = args.command in ("fit", "consensus", "select-k") and getattr(args, "batch_size", None) is None
     if in_memory and sys.platform == "linux":

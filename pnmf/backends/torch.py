@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -91,6 +91,13 @@ class _Pattern:
     order_t: torch.Tensor
     shape: tuple[int, int]
     ones: torch.Tensor  # the pattern as a CSR tensor, for sampled_addmm
+    _scratch: list = field(default_factory=list)
+
+    def scratch(self, like: torch.Tensor) -> list[torch.Tensor]:
+        """Two buffers shaped like the values ``like`` (nnz,), made at the first call and kept."""
+        if not self._scratch or self._scratch[0].dtype != like.dtype:
+            self._scratch[:] = [torch.empty_like(like), torch.empty_like(like)]
+        return self._scratch
 
 
 def default_device() -> str:
@@ -275,6 +282,25 @@ class TorchBackend(Backend):
         if self._device.type in ("cpu", "cuda"):
             return torch.sparse.sampled_addmm(pattern.ones, a, b.T, beta=0.0).values()
         return (a[pattern.rows] * b[pattern.col]).sum(-1)
+
+    def sparse_log_term(self, pattern, x, a, w, second):
+        if self._device.type != "cpu":
+            return super().sparse_log_term(pattern, x, a, w, second)
+        # The interface's version with its nnz-sized intermediates written into two buffers
+        # kept with the pattern: on the CPU each fresh one costs a page fault per 4 kB (see
+        # docs/performance.md, huge pages), and a step made six of them.
+        ratio, spare = pattern.scratch(x)
+        rate = self.sampled_matmul(pattern, a[0], w).add_(TINY_RATE)
+        torch.div(x, rate, out=ratio)
+        value = torch.mul(x, torch.log(rate, out=spare), out=spare).sum()
+        g_f = a * self.sparse_matmul(pattern, ratio, w)[None]
+        ratio_t = torch.index_select(ratio, 0, pattern.order_t, out=spare)
+        g_w = self._csr(pattern.crow_t, pattern.col_t, ratio_t, (pattern.shape[1], pattern.shape[0])) @ a[0]
+        h_f = None
+        if second:
+            squared = torch.div(ratio, rate, out=spare)
+            h_f = g_f - a * (a * self.sparse_matmul(pattern, squared, w * w)[None])
+        return value, g_f, g_w, h_f
 
     def sparse_matmul(self, pattern, values, b):
         return self._csr(pattern.crow, pattern.col, values, pattern.shape) @ b
