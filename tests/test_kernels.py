@@ -156,6 +156,24 @@ def test_sparse_log_term_equals_the_dense_one(backend_name, second):
         np.testing.assert_allclose(b.to_numpy(interface), b.to_numpy(want), rtol=rtol, atol=rtol)
 
 
+def test_sparse_log_term_called_again_leaves_its_earlier_results_alone(backend_name):
+    """A backend may keep buffers between calls on the same counts (torch on the CPU does):
+    each call's results are its own, whatever the calls after it."""
+    b = cpu_backend(backend_name)
+    rtol = 1e-6 if backend_name == "mlx" else 1e-12
+    x, a, w = _point(5, 1)
+    counts = as_counts(b, sp.csr_matrix(x))
+    points = [(a, w, True), (a * 2.0, w * 0.5, False), (a * 0.3, w, True)]
+    results = [counts.log_term(b.asarray(p), b.asarray(q), second) for p, q, second in points]
+    for (p, q, second), got in zip(points, results, strict=True):
+        want = b.dense_log_term(b.asarray(x), b.asarray(p), b.asarray(q), second)
+        for g, v in zip(got, want, strict=True):
+            if v is None:
+                assert g is None
+                continue
+            np.testing.assert_allclose(b.to_numpy(g), b.to_numpy(v), rtol=rtol, atol=rtol)
+
+
 def _blas_threads() -> list[int]:
     from threadpoolctl import threadpool_info
 
