@@ -656,9 +656,10 @@ def _huge_pages(args) -> None:
     """torch's CPU buffers of 2 MB and more on transparent huge pages for fits held in memory
     (Linux; a value the user set is kept).
 
-    A torch fit of sparse counts allocates its buffers over the non-zeros afresh each step,
-    and without huge pages takes a page fault per 4 kB of each: in memory its steps took up
-    to 2.3x as long (0.080 against 0.034 s at 5e6 non-zeros). Mini-batch fits and
+    A torch fit of sparse counts allocates buffers afresh each step (its sampled products
+    over the non-zeros, the factors' arrays), and without huge pages takes a page fault per
+    4 kB of each: in memory its steps took 1.3-1.9x as long (65-72 against 38-52 ms at 5e6
+    non-zeros, four runs each). Mini-batch fits and
     transforms read from disk are left out: their changing buffers fragment memory that
     huge pages back whole (a mini-batch fit's peak rose from 0.83 to 1.03-1.29 GB). torch
     reads the variable at its first allocation, which comes later (docs/performance.md).
