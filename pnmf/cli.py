@@ -1,7 +1,9 @@
 """The ``pnmf`` command: fit, transform, select-k, consensus and info, for pipelines and clusters.
 
 Counts are read from AnnData's .h5ad or .zarr (``--layer``), a 10x directory (matrix.mtx
-with features.tsv or genes.tsv and barcodes.tsv, gzipped or not), a 10x HDF5 matrix (.h5,
+with features.tsv or genes.tsv and barcodes.tsv, gzipped or not, their names also with a
+sample's prefix as GEO gives them; a .mtx named alone with such files beside it is read
+with them), a 10x HDF5 matrix (.h5,
 Cell Ranger 2 or later), a SciPy .npz, a Matrix Market .mtx or a .csv/.tsv table (rows are
 samples, the first column their names, the header the features; a table of numbers alone,
 as ``np.savetxt`` writes one, is read as a matrix without names); ``--transpose`` reads a
@@ -69,12 +71,46 @@ def _numbers_only(path: Path, sep: str) -> bool:
     return True
 
 
-def _find(folder: Path, *names: str) -> Path:
+def _find(folder: Path, *names: str, prefix: str = "") -> Path:
     for name in names:
-        for candidate in (folder / name, folder / (name + ".gz")):
+        for candidate in (folder / (prefix + name), folder / (prefix + name + ".gz")):
             if candidate.exists():
                 return candidate
-    raise UsageError(f"{folder} is not a 10x directory: no {' or '.join(names)} in it")
+    raise UsageError(f"{folder} is not a 10x directory: no {' or '.join(prefix + n for n in names)} in it")
+
+
+def _prefix(folder: Path) -> str:
+    """The prefix of a 10x directory's file names: '' for matrix.mtx, 'GSM123_' for
+    GSM123_matrix.mtx.gz, as GEO names them; UsageError when it holds several samples."""
+    if any((folder / name).exists() for name in ("matrix.mtx", "matrix.mtx.gz")):
+        return ""
+    found = sorted(
+        path.name[: -len(end)]
+        for path in folder.iterdir()
+        for end in ("matrix.mtx", "matrix.mtx.gz")
+        if path.name.endswith(end)
+    )
+    if len(found) > 1:
+        raise UsageError(
+            f"{folder} holds several 10x matrices ({', '.join(f + 'matrix.mtx' for f in found)}): "
+            "give one of the .mtx files, which is read with its features and barcodes"
+        )
+    return found[0] if found else ""
+
+
+def _tenx_mtx(path: Path) -> tuple[Path, str] | None:
+    """The folder and prefix of a .mtx file that is a 10x matrix: NAMEmatrix.mtx(.gz) beside
+    NAMEbarcodes.tsv and NAMEfeatures.tsv or NAMEgenes.tsv (gzipped or not); None otherwise."""
+    for end in ("matrix.mtx", "matrix.mtx.gz"):
+        if path.name.endswith(end):
+            prefix = path.name[: -len(end)]
+            try:
+                _find(path.parent, "barcodes.tsv", prefix=prefix)
+                _find(path.parent, "features.tsv", "genes.tsv", prefix=prefix)
+            except UsageError:
+                return None
+            return path.parent, prefix
+    return None
 
 
 def _gene_expression(x, var: np.ndarray, types: np.ndarray | None, path: Path) -> tuple[object, np.ndarray]:
@@ -132,11 +168,11 @@ def read_counts(path: str, layer: str | None = None, backed: bool = False, trans
         raise UsageError(f"{path}: no such file or directory")
     if layer is not None and source.suffix not in (".h5ad", ".zarr"):
         raise UsageError(f"--layer applies to .h5ad and .zarr AnnData files; {path} is not one")
-    bare = source.is_file() and source.name.endswith(BARE)
+    bare = source.is_file() and source.name.endswith(BARE) and _tenx_mtx(source) is None
     if transpose and not bare:
         raise UsageError(
             f"--transpose applies to .npz, .mtx, .csv and .tsv files, which do not say which way they are "
-            f"stored; {path} stores samples (cells) as rows"
+            f"stored; {path} says which way it is stored, and its samples (cells) are read as rows"
         )
     counts = _read(source, path, layer, backed)
     if transpose:
@@ -153,18 +189,23 @@ def _read(source: Path, path: str, layer: str | None, backed: bool) -> Counts:
     try:
         if source.suffix == ".zarr":
             return _read_zarr(source, layer, backed)
-        if source.is_dir():
+        tenx = (source, _prefix(source)) if source.is_dir() else _tenx_mtx(source)
+        if tenx is not None:
             from scipy.io import mmread
 
-            x = sp.csr_matrix(mmread(_find(source, "matrix.mtx")).T)  # 10x stores features x cells
-            features = _find(source, "features.tsv", "genes.tsv")
+            folder, prefix = tenx
+            matrix = _find(folder, "matrix.mtx", prefix=prefix)
+            x = sp.csr_matrix(mmread(matrix).T)  # 10x stores features x cells
+            features = _find(folder, "features.tsv", "genes.tsv", prefix=prefix)
             var = _names(features, column=1)
-            types = _names(features, column=2) if features.name.startswith("features") else None
-            obs = _names(_find(source, "barcodes.tsv"))
+            types = _names(features, column=2) if features.name[len(prefix) :].startswith("features") else None
+            obs = _names(_find(folder, "barcodes.tsv", prefix=prefix))
             if x.shape != (len(obs), len(var)):
                 raise UsageError(
-                    f"{path}: matrix.mtx is {x.shape[1]} x {x.shape[0]} but the names are {len(var)} x {len(obs)}"
+                    f"{path}: {matrix.name} is {x.shape[1]} x {x.shape[0]} but the names are {len(var)} x {len(obs)}"
                 )
+            if not source.is_dir():
+                print(f"{path}: read as a 10x matrix, with {features.name} and the barcodes beside it")
             x, var = _gene_expression(x, var, types, source)
             return Counts(x, obs, var)
         if source.suffix == ".h5":

@@ -62,7 +62,19 @@ def files(tmp_path_factory):
     with gzip.open(tenx / "barcodes.tsv.gz", "wt") as handle:
         handle.write("".join(f"{c}\n" for c in cells))
     write_10x_h5(folder / "tenx.h5", x, cells, genes)
+    write_10x_mtx(folder / "geo", x, cells, genes, prefix="GSM1_")  # as GEO names a sample's files
     return folder, data
+
+
+def write_10x_mtx(folder: Path, x: np.ndarray, cells, genes, prefix: str = "") -> None:
+    """Counts as Cell Ranger writes them to a directory (gzipped), the names prefixed."""
+    folder.mkdir(exist_ok=True)
+    with gzip.open(folder / f"{prefix}matrix.mtx.gz", "wb") as handle:
+        scipy.io.mmwrite(handle, sp.coo_matrix(x.T))
+    with gzip.open(folder / f"{prefix}features.tsv.gz", "wt") as handle:
+        handle.write("".join(f"ID{j}\t{g}\tGene Expression\n" for j, g in enumerate(genes)))
+    with gzip.open(folder / f"{prefix}barcodes.tsv.gz", "wt") as handle:
+        handle.write("".join(f"{c}\n" for c in cells))
 
 
 def write_10x_h5(path: Path, x: np.ndarray, cells, genes, antibodies: np.ndarray | None = None) -> None:
@@ -89,7 +101,10 @@ def read_factors(path: Path) -> np.ndarray:
     return pd.read_csv(path, index_col=0).to_numpy()
 
 
-FORMATS = ["counts.csv", "counts.tsv", "bare.csv", "counts.npz", "counts.mtx", "tenx", "tenx.h5", "cells.h5ad"]
+FORMATS = [
+    *("counts.csv", "counts.tsv", "bare.csv", "counts.npz", "counts.mtx", "tenx", "tenx.h5", "cells.h5ad"),
+    *("geo", "geo/GSM1_matrix.mtx.gz"),  # a 10x directory of GEO's names, and its .mtx alone
+]
 TRANSPOSED = ["genes_by_cells.tsv.gz", "genes_by_cells.mtx", "genes_by_cells.npz"]  # read with --transpose
 UNNAMED = ("counts.npz", "bare.csv", "counts.mtx", "genes_by_cells.mtx", "genes_by_cells.npz")
 
@@ -550,6 +565,23 @@ def test_the_prior_scale_is_fixed_at_1_unless_asked_as_help_says(files, tmp_path
         done = pnmf_command("fit", folder / "counts.npz", *common, *option, "-o", tmp_path / "f", cwd=tmp_path)
         assert done.returncode == 0, done.stderr
         assert PNMF.load(tmp_path / "f" / "model.npz").prior_scale == expected
+
+
+def test_a_folder_of_several_10x_samples_names_them_and_each_mtx_is_read_with_its_names(files, tmp_path):
+    folder, data = files
+    x, cells, genes = data["X"], [f"cell{i}" for i in range(240)], [f"gene{j}" for j in range(50)]
+    write_10x_mtx(tmp_path / "geo", x, cells, genes, prefix="GSM1_")
+    write_10x_mtx(tmp_path / "geo", x[:100], cells[:100], genes, prefix="GSM2_")
+    done = pnmf_command("fit", "geo", "-k", 2, "-o", "out", cwd=tmp_path)
+    assert done.returncode == 2 and not (tmp_path / "out").exists()
+    assert "holds several 10x matrices (GSM1_matrix.mtx, GSM2_matrix.mtx)" in done.stderr, done.stderr
+    done = pnmf_command("fit", "geo/GSM2_matrix.mtx.gz", "-k", 2, "--max-iter", 20, "-o", "out", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "read as a 10x matrix, with GSM2_features.tsv.gz" in done.stdout
+    assert "to 100 rows x 50 features" in done.stdout
+    assert list(pd.read_csv(tmp_path / "out" / "factors.csv", index_col=0).index[:2]) == ["cell0", "cell1"]
+    done = pnmf_command("fit", "geo/GSM2_matrix.mtx.gz", "-T", "-k", 2, "-o", "out2", cwd=tmp_path)
+    assert done.returncode == 2 and "says which way it is stored" in done.stderr
 
 
 HUGE_PAGE_PROBE = """
