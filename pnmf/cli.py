@@ -2,15 +2,14 @@
 
 Counts are read from AnnData's .h5ad or .zarr (``--layer``), a 10x directory (matrix.mtx
 with features.tsv or genes.tsv and barcodes.tsv, gzipped or not, their names also with a
-sample's prefix as GEO gives them; a .mtx named alone with such files beside it is read
-with them), a 10x HDF5 matrix (.h5,
-Cell Ranger 2 or later), a SciPy .npz, a Matrix Market .mtx or a .csv/.tsv table (rows are
-samples, the first column their names, the header the features; a table of numbers alone,
-as ``np.savetxt`` writes one, is read as a matrix without names); ``--transpose`` reads a
-.npz, .mtx or table stored features x samples (genes x cells), as many published ones are.
-Of a 10x matrix with other features too (antibodies, CRISPR guides), the Gene Expression
-features are read. Every input and argument is checked before any work; a problem is one
-line on stderr and exit status 2, and nothing is written.
+sample's prefix as GEO gives them; a .mtx named alone with such files beside it is read with
+them), a 10x HDF5 matrix (.h5, Cell Ranger 2 or later), a SciPy .npz, a Matrix Market .mtx
+or a .csv/.tsv table (rows are samples, the first column their names, the header the
+features; a table of numbers alone, as ``np.savetxt`` writes one, is read as a matrix
+without names); ``--transpose`` reads a .npz, .mtx or table stored features x samples (genes
+x cells), as many published ones are. Of a 10x matrix with other features too (antibodies,
+CRISPR guides), the Gene Expression features are read. Every input and argument is checked
+before any work; a problem is one line on stderr and exit status 2, and nothing is written.
 """
 
 from __future__ import annotations
