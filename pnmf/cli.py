@@ -699,10 +699,10 @@ def _huge_pages(args) -> None:
     A torch fit of sparse counts allocates buffers afresh each step (its sampled products
     over the non-zeros, the factors' arrays), and without huge pages takes a page fault per
     4 kB of each: in memory its steps took 1.3-1.9x as long (65-72 against 38-52 ms at 5e6
-    non-zeros, four runs each). Mini-batch fits and
-    transforms read from disk are left out: their changing buffers fragment memory that
-    huge pages back whole (a mini-batch fit's peak rose from 0.83 to 1.03-1.29 GB). torch
-    reads the variable at its first allocation, which comes later (docs/performance.md).
+    non-zeros, four runs each). Mini-batch fits and transforms read from disk are left out:
+    their changing buffers fragment memory that huge pages back whole (a mini-batch fit's
+    peak rose from 0.83 to 1.03-1.29 GB). torch reads the variable at its first allocation,
+    which comes later (docs/performance.md).
     """
     in_memory = args.command in ("fit", "consensus", "select-k") and getattr(args, "batch_size", None) is None
     if in_memory and sys.platform == "linux":
