@@ -447,14 +447,16 @@ def cmd_fit(args) -> list[Path]:
         raise UsageError("--checkpoint-every needs --checkpoint (the file to write)")
     model = PNMF(args.n_components, **_model_params(args))
     model._validate_params()  # a bad parameter is named before the counts are read
-    counts, suffix = _rows(read_counts(args.counts, args.layer, backed=True, transpose=args.transpose), model)
+    counts = read_counts(args.counts, args.layer, backed=True, transpose=args.transpose)
+    n_rows = counts.x.shape[0]
+    counts, suffix = _rows(counts, model)
     batch = _batch(counts, args.batch_key)
     start = time.perf_counter()
     factors = model.fit_transform(counts.x, batch=batch)
     model.feature_names_in_ = counts.var_names.astype(object)  # the model file keeps them
     if not suffix or suffix.startswith(".rank-0-"):
         settled = "converged" if model.converged_ else "not converged (see the warning)"
-        rows = "every process's rows" if suffix else f"{len(factors):,} rows"
+        rows = f"{n_rows:,} rows" + (f" over {suffix.rsplit('-', 1)[1]} processes" if suffix else "")
         rows += f" x {model.n_features_in_:,} features"
         print(
             f"fitted {model.n_components} components to {rows} on {model.backend_} ({model.device_}): "
@@ -566,7 +568,10 @@ def _load(path: str, backend: str | None, device: str | None):
 def cmd_info(args) -> list[Path]:
     model = _load(args.model, None, None)
     print(f"pnmf model {args.model}")
-    print(f"  components: {model.n_components}   features: {model.n_features_in_}   rows fitted: {len(model.mean_)}")
+    rows = f"rows fitted: {len(model.mean_)}"
+    if model.distributed:  # a process saves its own rows' posterior
+        rows = f"rows: {len(model.mean_)} in this file, one process's block of a distributed fit"
+    print(f"  components: {model.n_components}   features: {model.n_features_in_}   {rows}")
     print(f"  mode: {model.mode}   training: {model.training_mode}   backend: {model.backend_} ({model.device_})")
     print(f"  ELBO: {model.elbo_:.6g}   iterations: {model.n_iter_}   converged: {model.converged_}")
     if model.batches_ is not None:

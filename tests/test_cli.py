@@ -519,8 +519,13 @@ def test_fit_runs_unchanged_under_torchrun(files, tmp_path):
     command += ["--seed", 0, "-o", tmp_path / "d"]
     done = subprocess.run([str(a) for a in command], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
+    # The line of rank 0 counts every process's rows (it said "every process's rows").
+    assert f"fitted 3 components to {len(data['X']):,} rows over 2 processes x" in done.stdout
     whole = PNMF(3, random_state=0, backend="numpy", dtype="float64").fit(data["X"])
     np.testing.assert_allclose(PNMF.load(tmp_path / "d" / "model.npz").loadings_, whole.loadings_, rtol=1e-8)
+    info = pnmf_command("info", tmp_path / "d" / "model.npz", cwd=tmp_path).stdout
+    half = (len(data["X"]) + 1) // 2
+    assert f"rows: {half} in this file, one process's block of a distributed fit" in info
     halves = [read_factors(tmp_path / "d" / f"factors.rank-{r}-of-2.csv") for r in range(2)]
     # Each rank's transform stops on its own rows' ELBO: the same factors up to that tolerance.
     relative = np.abs(np.vstack(halves) / whole.transform(data["X"]) - 1)
