@@ -456,6 +456,8 @@ def cmd_fit(args) -> list[Path]:
     model.feature_names_in_ = counts.var_names.astype(object)  # the model file keeps them
     if not suffix or suffix.startswith(".rank-0-"):
         settled = "converged" if model.converged_ else "not converged (see the warning)"
+        if model.tol == 0:
+            settled = "as --tol 0 asks"
         rows = f"{n_rows:,} rows" + (f" over {suffix.rsplit('-', 1)[1]} processes" if suffix else "")
         rows += f" x {model.n_features_in_:,} features"
         print(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import zipfile
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
+
+log = logging.getLogger(__name__)
 
 FORMAT = "pnmf-model"
 FORMAT_VERSION = 1
@@ -194,8 +197,13 @@ class Checkpoint:
             pass  # written in part, or for a fit since replaced: never renamed, so never a checkpoint
         held = [saved for saved in held if saved is not None]
         if self.group is None:
-            return max(held, key=lambda saved: len(saved["history"]), default=None)
-        return self._common(held)
+            saved = max(held, key=lambda saved: len(saved["history"]), default=None)
+        else:
+            saved = self._common(held)
+        if saved is not None and (self.group is None or self.group.rank == 0):
+            name = str(self.path).replace(".rank-0-", ".rank-*-")
+            log.info("resuming from %s at iteration %d", name, len(saved["history"]))
+        return saved
 
     def _common(self, held: list[dict]) -> dict | None:
         """Of this rank's saved states, the one at the last iteration that every rank holds."""

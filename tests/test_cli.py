@@ -495,8 +495,10 @@ def test_a_fit_resumes_from_its_checkpoint_and_refuses_another_fits(files, tmp_p
     common += ["--checkpoint", tmp_path / "state.npz", "--checkpoint-every", 10]
     first = pnmf_command("fit", folder / "counts.csv", *common, "--max-iter", 20, "-o", "a", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
+    assert "20 iterations, as --tol 0 asks," in first.stdout and "resuming" not in first.stderr
     longer = pnmf_command("fit", folder / "counts.csv", *common, "--max-iter", 40, "-o", "b", cwd=tmp_path)
     assert longer.returncode == 0, longer.stderr
+    assert f"pnmf: resuming from {tmp_path / 'state.npz'} at iteration 20" in longer.stderr
     model = PNMF(3, random_state=0, backend="numpy", dtype="float64", tol=0, max_iter=40).fit(data["X"])
     resumed = PNMF.load(tmp_path / "b" / "model.npz")
     assert resumed.n_iter_ == 40
