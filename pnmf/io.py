@@ -201,7 +201,7 @@ class Checkpoint:
         else:
             saved = self._common(held)
         if saved is not None and (self.group is None or self.group.rank == 0):
-            name = str(self.path).replace(".rank-0-", ".rank-*-")
+            name = self.path if self.group is None else str(self.path).replace(".rank-0-", ".rank-*-")
             log.info("resuming from %s at iteration %d", name, len(saved["history"]))
         return saved
 
