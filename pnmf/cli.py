@@ -1,6 +1,7 @@
 """The ``pnmf`` command: fit, transform, select-k, consensus and info, for pipelines and clusters.
 
-Counts are read from AnnData's .h5ad or .zarr (``--layer``), a 10x directory (matrix.mtx
+Counts are read from AnnData's .h5ad or .zarr, a .loom file (loompy's, velocyto's: genes x
+cells, read as cells x genes; ``--layer`` for all three), a 10x directory (matrix.mtx
 with features.tsv or genes.tsv and barcodes.tsv, gzipped or not, their names also with a
 sample's prefix as GEO gives them; a .mtx named alone with such files beside it is read with
 them), a 10x HDF5 matrix (.h5, Cell Ranger 2 or later), a SciPy .npz, a Matrix Market .mtx
@@ -30,6 +31,15 @@ from .consensus import DENSITY_THRESHOLD
 from .data import DiskRows, in_memory, share
 from .elbo import MODES
 from .loop import interrupt_stops_all
+
+
+def _say(text: str) -> None:
+    """A line on stdout. Once its reader has left (``pnmf ... | head``), the lines go
+    nowhere and the command goes on to write its files."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 class UsageError(Exception):
@@ -120,7 +130,7 @@ def _gene_expression(x, var: np.ndarray, types: np.ndarray | None, path: Path) -
     if keep.all() or not keep.any():
         return x, var
     others = ", ".join(sorted(set(types[~keep])))
-    print(f"{path}: kept its {keep.sum()} Gene Expression features of {len(types)} (left out: {others})")
+    _say(f"{path}: kept its {keep.sum()} Gene Expression features of {len(types)} (left out: {others})")
     return x[:, np.flatnonzero(keep)], var[keep]
 
 
@@ -149,13 +159,13 @@ def _read_10x_h5(source: Path) -> Counts:
     return Counts(x, obs, var)
 
 
-FORMATS = ".h5ad, .zarr, a 10x directory or .h5, .npz, .mtx, .csv or .tsv"
+FORMATS = ".h5ad, .zarr, .loom, a 10x directory or .h5, .npz, .mtx, .csv or .tsv"
 # Formats that store a bare matrix, whose orientation the file does not say.
 BARE = (".npz", ".mtx", ".mtx.gz", ".csv", ".tsv", ".txt", ".csv.gz", ".tsv.gz", ".txt.gz")
 
 
 def read_counts(path: str, layer: str | None = None, backed: bool = False, transpose: bool = False) -> Counts:
-    """Counts from .h5ad or .zarr (AnnData), a 10x directory or .h5, .npz, .mtx or .csv/.tsv;
+    """Counts from .h5ad or .zarr (AnnData), .loom, a 10x directory or .h5, .npz, .mtx or .csv/.tsv;
     UsageError naming what is wrong.
 
     ``backed``: an .h5ad's or .zarr's X stays on disk (for .h5ad AnnData's ``backed="r"``),
@@ -165,8 +175,8 @@ def read_counts(path: str, layer: str | None = None, backed: bool = False, trans
     source = Path(path)
     if not source.exists():
         raise UsageError(f"{path}: no such file or directory")
-    if layer is not None and source.suffix not in (".h5ad", ".zarr"):
-        raise UsageError(f"--layer applies to .h5ad and .zarr AnnData files; {path} is not one")
+    if layer is not None and source.suffix not in (".h5ad", ".zarr", ".loom"):
+        raise UsageError(f"--layer applies to .h5ad, .zarr and .loom files; {path} is not one")
     bare = source.is_file() and source.name.endswith(BARE) and _tenx_mtx(source) is None
     if transpose and not bare:
         raise UsageError(
@@ -204,7 +214,7 @@ def _read(source: Path, path: str, layer: str | None, backed: bool) -> Counts:
                     f"{path}: {matrix.name} is {x.shape[1]} x {x.shape[0]} but the names are {len(var)} x {len(obs)}"
                 )
             if not source.is_dir():
-                print(f"{path}: read as a 10x matrix, with {features.name} and the barcodes beside it")
+                _say(f"{path}: read as a 10x matrix, with {features.name} and the barcodes beside it")
             x, var = _gene_expression(x, var, types, source)
             return Counts(x, obs, var)
         if source.suffix == ".h5":
@@ -215,7 +225,9 @@ def _read(source: Path, path: str, layer: str | None, backed: bool) -> Counts:
             from .integrations import layer_names
 
             adata = anndata.read_h5ad(source, backed="r" if backed else None)
-            return _annotated(path, layer, adata.X, layer_names(adata), adata.layers.__getitem__, adata.obs, adata.var)
+            return _annotated(path, layer, layer_names(adata), _layer_reader(adata), adata.obs, adata.var)
+        if source.suffix == ".loom":
+            return _read_loom(source, path, layer)
         if source.suffix == ".npz" or source.name.endswith((".mtx", ".mtx.gz")):
             if source.suffix == ".npz":
                 x = sp.load_npz(source)
@@ -231,7 +243,7 @@ def _read(source: Path, path: str, layer: str | None, backed: bool) -> Counts:
             sep = "\t" if source.name.endswith((".tsv", ".tsv.gz", ".txt", ".txt.gz")) else ","
             if _numbers_only(source, sep):  # no header, no row names: a bare matrix (np.savetxt's)
                 values = pd.read_csv(source, sep=sep, header=None).to_numpy()
-                print(f"{path} has no header row: read as a matrix without names")
+                _say(f"{path} has no header row: read as a matrix without names")
                 if values.dtype.kind not in "biuf":
                     raise UsageError(f"{path} holds values that are not numbers")
                 n, d = values.shape
@@ -259,12 +271,13 @@ def _read(source: Path, path: str, layer: str | None, backed: bool) -> Counts:
     raise UsageError(f"{path}: unknown format (expected {FORMATS})")
 
 
-def _annotated(path: str, layer: str | None, x, layers: list[str], read_layer, obs, var) -> Counts:
-    """The counts of an AnnData file: X (None when it has none) or the layer ``layer``
-    (of ``layers``, read by ``read_layer``), with the names of its rows and features."""
+def _annotated(path: str, layer: str | None, layers: list[str], read, obs, var) -> Counts:
+    """The counts of an AnnData (or loom) file: X or the layer ``layer`` (of ``layers``), as
+    ``read(layer)`` reads them (``read(None)``: X, None when there is none), with the names of
+    its rows (``obs``'s index) and features (``var``'s)."""
     if layer is not None and layer not in layers:
         raise UsageError(f"{path} has no layer {layer!r} (layers: {', '.join(layers) or 'none'})")
-    x = x if layer is None else read_layer(layer)
+    x = read(layer)
     if x is None:
         raise UsageError(f"{path} has no X; name a layer with counts (--layer)")
     if layer is None and layers:
@@ -288,9 +301,7 @@ def _read_zarr(source: Path, layer: str | None, backed: bool) -> Counts:
 
     if not backed:
         adata = anndata.read_zarr(source)
-        return _annotated(
-            str(source), layer, adata.X, layer_names(adata), adata.layers.__getitem__, adata.obs, adata.var
-        )
+        return _annotated(str(source), layer, layer_names(adata), _layer_reader(adata), adata.obs, adata.var)
     store = zarr.open_group(source, mode="r")
     layers = sorted(store["layers"].keys()) if "layers" in store else []
     x = store["X"] if "X" in store else None
@@ -300,12 +311,62 @@ def _read_zarr(source: Path, layer: str | None, backed: bool) -> Counts:
     return _annotated(
         str(source),
         layer,
-        x,
         layers,
-        lambda name: read_elem(store["layers"][name]),
+        lambda name: x if name is None else read_elem(store["layers"][name]),
         read_elem(store["obs"]),
         read_elem(store["var"]),
     )
+
+
+def _layer_reader(adata):
+    """``read(name)`` of :func:`_annotated` for an AnnData: its layer ``name``, or X."""
+    return lambda name: adata.X if name is None else adata.layers[name]
+
+
+# Where loom files name their genes and cells (loompy's convention, then AnnData's and others').
+LOOM_GENES = ("Gene", "var_names", "gene_names", "Genes", "gene", "Accession")
+LOOM_CELLS = ("CellID", "obs_names", "cell_names", "CellIDs", "cell_id")
+LOOM_BLOCK = 2**24  # values read at a time (64 MB of float32), a block of cells
+
+
+def _read_loom(source: Path, path: str, layer: str | None) -> Counts:
+    """A loom file (loompy, velocyto): /matrix and /layers/NAME stored genes x cells, the
+    genes' and cells' attributes in /row_attrs and /col_attrs; read cells x genes, by
+    blocks of cells into a sparse matrix."""
+    import h5py
+    import pandas as pd
+
+    def column(dataset) -> np.ndarray:
+        values = dataset[:]
+        if values.dtype.kind in "OS":
+            values = np.array([v.decode() if isinstance(v, bytes) else str(v) for v in values])
+        return values
+
+    def attributes(group_name: str, n: int) -> dict[str, np.ndarray]:
+        group = handle.get(group_name)
+        if not isinstance(group, h5py.Group):
+            return {}
+        return {k: column(v) for k, v in group.items() if isinstance(v, h5py.Dataset) and v.shape == (n,)}
+
+    def cells_by_genes(name: str | None):
+        stored = handle["matrix"] if name is None else handle["layers"][name]
+        step = max(1, LOOM_BLOCK // max(n_genes, 1))
+        blocks = [sp.csr_matrix(stored[:, start : start + step].T) for start in range(0, n_cells, step)]
+        return sp.vstack(blocks, format="csr")
+
+    with h5py.File(source, "r") as handle:
+        if not isinstance(handle.get("matrix"), h5py.Dataset) or handle["matrix"].ndim != 2:
+            raise UsageError(f"{path} is not a loom file: no 2-D dataset 'matrix' in it")
+        n_genes, n_cells = handle["matrix"].shape
+        layers = sorted(name for name in handle.get("layers", {}) if name)  # '' is /matrix again
+        genes, cells = attributes("row_attrs", n_genes), attributes("col_attrs", n_cells)
+        gene_key = next((k for k in LOOM_GENES if k in genes), None)
+        cell_key = next((k for k in LOOM_CELLS if k in cells), None)
+        var = pd.Index(genes[gene_key] if gene_key else np.arange(n_genes).astype(str))
+        obs = pd.DataFrame(cells, index=cells[cell_key] if cell_key else np.arange(n_cells).astype(str))
+        counts = _annotated(path, layer, layers, cells_by_genes, obs, pd.DataFrame(index=var))
+    counts.named = gene_key is not None
+    return counts
 
 
 # What the command line adds to a warning that starts with the key (set as files are read).
@@ -460,7 +521,7 @@ def cmd_fit(args) -> list[Path]:
             settled = "as --tol 0 asks"
         rows = f"{n_rows:,} rows" + (f" over {suffix.rsplit('-', 1)[1]} processes" if suffix else "")
         rows += f" x {model.n_features_in_:,} features"
-        print(
+        _say(
             f"fitted {model.n_components} components to {rows} on {model.backend_} ({model.device_}): "
             f"{model.n_iter_} iterations, {settled}, ELBO {model.elbo_:.6g} "
             f"({time.perf_counter() - start:.1f} s)"
@@ -489,7 +550,7 @@ def cmd_consensus(args) -> list[Path]:
         **params,
     )
     model.feature_names_in_ = counts.var_names.astype(object)
-    print(f"stability (silhouette): {model.stability_:.3f}; outlier components dropped: {model.n_outliers_}")
+    _say(f"stability (silhouette): {model.stability_:.3f}; outlier components dropped: {model.n_outliers_}")
     written = _outputs(args, counts, model, np.exp(model.mean_ + model.var_ / 2), "")
     figure = _figure(lambda plot: plot.consensus(model)[0].figure, Path(args.out) / "consensus.png")
     return written + figure
@@ -519,7 +580,7 @@ def cmd_transform(args) -> list[Path]:
     names = counts.var_names if counts.named else None
     factors, columns = transform_named(model, counts.x, names, batch=batch, source=args.counts)
     if columns is not None:
-        print(f"matched the model's {len(columns)} features by name among the {len(names)} of {args.counts}")
+        _say(f"matched the model's {len(columns)} features by name among the {len(names)} of {args.counts}")
         counts.var_names = counts.var_names[columns]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -555,7 +616,7 @@ def cmd_select_k(args) -> list[Path]:
     lines = [",".join(names)] + [",".join(str(table[n][i]) for n in names) for i in range(len(args.candidates))]
     (out / "select_k.csv").write_text("\n".join(lines) + "\n")
     written = [out / "select_k.csv"]
-    print(f"chosen number of components: {best}")
+    _say(f"chosen number of components: {best}")
     return written + _figure(lambda plot: plot.n_components({**table, "best": best}).figure, out / "select_k.png")
 
 
@@ -569,19 +630,19 @@ def _load(path: str, backend: str | None, device: str | None):
 
 def cmd_info(args) -> list[Path]:
     model = _load(args.model, None, None)
-    print(f"pnmf model {args.model}")
+    _say(f"pnmf model {args.model}")
     rows = f"rows fitted: {len(model.mean_)}"
     if model.distributed:  # a process saves its own rows' posterior
         rows = f"rows: {len(model.mean_)} in this file, one process's block of a distributed fit"
-    print(f"  components: {model.n_components}   features: {model.n_features_in_}   {rows}")
-    print(f"  mode: {model.mode}   training: {model.training_mode}   backend: {model.backend_} ({model.device_})")
-    print(f"  ELBO: {model.elbo_:.6g}   iterations: {model.n_iter_}   converged: {model.converged_}")
+    _say(f"  components: {model.n_components}   features: {model.n_features_in_}   {rows}")
+    _say(f"  mode: {model.mode}   training: {model.training_mode}   backend: {model.backend_} ({model.device_})")
+    _say(f"  ELBO: {model.elbo_:.6g}   iterations: {model.n_iter_}   converged: {model.converged_}")
     if model.batches_ is not None:
-        print(f"  batches: {', '.join(map(str, model.batches_))}")
+        _say(f"  batches: {', '.join(map(str, model.batches_))}")
     table = model.top_features(5)
-    print("  most specific features (programs.csv ranks by loading too):")
+    _say("  most specific features (programs.csv ranks by loading too):")
     for component, block in table[table.ranking == "specificity"].groupby("component"):
-        print(f"  component {component}: {', '.join(block.feature)}")
+        _say(f"  component {component}: {', '.join(block.feature)}")
     return []
 
 
@@ -610,16 +671,18 @@ def parser() -> argparse.ArgumentParser:
     commands = main.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(sub, model_options=True, outputs=True):
-        sub.add_argument("counts", help=".h5ad, .zarr, 10x directory or .h5, .npz, .mtx, .csv or .tsv")
+        sub.add_argument("counts", help=".h5ad, .zarr, .loom, 10x directory or .h5, .npz, .mtx, .csv or .tsv")
         sub.add_argument(
             "--transpose", "-T", action="store_true", help="the .npz, .mtx, .csv or .tsv holds features x samples"
         )
-        sub.add_argument("--layer", help="the .h5ad or .zarr layer with the counts (default: X)")
+        sub.add_argument("--layer", help="the .h5ad, .zarr or .loom layer with the counts (default: X)")
         sub.add_argument("--out", "-o", required=True, help="folder for the outputs")
         sub.add_argument("--backend", default="auto", choices=["auto", "numpy", "torch", "mlx"], help="array framework")
         sub.add_argument("--device", help="torch: cpu, cuda, mps; MLX: cpu, gpu")
         sub.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="float precision")
-        sub.add_argument("--batch-key", help="obs column of an .h5ad or .zarr with each row's batch")
+        sub.add_argument(
+            "--batch-key", help="obs column of an .h5ad or .zarr (a .loom's col_attrs) with each row's batch"
+        )
         if model_options:
             sub.add_argument("--mode", default="lower-bound", choices=MODES, help="ELBO: Jensen bound or Monte Carlo")
             sub.add_argument(
@@ -726,20 +789,17 @@ def main(argv=None) -> int:
             warnings.showwarning = _show_warning
             with interrupt_stops_all():  # Ctrl-C stops the command: no outputs of a fit cut short
                 written = args.run(args)
+        for path in written:
+            _say(f"wrote {path}")
     except UsageError as err:
         print(f"pnmf: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("pnmf: interrupted; nothing more was written (a fit with --checkpoint resumes from it)", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # the reader (``| head``) left: stop quietly, as command-line tools do
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (Python flushes it at exit)
-        return 0
     except (ValueError, TypeError, KeyError, ImportError, FloatingPointError) as err:
         print(f"pnmf: error: {_hinted(str(err).splitlines()[0]) if str(err) else type(err).__name__}", file=sys.stderr)
         return 2
-    for path in written:
-        print(f"wrote {path}")
     return 0
 
 

@@ -63,6 +63,7 @@ def files(tmp_path_factory):
         handle.write("".join(f"{c}\n" for c in cells))
     write_10x_h5(folder / "tenx.h5", x, cells, genes)
     write_10x_mtx(folder / "geo", x, cells, genes, prefix="GSM1_")  # as GEO names a sample's files
+    write_loom(folder / "cells.loom", x, cells, genes, {"donor": data["batch"]}, {"spliced": x, "unspliced": x // 2})
     return folder, data
 
 
@@ -97,6 +98,26 @@ def write_10x_h5(path: Path, x: np.ndarray, cells, genes, antibodies: np.ndarray
         features["feature_type"] = np.array(types, dtype="S")
 
 
+def write_loom(path: Path, x: np.ndarray, cells, genes, cell_attributes: dict, layers: dict) -> None:
+    """Counts as loompy writes a loom file: genes x cells in chunks, names as variable-length
+    strings (the genes) and bytes (the cells), layers of the same shape."""
+    import h5py
+
+    text = h5py.string_dtype()
+    with h5py.File(path, "w") as handle:
+        handle.create_dataset("matrix", data=x.T.astype(np.float32), chunks=(16, 16))
+        handle.create_group("attrs")["LOOM_SPEC_VERSION"] = "3.0.0"
+        handle.create_group("row_attrs")["Gene"] = np.array(genes, dtype=object).astype(text)
+        columns = handle.create_group("col_attrs")
+        columns["CellID"] = np.array(cells, dtype="S")
+        for name, values in cell_attributes.items():
+            columns[name] = np.array(values, dtype="S")
+        stored = handle.create_group("layers")
+        for name, values in layers.items():
+            stored.create_dataset(name, data=values.T.astype(np.float32), chunks=(16, 16))
+        handle.create_group("row_graphs"), handle.create_group("col_graphs")
+
+
 def read_factors(path: Path) -> np.ndarray:
     return pd.read_csv(path, index_col=0).to_numpy()
 
@@ -104,6 +125,7 @@ def read_factors(path: Path) -> np.ndarray:
 FORMATS = [
     *("counts.csv", "counts.tsv", "bare.csv", "counts.npz", "counts.mtx", "tenx", "tenx.h5", "cells.h5ad"),
     *("geo", "geo/GSM1_matrix.mtx.gz"),  # a 10x directory of GEO's names, and its .mtx alone
+    "cells.loom",
 ]
 TRANSPOSED = ["genes_by_cells.tsv.gz", "genes_by_cells.mtx", "genes_by_cells.npz"]  # read with --transpose
 UNNAMED = ("counts.npz", "bare.csv", "counts.mtx", "genes_by_cells.mtx", "genes_by_cells.npz")
@@ -399,6 +421,34 @@ def test_transform_picks_the_model_features_by_name_and_refuses_counts_without_t
     assert done.returncode == 2 and "names feature 'gene0' more than once" in done.stderr, done.stderr
 
 
+def test_a_loom_files_layers_cell_attributes_and_blocks_are_read(files, tmp_path, monkeypatch):
+    # A .loom was "unknown format".
+    import h5py
+
+    from pnmf import cli
+
+    folder, data = files
+    common = ["-k", 3, "--seed", 0, "--backend", "numpy", "--dtype", "float64", "--max-iter", 30, "--tol", 0]
+    run = ["fit", folder / "cells.loom", "--layer", "unspliced", "--batch-key", "donor", *common]
+    done = pnmf_command(*run, "-o", tmp_path / "u", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    model = PNMF(3, random_state=0, backend="numpy", dtype="float64", max_iter=30, tol=0)
+    model.fit(data["X"] // 2, batch=data["batch"])
+    fitted = PNMF.load(tmp_path / "u" / "model.npz")
+    np.testing.assert_allclose(fitted.loadings_, model.loadings_, rtol=1e-8)
+    assert list(fitted.batches_) == ["batch0", "batch1", "batch2"] and fitted.feature_names_in_[1] == "gene1"
+    missing = pnmf_command("fit", folder / "cells.loom", "--layer", "ambiguous", *common, "-o", "m", cwd=tmp_path)
+    assert missing.returncode == 2 and "has no layer 'ambiguous' (layers: spliced, unspliced)" in missing.stderr
+    with h5py.File(tmp_path / "other.loom", "w") as handle:
+        handle["counts"] = np.ones((3, 2))
+    other = pnmf_command("fit", tmp_path / "other.loom", *common, "-o", "o", cwd=tmp_path)
+    assert other.returncode == 2 and "other.loom is not a loom file: no 2-D dataset 'matrix'" in other.stderr
+    monkeypatch.setattr(cli, "LOOM_BLOCK", 50 * 7)  # 7 cells a block: 35 blocks, the last of 2
+    counts = cli.read_counts(str(folder / "cells.loom"), "spliced")
+    np.testing.assert_array_equal(counts.x.toarray(), data["X"])
+    assert list(counts.obs_names[-2:]) == ["cell238", "cell239"] and list(counts.obs.donor[:1]) == ["batch0"]
+
+
 def test_fit_in_batches_reads_the_h5ad_from_disk(files, tmp_path, monkeypatch):
     from pnmf import cli
     from pnmf.data import on_disk
@@ -552,6 +602,25 @@ def test_fit_runs_unchanged_under_mlx_launch(files, tmp_path):
     model = PNMF.load(tmp_path / "d" / "model.npz")
     np.testing.assert_allclose(model.loadings_, whole.loadings_, rtol=2e-3, atol=1e-6)  # float32 sums
     assert sum(len(read_factors(h)) for h in halves) == len(data["X"])
+
+
+def test_a_reader_that_leaves_stops_no_command_and_shows_no_traceback(files, tmp_path):
+    # `pnmf fit ... | head -1` ended in a BrokenPipeError's traceback after the first line.
+    folder, _ = files
+    script = Path(sys.executable).with_name("pnmf")
+    prefix = [str(script)] if script.exists() else [sys.executable, "-m", "pnmf"]
+    for command in (["fit", folder / "tenx", "-k", 3, "--max-iter", 20, "-o", tmp_path / "f"], ["info"]):
+        if command == ["info"]:
+            command.append(tmp_path / "f" / "model.npz")
+        read, write = os.pipe()
+        os.close(read)  # the reader has left before the first line
+        try:
+            done = subprocess.run([*prefix, *map(str, command)], stdout=write, stderr=subprocess.PIPE, timeout=300)
+        finally:
+            os.close(write)
+        stderr = done.stderr.decode()
+        assert done.returncode == 0 and "Traceback" not in stderr and "Exception" not in stderr, stderr
+    assert {p.name for p in (tmp_path / "f").iterdir()} == {"model.npz", "programs.csv", "factors.csv"}
 
 
 def test_help_names_each_default_and_no_missing_one(tmp_path):
