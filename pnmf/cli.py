@@ -407,7 +407,7 @@ def _model_params(args) -> dict:
         max_iter=args.max_iter,
         tol=args.tol,
         random_state=args.seed,
-        verbose=args.verbose,
+        verbose=sys.stderr.isatty() if args.verbose is None else args.verbose,
         size_factors=args.size_factors,
         distributed=args.distributed,
     )
@@ -697,7 +697,12 @@ def parser() -> argparse.ArgumentParser:
                 "--tol", type=float, default=1e-4, help="stop when the ELBO settles to this (0: run max-iter)"
             )
             sub.add_argument("--seed", type=int, default=0, help="random seed")
-            sub.add_argument("--verbose", "-v", action="store_true", help="a progress bar")
+            sub.add_argument(
+                "--verbose", "-v", action="store_true", default=None, help="a progress bar (default: on a terminal)"
+            )
+            sub.add_argument(
+                "--quiet", "-q", dest="verbose", action="store_false", default=None, help="no progress bar"
+            )
         if model_options and outputs:  # a model, its programs and factors are written
             sub.add_argument("--top", type=int, default=20, help="features per component in programs.csv")
             sub.add_argument("--factors", choices=["h5ad", "csv"], help="format of the factors (default: as the input)")

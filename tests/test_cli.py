@@ -623,6 +623,22 @@ def test_a_reader_that_leaves_stops_no_command_and_shows_no_traceback(files, tmp
     assert {p.name for p in (tmp_path / "f").iterdir()} == {"model.npz", "programs.csv", "factors.csv"}
 
 
+@pytest.mark.parametrize("terminal", [True, False])
+def test_a_progress_bar_is_shown_on_a_terminal_unless_quiet_and_elsewhere_if_asked(
+    files, tmp_path, monkeypatch, capsys, terminal
+):
+    from pnmf import cli
+
+    folder, _ = files
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+    common = ["fit", str(folder / "counts.csv"), "-k", "3", "--max-iter", "20", "--backend", "numpy"]
+    shown = {}
+    for flags in ([], ["-q"], ["-v"]):
+        assert cli.main([*common, *flags, "-o", str(tmp_path / "out")]) == 0
+        shown[" ".join(flags)] = "PNMF fit" in capsys.readouterr().err
+    assert shown == {"": terminal, "-q": False, "-v": True}
+
+
 def test_help_names_each_default_and_no_missing_one(tmp_path):
     done = pnmf_command("fit", "--help", cwd=tmp_path)
     text = " ".join(done.stdout.split())  # argparse wraps lines
