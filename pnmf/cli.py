@@ -271,6 +271,36 @@ def _read(source: Path, path: str, layer: str | None, backed: bool) -> Counts:
     raise UsageError(f"{path}: unknown format (expected {FORMATS})")
 
 
+def _keep_features(counts: Counts, args) -> Counts:
+    """The counts' features named in the file ``args.features`` (one name a line, as cNMF's
+    and scHPF's gene lists are), in the counts' order; the counts unchanged without it."""
+    from .data import pick_columns
+
+    if args.features is None:
+        return counts
+    listing = Path(args.features)
+    if not listing.is_file():
+        raise UsageError(f"--features {args.features}: no such file")
+    if not counts.named:
+        raise UsageError(f"--features picks features by name, and {args.counts} does not name its features")
+    with _open_text(listing) as handle:
+        wanted = {line.strip() for line in handle} - {""}
+    names = counts.var_names.astype(str)
+    keep = np.flatnonzero(np.isin(names, list(wanted)))
+    if keep.size == 0:
+        raise UsageError(
+            f"none of the {len(wanted):,} names in {args.features} is a feature of {args.counts} "
+            f"(its first features: {', '.join(names[:3])})"
+        )
+    absent = len(wanted) - len(set(names[keep]))
+    _say(
+        f"kept the {keep.size:,} of {len(names):,} features of {args.counts} named in {args.features}"
+        + (f" ({absent:,} of its names are not among them)" if absent else "")
+    )
+    x = in_memory(counts.x) if getattr(counts.x, "format", None) == "csc" else counts.x  # rows are not read alone
+    return Counts(pick_columns(x, keep), counts.obs_names, counts.var_names[keep], counts.obs, counts.named)
+
+
 def _annotated(path: str, layer: str | None, layers: list[str], read, obs, var) -> Counts:
     """The counts of an AnnData (or loom) file: X or the layer ``layer`` (of ``layers``), as
     ``read(layer)`` reads them (``read(None)``: X, None when there is none), with the names of
@@ -508,7 +538,7 @@ def cmd_fit(args) -> list[Path]:
         raise UsageError("--checkpoint-every needs --checkpoint (the file to write)")
     model = PNMF(args.n_components, **_model_params(args))
     model._validate_params()  # a bad parameter is named before the counts are read
-    counts = read_counts(args.counts, args.layer, backed=True, transpose=args.transpose)
+    counts = _keep_features(read_counts(args.counts, args.layer, backed=True, transpose=args.transpose), args)
     n_rows = counts.x.shape[0]
     counts, suffix = _rows(counts, model)
     batch = _batch(counts, args.batch_key)
@@ -535,7 +565,7 @@ def cmd_consensus(args) -> list[Path]:
     _check_out(args)
     if args.restarts < 2:
         raise UsageError(f"--restarts {args.restarts} must be at least 2")
-    counts = read_counts(args.counts, args.layer, transpose=args.transpose)
+    counts = _keep_features(read_counts(args.counts, args.layer, transpose=args.transpose), args)
     params = _model_params(args)
     seed = params.pop("random_state")
     params.pop("distributed")
@@ -595,7 +625,7 @@ def cmd_select_k(args) -> list[Path]:
         raise UsageError(f"--candidates must be positive integers; got {args.candidates}")
     if args.density_threshold is not None and args.restarts < 2:
         raise UsageError("--density-threshold filters the restarts of a consensus: give --restarts 2 or more")
-    counts = read_counts(args.counts, args.layer, transpose=args.transpose)
+    counts = _keep_features(read_counts(args.counts, args.layer, transpose=args.transpose), args)
     params = _model_params(args)
     seed = params.pop("random_state")
     params.pop("distributed")
@@ -684,6 +714,9 @@ def parser() -> argparse.ArgumentParser:
             "--batch-key", help="obs column of an .h5ad or .zarr (a .loom's col_attrs) with each row's batch"
         )
         if model_options:
+            sub.add_argument(
+                "--features", metavar="FILE", help="fit only the features named in FILE, one a line (a gene list)"
+            )
             sub.add_argument("--mode", default="lower-bound", choices=MODES, help="ELBO: Jensen bound or Monte Carlo")
             sub.add_argument(
                 "--training-mode", default="natural", choices=["natural", "standard"], help="natural gradients or Adam"

@@ -202,6 +202,8 @@ class DiskRows:
             rows = np.asarray(rows) + self.first
         if isinstance(self.data, _CSRGroup):
             block = self.data.take(np.arange(rows.start, rows.stop, rows.step) if isinstance(rows, slice) else rows)
+        elif isinstance(self.data, (DiskRows, _Columns)):  # pnmf's own readers take scattered rows at once
+            block = _matrix(self.data[rows])
         elif isinstance(rows, slice) or len(rows) == 0 or len(_runs(rows)[0]) == len(rows):
             block = _matrix(self.data[rows])
         else:
@@ -287,20 +289,23 @@ def share(x, rows: slice, batched: bool):
 
 
 class _Columns:
-    """Rows of counts on disk with only some of their columns, in a given order."""
+    """Rows of counts on disk (a :class:`DiskRows`) with only some of their columns, in a given order."""
 
-    def __init__(self, data, columns: np.ndarray):
+    def __init__(self, data: DiskRows, columns: np.ndarray):
         self.data, self.columns = data, columns
         self.shape = (data.shape[0], len(columns))
 
     def __getitem__(self, rows):
-        return _matrix(self.data[rows])[:, self.columns]
+        return self.data[rows][:, self.columns]
 
 
 def pick_columns(x, columns: np.ndarray):
     """The columns ``columns`` of x, in that order: a copy in memory, or, for counts on disk,
-    a reader that picks them from each block of rows it reads."""
-    return DiskRows(_Columns(x, columns)) if on_disk(x) else x[:, columns]
+    a reader that picks them from each block of rows it reads (ValueError for counts on disk
+    stored by columns, as :class:`DiskRows`)."""
+    if not on_disk(x):
+        return x[:, columns]
+    return DiskRows(_Columns(x if isinstance(x, DiskRows) else DiskRows(x), columns))
 
 
 def _matrix(block) -> np.ndarray | sp.csr_matrix:

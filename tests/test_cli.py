@@ -449,6 +449,35 @@ def test_a_loom_files_layers_cell_attributes_and_blocks_are_read(files, tmp_path
     assert list(counts.obs_names[-2:]) == ["cell238", "cell239"] and list(counts.obs.donor[:1]) == ["batch0"]
 
 
+def test_features_named_in_a_list_are_fitted_alone(files, tmp_path):
+    folder, data = files
+    listing = tmp_path / "genes.txt"
+    listing.write_text("".join(f"gene{j}\n" for j in range(29, 4, -1)) + "\nnotagene\n")  # any order, a stranger
+    common = ["-k", 3, "--seed", 0, "--backend", "numpy", "--dtype", "float64", "--features", listing]
+    done = pnmf_command("fit", folder / "counts.csv", *common, "-o", "a", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "kept the 25 of 50 features of" in done.stdout and "(1 of its names are not among them)" in done.stdout
+    model = PNMF(3, random_state=0, backend="numpy", dtype="float64").fit(data["X"][:, 5:30])
+    fitted = PNMF.load(tmp_path / "a" / "model.npz")
+    np.testing.assert_allclose(fitted.loadings_, model.loadings_, rtol=1e-8)
+    assert list(fitted.feature_names_in_) == [f"gene{j}" for j in range(5, 30)]
+    # Counts on disk read by batches of scattered rows, their columns picked from each.
+    batches = ["--max-iter", 30, "--tol", 0, "--batch-size", 60]
+    done = pnmf_command("fit", folder / "cells.h5ad", *common, *batches, "-o", "b", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    model = PNMF(3, random_state=0, backend="numpy", dtype="float64", max_iter=30, tol=0, batch_size=60)
+    model.fit(data["X"][:, 5:30])
+    np.testing.assert_allclose(PNMF.load(tmp_path / "b" / "model.npz").loadings_, model.loadings_, rtol=1e-8)
+    for counts, error in [
+        ("counts.npz", "--features picks features by name, and"),
+        ("cells.h5ad", "none of the 1 names in"),
+    ]:
+        if counts == "cells.h5ad":
+            listing.write_text("GENE5\n")
+        refused = pnmf_command("fit", folder / counts, *common, "-o", "c", cwd=tmp_path)
+        assert refused.returncode == 2 and error in refused.stderr and not (tmp_path / "c").exists(), refused.stderr
+
+
 def test_fit_in_batches_reads_the_h5ad_from_disk(files, tmp_path, monkeypatch):
     from pnmf import cli
     from pnmf.data import on_disk
