@@ -618,7 +618,7 @@ def cmd_transform(args) -> list[Path]:
 
 
 def cmd_select_k(args) -> list[Path]:
-    from .selection import select_n_components
+    from .selection import SELECTION_DENSITY_THRESHOLD, select_n_components
 
     _check_out(args)
     if any(k < 1 for k in args.candidates):
@@ -635,7 +635,7 @@ def cmd_select_k(args) -> list[Path]:
         args.candidates,
         random_state=seed,
         n_restarts=args.restarts,
-        density_threshold=DENSITY_THRESHOLD if args.density_threshold is None else args.density_threshold,
+        density_threshold=SELECTION_DENSITY_THRESHOLD if args.density_threshold is None else args.density_threshold,
         batch=batch,
         **params,
     )
@@ -767,7 +767,9 @@ def parser() -> argparse.ArgumentParser:
     select.add_argument("--candidates", type=int, nargs="+", required=True, metavar="K", help="numbers of components")
     select.add_argument("--restarts", type=int, default=1, help="restarts per K (> 1: consensus and stability)")
     select.add_argument(
-        "--density-threshold", type=float, help=f"{DENSITY_HELP} (with --restarts; default: {DENSITY_THRESHOLD})"
+        "--density-threshold",
+        type=float,
+        help=f"{DENSITY_HELP} (with --restarts; default: 2, none dropped, as cNMF's K selection)",
     )
     select.set_defaults(run=cmd_select_k, distributed=False)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 
 import numpy as np
 from sklearn.cluster import KMeans
@@ -67,6 +68,16 @@ def consensus(
     ``batch_effects_`` and ``transform(X, batch=...)`` are those of a fit with batches.
     Deterministic for a fixed ``random_state``; ``pnmf_params`` go to ``PNMF``.
     """
+    return _consensus(X, n_components, n_restarts, random_state, density_threshold, batch, pnmf_params)
+
+
+def _consensus(
+    X, n_components, n_restarts, random_state, density_threshold, batch, pnmf_params, keep_all_if_too_few=False
+) -> PNMF:
+    """:func:`consensus`; with ``keep_all_if_too_few``, restarts too unlike each other for
+    ``density_threshold`` to leave ``n_components`` components are combined with none
+    dropped (``density_threshold_`` 2, with a warning), as cNMF scores every K, instead of
+    raising."""
     if isinstance(n_restarts, bool) or not isinstance(n_restarts, (int, np.integer)) or n_restarts < 2:
         raise ValueError(f"n_restarts={n_restarts!r} must be an integer >= 2")
     if not 0 < density_threshold <= 2:
@@ -92,6 +103,14 @@ def consensus(
     distances, _ = found.kneighbors(euclidean)
     density = distances[:, 1:].mean(axis=1)
     keep = density <= density_threshold
+    if keep.sum() < n_components and keep_all_if_too_few:
+        warnings.warn(
+            f"K={n_components}: only {int(keep.sum())} of {len(keep)} components are within density_threshold="
+            f"{density_threshold} of their neighbours; the consensus of every component is scored (the restarts "
+            "disagree: a low stability)",
+            stacklevel=3,
+        )
+        density_threshold, keep = 2.0, np.ones(len(keep), dtype=bool)
     if keep.sum() < n_components:
         raise ValueError(
             f"only {int(keep.sum())} of {len(keep)} components are within density_threshold={density_threshold} "
@@ -105,6 +124,7 @@ def consensus(
     priors = np.concatenate([fit.prior_scale_ for fit in fits])[keep]
     # Clusters in the order of their largest member's index: restart 0's order where it holds.
     order = sorted(range(n_components), key=lambda c: np.flatnonzero(labels == c)[0])
+    _warn_if_split(euclidean[np.ix_(keep, keep)], np.argsort(order)[labels], density_threshold)
     loadings = np.stack([np.median(raw[keep][labels == c], axis=0) for c in order], axis=1)
     model = PNMF(n_components, random_state=random_state, **pnmf_params)
     first = fits[0]
@@ -139,11 +159,35 @@ def consensus(
     return model
 
 
+def _warn_if_split(distance: np.ndarray, labels: np.ndarray, density_threshold: float) -> None:
+    """Warn when the clustering put a component and its nearest neighbour, closer than
+    ``density_threshold`` (neighbours, to the outlier filter), in two consensus components:
+    k-means made n_components clusters of fewer programs, as when the filter leaves about
+    one component per cluster. Without a filter (threshold 2) every pair is that close."""
+    if density_threshold >= 2 or len(labels) < 2:
+        return
+    distance = distance.copy()
+    np.fill_diagonal(distance, np.inf)
+    nearest = distance.argmin(axis=1)
+    alone = np.bincount(labels)[labels] == 1  # the only member of its cluster
+    split = alone & (distance[np.arange(len(labels)), nearest] <= density_threshold) & (labels != labels[nearest])
+    if split.any():
+        first = int(np.flatnonzero(split)[0])
+        pair = sorted((int(labels[first]), int(labels[nearest[first]])))
+        warnings.warn(
+            f"consensus components {pair[0]} and {pair[1]} are one program split in two (the restarts' components "
+            f"in them are {distance[first, nearest[first]]:.2f} apart, within density_threshold={density_threshold}): "
+            "the restarts agree on fewer programs than n_components; fit more restarts or fewer components",
+            stacklevel=4,  # the caller of consensus or select_n_components
+        )
+
+
 def _stability(cosine: np.ndarray, labels: np.ndarray, n_components: int) -> float:
     """Silhouette of the clustering, from the cosine distances of its members; NaN for one
-    component, where it is undefined."""
+    component, where it is undefined. Clusters of one member each score 0 (silhouette's
+    value for a lone member): the filter left one restart's component of each program."""
     if n_components < 2:
         return float("nan")
-    if len(labels) == n_components:  # one member per cluster: nothing to compare
-        return 1.0
+    if len(labels) == n_components:
+        return 0.0
     return float(silhouette_score(cosine, labels, metric="precomputed"))

@@ -8,12 +8,16 @@ import warnings
 
 import numpy as np
 
-from .consensus import DENSITY_THRESHOLD, consensus
+from .consensus import _consensus
 from .data import poisson_deviance, thin
 from .estimator import PNMF, _number
 from .loop import interrupt_stops_all
 
 log = logging.getLogger(__name__)
+
+# cNMF's K selection drops no restart's component: a stability of all of them (2: unit
+# vectors are at most 2 apart).
+SELECTION_DENSITY_THRESHOLD = 2.0
 
 
 def select_n_components(
@@ -23,7 +27,7 @@ def select_n_components(
     fraction: float = 0.5,
     random_state=0,
     n_restarts: int = 1,
-    density_threshold: float = DENSITY_THRESHOLD,
+    density_threshold: float = SELECTION_DENSITY_THRESHOLD,
     batch=None,
     **params,
 ) -> dict:
@@ -39,7 +43,12 @@ def select_n_components(
     With ``n_restarts`` > 1 each candidate is the consensus of that many restarts
     (:func:`pnmf.consensus`), and the table adds ``stability``, the silhouette of its
     clustering: cNMF's two criteria, an error to minimise and a stability to keep high.
-    ``density_threshold`` goes to :func:`pnmf.consensus`.
+    ``density_threshold`` goes to :func:`pnmf.consensus`. Its default, 2, drops no
+    restart's component, as cNMF's K selection does: the stability is that of every
+    restart, where the outlier filter (0.5 in :func:`pnmf.consensus`) would keep the
+    components that agree and raise the stability of a K whose restarts disagree. With a
+    threshold that leaves fewer than K components, the candidate is scored with none
+    dropped, with a warning, where :func:`pnmf.consensus` would raise.
 
     ``batch`` (one label per row) fits every candidate with batch effects (``fit(X,
     batch=...)``), and the held-out rate includes them: the number of programs is then
@@ -74,14 +83,9 @@ def select_n_components(
         start = time.perf_counter()
         with interrupt_stops_all():  # Ctrl-C stops the selection, not one candidate's fit
             if n_restarts > 1:
-                model = consensus(
-                    train,
-                    k,
-                    n_restarts,
-                    random_state=random_state,
-                    density_threshold=density_threshold,
-                    batch=batch,
-                    **params,
+                # A K whose restarts disagree is scored, not an error that ends the selection.
+                model = _consensus(
+                    train, k, n_restarts, random_state, density_threshold, batch, params, keep_all_if_too_few=True
                 )
             else:
                 model = PNMF(k, **{"random_state": random_state, **params}).fit(train, batch=batch)

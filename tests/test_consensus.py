@@ -8,6 +8,7 @@ from scipy.optimize import linear_sum_assignment
 
 import pnmf
 from pnmf import PNMF, make_counts, select_n_components
+from pnmf.data import thin
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,8 @@ def test_consensus_finds_the_planted_programs_stably(seed_counts):
 def test_too_many_components_are_unstable_and_lose_outliers(seed_counts):
     x, _, _ = seed_counts
     planted = pnmf.consensus(x, 5, n_restarts=6, random_state=0, backend="numpy")
-    too_many = pnmf.consensus(x, 7, n_restarts=6, random_state=0, backend="numpy")
+    with pytest.warns(UserWarning, match="one program split in two"):  # a restart's lone component
+        too_many = pnmf.consensus(x, 7, n_restarts=6, random_state=0, backend="numpy")
     assert too_many.stability_ < planted.stability_ - 0.1
     assert too_many.n_outliers_ > 0 == planted.n_outliers_
     # What the consensus plot draws: each of the 6 x 7 components, its consensus component or
@@ -60,6 +62,7 @@ def test_too_many_components_are_unstable_and_lose_outliers(seed_counts):
         assert within > 0.9, (l, within)
 
 
+@pytest.mark.filterwarnings("ignore:consensus components")
 def test_the_consensus_plot_groups_components_and_marks_the_threshold(seed_counts):
     pytest.importorskip("matplotlib")
     import matplotlib
@@ -99,10 +102,34 @@ def test_k_selection_with_restarts_chooses_the_planted_k_and_shows_stability(see
     assert stability[5] > 0.95 and stability[5] >= max(stability.values()) - 0.01
     with pytest.raises(ValueError, match="n_restarts=0"):
         select_n_components(x, [5], n_restarts=0)
-    # The density threshold reaches each candidate's consensus: at 7 components, 2 more than
-    # planted, a threshold that drops no outlier leaves the clusters less clean than 0.5.
-    tight = select_n_components(x, [7], n_restarts=4, backend="numpy", density_threshold=2.0)
-    assert tight["stability"][0] < dict(zip(table["n_components"], table["stability"]))[7]
+    # The stability is that of every restart's component, as cNMF's K selection scores it:
+    # at 7 components, 2 more than planted, the outlier filter (0.5) would keep the ones
+    # that agree and make the clusters cleaner.
+    with pytest.warns(UserWarning, match="one program split in two"):  # 7 > 5: programs split
+        filtered = select_n_components(x, [7], n_restarts=4, backend="numpy", density_threshold=0.5)
+    assert filtered["stability"][0] > stability[7]
+    train, _ = thin(x, 0.5, random_state=0)  # the half each candidate is fitted on
+    every = pnmf.consensus(train, 7, 4, random_state=0, backend="numpy", density_threshold=2.0)
+    assert stability[7] == pytest.approx(every.stability_, rel=1e-12) and every.n_outliers_ == 0
+
+
+def test_restarts_that_agree_on_fewer_programs_than_k_are_named_not_called_stable():
+    # Two restarts of 4 components on counts of 6 programs: the outlier filter kept one
+    # component of each of 4 clusters, two of them the same program. The stability was 1.
+    x, _, _ = make_counts(300, 80, 6, random_state=8)
+    with pytest.warns(UserWarning, match=r"consensus components \d and \d are one program split in two"):
+        model = pnmf.consensus(x, 4, n_restarts=2, random_state=0, backend="numpy")
+    kept = model.restart_labels_[model.restart_labels_ >= 0]
+    assert sorted(kept) == [0, 1, 2, 3] and model.stability_ == 0.0
+    # A selection whose threshold leaves fewer than K components scores the candidate with
+    # every component (it raised, and the other candidates' fits were lost).
+    x, _, _ = make_counts(300, 80, 6, random_state=1)
+    with pytest.warns(UserWarning, match="K=3: only 2 of 6 components are within density_threshold=0.5"):
+        table = select_n_components(x, [3, 6], n_restarts=2, backend="numpy", density_threshold=0.5)
+    assert list(table["n_components"]) == [3, 6] and np.all(np.isfinite(table["heldout_deviance"]))
+    train, _ = thin(x, 0.5, random_state=0)
+    every = pnmf.consensus(train, 3, 2, random_state=0, backend="numpy", density_threshold=2.0)
+    assert table["stability"][0] == pytest.approx(every.stability_, rel=1e-12)
 
 
 def test_the_k_selection_plot_draws_both_criteria_and_marks_k(seed_counts):
