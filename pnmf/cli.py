@@ -669,6 +669,11 @@ def cmd_info(args) -> list[Path]:
     _say(f"  ELBO: {model.elbo_:.6g}   iterations: {model.n_iter_}   converged: {model.converged_}")
     if model.batches_ is not None:
         _say(f"  batches: {', '.join(map(str, model.batches_))}")
+    if hasattr(model, "stability_"):
+        _say(
+            f"  consensus of {len(model.restart_elbos_)} restarts: stability {model.stability_:.3f}, "
+            f"outlier components dropped {model.n_outliers_} (density threshold {model.density_threshold_:g})"
+        )
     table = model.top_features(5)
     _say("  most specific features (programs.csv ranks by loading too):")
     for component, block in table[table.ranking == "specificity"].groupby("component"):

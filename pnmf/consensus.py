@@ -55,7 +55,8 @@ def consensus(
     ``restart_labels_`` is the consensus component it joined (-1: an outlier),
     ``local_density_`` its mean distance to its neighbours (compared with
     ``density_threshold_``) and ``restart_similarity_`` the cosine similarities among them
-    (float32): :func:`pnmf.plot.consensus` draws them. The
+    (float32): :func:`pnmf.plot.consensus` draws them. ``save`` keeps ``stability_``,
+    ``n_outliers_``, ``density_threshold_`` and ``restart_elbos_``, not these three. The
     restarts share one copy of X on the device (checked and moved there once); where the
     data is small enough for a step to be bound by overhead and the fit is the default
     kind (dense, ``lower-bound``, natural), they are fitted together, as lanes of one step

@@ -20,6 +20,8 @@ FORMAT_VERSION = 1
 ARRAYS = ("mean_", "var_", "loadings_", "elbo_history_")
 # Arrays of a model with size factors or batches, absent (None) otherwise.
 OPTIONAL_ARRAYS = ("size_factors_", "batch_effects_", "prior_scale_")
+# What a consensus of restarts (pnmf.consensus) adds: its summary, and each restart's ELBO.
+CONSENSUS = ("stability_", "n_outliers_", "density_threshold_")
 SCALARS = ("elbo_", "n_iter_", "converged_", "backend_", "device_", "n_features_in_", "reference_total_")
 
 
@@ -45,12 +47,17 @@ def save(model, path) -> Path:
         "fitted": {name: _plain(getattr(model, name, None)) for name in SCALARS},
         "batches": None if getattr(model, "batches_", None) is None else [_plain(v) for v in model.batches_],
         "feature_names_in": [str(f) for f in getattr(model, "feature_names_in_", [])] or None,
+        "consensus": {name: _plain(getattr(model, name)) for name in CONSENSUS}
+        if hasattr(model, "stability_")
+        else None,
         "versions": {"pnmf": __version__, "numpy": np.__version__, "python": platform.python_version()},
     }
     arrays = {name: np.asarray(getattr(model, name), dtype=np.float64) for name in ARRAYS}
     for name in OPTIONAL_ARRAYS:
         if getattr(model, name, None) is not None:
             arrays[name] = np.asarray(getattr(model, name), dtype=np.float64)
+    if hasattr(model, "restart_elbos_"):
+        arrays["restart_elbos_"] = np.asarray(model.restart_elbos_, dtype=np.float64)
     with open(path, "wb") as handle:
         np.savez(handle, metadata=np.array(json.dumps(metadata)), **arrays)
     return path
@@ -66,6 +73,7 @@ def load(cls, path, backend: str | None = None, device: str | None = None):
             metadata = json.loads(str(data["metadata"][()]))
             arrays = {name: np.array(data[name]) for name in ARRAYS}
             arrays.update({name: np.array(data[name]) if name in data else None for name in OPTIONAL_ARRAYS})
+            restart_elbos = np.array(data["restart_elbos_"]) if "restart_elbos_" in data else None
     except FileNotFoundError:
         raise
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError, EOFError) as err:
@@ -104,6 +112,10 @@ def load(cls, path, backend: str | None = None, device: str | None = None):
     model.components_ = model.loadings_.T
     if metadata.get("feature_names_in"):
         model.feature_names_in_ = np.asarray(metadata["feature_names_in"], dtype=object)
+    if metadata.get("consensus"):  # the figure's data (each restart's components) are not kept
+        for name in CONSENSUS:
+            setattr(model, name, metadata["consensus"][name])
+        model.restart_elbos_ = restart_elbos
     if backend is not None:
         chosen = get_backend(backend, device, params["dtype"])
         model.backend_, model.device_ = chosen.name, chosen.device

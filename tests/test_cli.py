@@ -286,6 +286,9 @@ def test_select_k_and_consensus(files, tmp_path):
     assert cons.returncode == 0, cons.stderr
     assert "stability (silhouette)" in cons.stdout and (tmp_path / "c" / "programs.csv").exists()
     assert (tmp_path / "c" / "consensus.png").stat().st_size > 1000 and "consensus.png" in cons.stdout
+    stability = cons.stdout.split("stability (silhouette): ")[1][:5]
+    info = pnmf_command("info", tmp_path / "c" / "model.npz", cwd=tmp_path).stdout
+    assert f"consensus of 3 restarts: stability {stability}, outlier components dropped" in info
     # cNMF's local density threshold: the same restarts, their components kept or dropped by it.
     common = ("-k", 5, "--restarts", 3, "--seed", 0, "--backend", "numpy")
     dropped = {}

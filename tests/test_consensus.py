@@ -113,6 +113,21 @@ def test_k_selection_with_restarts_chooses_the_planted_k_and_shows_stability(see
     assert stability[7] == pytest.approx(every.stability_, rel=1e-12) and every.n_outliers_ == 0
 
 
+def test_a_saved_consensus_keeps_its_stability_and_restarts(seed_counts, tmp_path):
+    # model.npz of `pnmf consensus` lost them: `pnmf info` could not say how stable it was.
+    x, _, _ = seed_counts
+    model = pnmf.consensus(x, 5, n_restarts=3, random_state=0, backend="numpy")
+    loaded = PNMF.load(model.save(tmp_path / "consensus.npz"))
+    assert (loaded.stability_, loaded.n_outliers_, loaded.density_threshold_) == (
+        model.stability_,
+        model.n_outliers_,
+        model.density_threshold_,
+    )
+    np.testing.assert_array_equal(loaded.restart_elbos_, model.restart_elbos_)
+    plain = PNMF.load(PNMF(5, backend="numpy", max_iter=5).fit(x).save(tmp_path / "plain.npz"))
+    assert not hasattr(plain, "stability_") and not hasattr(plain, "restart_elbos_")
+
+
 def test_restarts_that_agree_on_fewer_programs_than_k_are_named_not_called_stable():
     # Two restarts of 4 components on counts of 6 programs: the outlier filter kept one
     # component of each of 4 clusters, two of them the same program. The stability was 1.
