@@ -129,6 +129,11 @@ def consensus(model, axes=None):
     Axes to draw into. Returns the two Axes.
     """
     labels = getattr(model, "restart_labels_", None)
+    if labels is None and hasattr(model, "stability_"):
+        raise ValueError(
+            "a consensus read from a file keeps its stability, not each restart's components: draw the model "
+            "pnmf.consensus returns (the pnmf consensus command writes this figure as consensus.png)"
+        )
     if labels is None:
         raise ValueError("the model is not a consensus: fit it with pnmf.consensus")
     if axes is None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
@@ -124,6 +126,9 @@ def test_a_saved_consensus_keeps_its_stability_and_restarts(seed_counts, tmp_pat
         model.density_threshold_,
     )
     np.testing.assert_array_equal(loaded.restart_elbos_, model.restart_elbos_)
+    if importlib.util.find_spec("matplotlib") is not None:
+        with pytest.raises(ValueError, match="a consensus read from a file keeps its stability, not each"):
+            pnmf.plot.consensus(loaded)
     plain = PNMF.load(PNMF(5, backend="numpy", max_iter=5).fit(x).save(tmp_path / "plain.npz"))
     assert not hasattr(plain, "stability_") and not hasattr(plain, "restart_elbos_")
 
