@@ -13,7 +13,7 @@ from sklearn.neighbors import NearestNeighbors
 from sklearn.utils import check_random_state
 
 from .estimator import PNMF
-from .loop import interrupt_stops_all
+from .loop import interrupt_stops_all, user_stacklevel
 from .scaling import batch_sums, check_batch, normalise
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def _consensus(
             f"K={n_components}: only {int(keep.sum())} of {len(keep)} components are within density_threshold="
             f"{density_threshold} of their neighbours; the consensus of every component is scored (the restarts "
             "disagree: a low stability)",
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
         density_threshold, keep = 2.0, np.ones(len(keep), dtype=bool)
     if keep.sum() < n_components:
@@ -179,7 +179,7 @@ def _warn_if_split(distance: np.ndarray, labels: np.ndarray, density_threshold: 
             f"consensus components {pair[0]} and {pair[1]} are one program split in two (the restarts' components "
             f"in them are {distance[first, nearest[first]]:.2f} apart, within density_threshold={density_threshold}): "
             "the restarts agree on fewer programs than n_components; fit more restarts or fewer components",
-            stacklevel=4,  # the caller of consensus or select_n_components
+            stacklevel=user_stacklevel(),
         )
 
 

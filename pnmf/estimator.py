@@ -64,7 +64,7 @@ def _one_of(name: str, value, allowed) -> None:
 COUNTS_CHECKED_ON_DISK = 1000
 
 
-def warn_if_not_counts(values: np.ndarray, stacklevel: int = 2) -> None:
+def warn_if_not_counts(values: np.ndarray) -> None:
     """Warn when the counts hold non-integer values: normalised data in place of counts.
 
     The model is Poisson: scaled or log-transformed values violate it, and the ELBO is
@@ -78,7 +78,7 @@ def warn_if_not_counts(values: np.ndarray, stacklevel: int = 2) -> None:
             "Poisson, for counts; normalised or log-transformed data violate it and the ELBO is then no bound on "
             "a likelihood. Pass the raw counts (of an AnnData, often layers['counts'] or .raw.X).",
             UserWarning,
-            stacklevel=stacklevel + 1,
+            stacklevel=loop.user_stacklevel(),  # the user's call, through fit_anndata or a Pipeline too
         )
 
 
@@ -392,7 +392,7 @@ class PNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         if reset and not self.distributed and not np.any(X.data if sp.issparse(X) else X):
             raise ValueError("X has no non-zero counts: there is nothing to factorise (are these the counts?)")
         if reset:
-            warn_if_not_counts(X.data if sp.issparse(X) else X, stacklevel=4)  # fit's caller
+            warn_if_not_counts(X.data if sp.issparse(X) else X)
         return X
 
     # -- fitting ------------------------------------------------------------------------
@@ -511,7 +511,7 @@ class PNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                 )
             self.n_features_in_ = X.shape[1]
             first = X[0 : min(X.shape[0], X.block_rows, COUNTS_CHECKED_ON_DISK)]
-            warn_if_not_counts(first.data if sp.issparse(first) else first, stacklevel=3)
+            warn_if_not_counts(first.data if sp.issparse(first) else first)
             if self.batch_size >= X.shape[0]:
                 X = X[0 : X.shape[0]]
         else:

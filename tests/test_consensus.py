@@ -137,8 +137,9 @@ def test_restarts_that_agree_on_fewer_programs_than_k_are_named_not_called_stabl
     # Two restarts of 4 components on counts of 6 programs: the outlier filter kept one
     # component of each of 4 clusters, two of them the same program. The stability was 1.
     x, _, _ = make_counts(300, 80, 6, random_state=8)
-    with pytest.warns(UserWarning, match=r"consensus components \d and \d are one program split in two"):
+    with pytest.warns(UserWarning, match=r"consensus components \d and \d are one program split in two") as record:
         model = pnmf.consensus(x, 4, n_restarts=2, random_state=0, backend="numpy")
+    assert record[0].filename == __file__
     kept = model.restart_labels_[model.restart_labels_ >= 0]
     assert sorted(kept) == [0, 1, 2, 3] and model.stability_ == 0.0
     # A selection whose threshold leaves fewer than K components scores the candidate with

@@ -93,6 +93,12 @@ def test_fit_anndata_writes_the_model_into_the_object():
     assert adata.uns["nmf"]["elbo"] == model.elbo_ and adata.uns["nmf"]["layer"] == "counts"
     np.testing.assert_array_equal(adata.uns["nmf"]["var"], model.var_)
     assert sp.issparse(adata.X)  # the data itself is untouched
+    # Normalised data in place of counts: the warning names the user's line (it named
+    # pnmf/estimator.py through fit_anndata).
+    adata.layers["normalised"] = sp.csr_matrix(np.log1p(x))
+    with pytest.warns(UserWarning, match="non-integer values") as record:
+        fit_anndata(adata, 3, layer="normalised", backend="numpy", max_iter=5)
+    assert record[0].filename == __file__
 
 
 def test_what_fit_anndata_stores_is_written_and_read_back_as_h5ad(tmp_path):
