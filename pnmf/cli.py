@@ -427,6 +427,11 @@ def _batch(counts: Counts, key: str | None):
     return batch_labels(counts.obs, key)
 
 
+def _verbose(args) -> bool:
+    """Whether to show a progress bar: as --verbose or --quiet say, else on a terminal."""
+    return sys.stderr.isatty() if args.verbose is None else args.verbose
+
+
 def _model_params(args) -> dict:
     params = dict(
         mode=args.mode,
@@ -437,7 +442,7 @@ def _model_params(args) -> dict:
         max_iter=args.max_iter,
         tol=args.tol,
         random_state=args.seed,
-        verbose=sys.stderr.isatty() if args.verbose is None else args.verbose,
+        verbose=_verbose(args),
         size_factors=args.size_factors,
         distributed=args.distributed,
     )
@@ -604,6 +609,7 @@ def cmd_transform(args) -> list[Path]:
 
     _check_out(args)
     model = _load(args.model, args.backend, args.device)
+    model.verbose = _verbose(args)  # not the fit's choice, saved with the model
     counts = read_counts(args.counts, args.layer, backed=True, transpose=args.transpose)
     batch = _batch(counts, args.batch_key)
     fmt = _factor_format(args)
@@ -718,6 +724,10 @@ def parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--batch-key", help="obs column of an .h5ad or .zarr (a .loom's col_attrs) with each row's batch"
         )
+        sub.add_argument(
+            "--verbose", "-v", action="store_true", default=None, help="a progress bar (default: on a terminal)"
+        )
+        sub.add_argument("--quiet", "-q", dest="verbose", action="store_false", default=None, help="no progress bar")
         if model_options:
             sub.add_argument(
                 "--features", metavar="FILE", help="fit only the features named in FILE, one a line (a gene list)"
@@ -735,12 +745,6 @@ def parser() -> argparse.ArgumentParser:
                 "--tol", type=float, default=1e-4, help="stop when the ELBO settles to this (0: run max-iter)"
             )
             sub.add_argument("--seed", type=int, default=0, help="random seed")
-            sub.add_argument(
-                "--verbose", "-v", action="store_true", default=None, help="a progress bar (default: on a terminal)"
-            )
-            sub.add_argument(
-                "--quiet", "-q", dest="verbose", action="store_false", default=None, help="no progress bar"
-            )
         if model_options and outputs:  # a model, its programs and factors are written
             sub.add_argument("--top", type=int, default=20, help="features per component in programs.csv")
             sub.add_argument("--factors", choices=["h5ad", "csv"], help="format of the factors (default: as the input)")

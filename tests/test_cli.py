@@ -669,6 +669,12 @@ def test_a_progress_bar_is_shown_on_a_terminal_unless_quiet_and_elsewhere_if_ask
         assert cli.main([*common, *flags, "-o", str(tmp_path / "out")]) == 0
         shown[" ".join(flags)] = "PNMF fit" in capsys.readouterr().err
     assert shown == {"": terminal, "-q": False, "-v": True}
+    # transform's own choice, not the one saved with the model (the last fit's: -v)
+    common = ["transform", str(tmp_path / "out" / "model.npz"), str(folder / "counts.csv")]
+    for flags in ([], ["-q"], ["-v"]):
+        assert cli.main([*common, *flags, "-o", str(tmp_path / "t")]) == 0
+        shown[" ".join(flags)] = "PNMF transform" in capsys.readouterr().err
+    assert shown == {"": terminal, "-q": False, "-v": True}
 
 
 def test_help_names_each_default_and_no_missing_one(tmp_path):
