@@ -225,7 +225,7 @@ def _read(source: Path, path: str, layer: str | None, backed: bool) -> Counts:
             from .integrations import layer_names
 
             adata = anndata.read_h5ad(source, backed="r" if backed else None)
-            return _annotated(path, layer, layer_names(adata), _layer_reader(adata), adata.obs, adata.var)
+            return _annotated(path, layer, layer_names(adata), _layer_reader(adata), adata.obs, adata.var, _raw(adata))
         if source.suffix == ".loom":
             return _read_loom(source, path, layer)
         if source.suffix == ".npz" or source.name.endswith((".mtx", ".mtx.gz")):
@@ -301,10 +301,14 @@ def _keep_features(counts: Counts, args) -> Counts:
     return Counts(pick_columns(x, keep), counts.obs_names, counts.var_names[keep], counts.obs, counts.named)
 
 
-def _annotated(path: str, layer: str | None, layers: list[str], read, obs, var) -> Counts:
+def _annotated(path: str, layer: str | None, layers: list[str], read, obs, var, raw_var=None) -> Counts:
     """The counts of an AnnData (or loom) file: X or the layer ``layer`` (of ``layers``), as
     ``read(layer)`` reads them (``read(None)``: X, None when there is none), with the names of
-    its rows (``obs``'s index) and features (``var``'s)."""
+    its rows (``obs``'s index) and features (``var``'s). An AnnData's ``.raw`` (its features
+    ``raw_var``, None when it has none) is the layer named :data:`RAW`."""
+    if raw_var is not None:
+        layers = [*layers, RAW]
+        var = raw_var if layer == RAW else var
     if layer is not None and layer not in layers:
         raise UsageError(f"{path} has no layer {layer!r} (layers: {', '.join(layers) or 'none'})")
     x = read(layer)
@@ -331,26 +335,43 @@ def _read_zarr(source: Path, layer: str | None, backed: bool) -> Counts:
 
     if not backed:
         adata = anndata.read_zarr(source)
-        return _annotated(str(source), layer, layer_names(adata), _layer_reader(adata), adata.obs, adata.var)
+        return _annotated(
+            str(source), layer, layer_names(adata), _layer_reader(adata), adata.obs, adata.var, _raw(adata)
+        )
     store = zarr.open_group(source, mode="r")
     layers = sorted(store["layers"].keys()) if "layers" in store else []
-    x = store["X"] if "X" in store else None
-    if x is not None and not hasattr(x, "shape"):  # a sparse matrix: a group of arrays
-        # Read by rows when stored by rows (CSR); stored by columns, whole.
-        x = DiskRows(x) if x.attrs.get("encoding-type") == "csr_matrix" else read_elem(x)
-    return _annotated(
-        str(source),
-        layer,
-        layers,
-        lambda name: x if name is None else read_elem(store["layers"][name]),
-        read_elem(store["obs"]),
-        read_elem(store["var"]),
-    )
+
+    def rows(node):
+        if node is None or hasattr(node, "shape"):  # dense: an array, read by rows
+            return node
+        # A sparse matrix, a group of arrays: read by rows when stored by rows (CSR), else whole.
+        return DiskRows(node) if node.attrs.get("encoding-type") == "csr_matrix" else read_elem(node)
+
+    def read(name):
+        if name == RAW:
+            return rows(store["raw"]["X"])
+        return rows(store["X"] if "X" in store else None) if name is None else read_elem(store["layers"][name])
+
+    raw = store["raw"] if "raw" in store else None
+    raw_var = (
+        read_elem(raw["var"]) if isinstance(raw, zarr.Group) and "X" in raw else None
+    )  # anndata may write an empty one
+    return _annotated(str(source), layer, layers, read, read_elem(store["obs"]), read_elem(store["var"]), raw_var)
+
+
+# The layer name that reads an AnnData's .raw (its X and its features): where many published
+# files (CELLxGENE's among them) keep the counts when X holds normalised values.
+RAW = "raw.X"
+
+
+def _raw(adata):
+    """The features of ``adata.raw`` (None when it has none)."""
+    return None if adata.raw is None else adata.raw.var
 
 
 def _layer_reader(adata):
-    """``read(name)`` of :func:`_annotated` for an AnnData: its layer ``name``, or X."""
-    return lambda name: adata.X if name is None else adata.layers[name]
+    """``read(name)`` of :func:`_annotated` for an AnnData: its layer ``name``, its .raw's X, or X."""
+    return lambda name: adata.X if name is None else adata.raw.X if name == RAW else adata.layers[name]
 
 
 # Where loom files name their genes and cells (loompy's convention, then AnnData's and others').
@@ -716,7 +737,9 @@ def parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--transpose", "-T", action="store_true", help="the .npz, .mtx, .csv or .tsv holds features x samples"
         )
-        sub.add_argument("--layer", help="the .h5ad, .zarr or .loom layer with the counts (default: X)")
+        sub.add_argument(
+            "--layer", help="the .h5ad, .zarr or .loom layer with the counts (default: X; raw.X: an AnnData's .raw)"
+        )
         sub.add_argument("--out", "-o", required=True, help="folder for the outputs")
         sub.add_argument("--backend", default="auto", choices=["auto", "numpy", "torch", "mlx"], help="array framework")
         sub.add_argument("--device", help="torch: cpu, cuda, mps; MLX: cpu, gpu")

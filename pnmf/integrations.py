@@ -45,7 +45,8 @@ def _counts(adata, layer: str | None):
     if layer is not None:
         layers = layer_names(adata)
         if layer not in layers:
-            raise KeyError(f"layer={layer!r} is not a layer of adata (its layers: {', '.join(layers) or 'none'})")
+            raw = "; counts in adata.raw are fitted as fit_anndata(adata.raw.to_adata(), ...)" if adata.raw else ""
+            raise KeyError(f"layer={layer!r} is not a layer of adata (its layers: {', '.join(layers) or 'none'}{raw})")
         return adata.layers[layer]
     if adata.X is None:
         raise ValueError("adata.X is empty; name a layer with counts (layer=...)")

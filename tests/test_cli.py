@@ -481,6 +481,42 @@ def test_features_named_in_a_list_are_fitted_alone(files, tmp_path):
         assert refused.returncode == 2 and error in refused.stderr and not (tmp_path / "c").exists(), refused.stderr
 
 
+def test_the_counts_in_an_anndatas_raw_are_read_as_layer_raw_x(files, tmp_path):
+    # CELLxGENE's files and many others keep the counts in .raw.X, X normalised and of fewer
+    # genes: the warning pointed to .raw.X, which the command could not read.
+    pytest.importorskip("zarr")
+    folder, data = files
+    adata = anndata.read_h5ad(folder / "cells.h5ad")
+    adata.raw = adata
+    adata = adata[:, :30].copy()
+    adata.X = sp.csr_matrix(np.log1p(adata.X.toarray()))
+    adata.write_h5ad(tmp_path / "normalised.h5ad")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # anndata's notice of the zarr format it writes
+        adata.write_zarr(tmp_path / "normalised.zarr")
+    common = ["-k", 3, "--seed", 0, "--backend", "numpy", "--dtype", "float64", "-q"]
+    plain = pnmf_command("fit", "normalised.h5ad", *common, "-o", "x", cwd=tmp_path)
+    assert "X holds non-integer values" in plain.stderr and "its layers are counts, raw.X" in plain.stderr
+    model = PNMF(3, random_state=0, backend="numpy", dtype="float64").fit(data["X"])
+    for name, extra in [("normalised.h5ad", []), ("normalised.zarr", ["--batch-size", 60, "--max-iter", 30])]:
+        done = pnmf_command("fit", name, *common, "--layer", "raw.X", *extra, "-o", name + ".out", cwd=tmp_path)
+        assert done.returncode == 0 and "non-integer" not in done.stderr, done.stderr
+        assert "to 240 rows x 50 features" in done.stdout
+        fitted = PNMF.load(tmp_path / (name + ".out") / "model.npz")
+        assert list(fitted.feature_names_in_) == [f"gene{j}" for j in range(50)]
+        if not extra:
+            np.testing.assert_allclose(fitted.loadings_, model.loadings_, rtol=1e-8)
+    batched = PNMF(3, random_state=0, backend="numpy", dtype="float64", batch_size=60, max_iter=30)
+    np.testing.assert_allclose(fitted.loadings_, batched.fit(data["X"]).loadings_, rtol=1e-8)
+    mapped = pnmf_command(
+        "transform", "normalised.h5ad.out/model.npz", "normalised.h5ad", "--layer", "raw.X", "-o", "t", cwd=tmp_path
+    )
+    assert mapped.returncode == 0, mapped.stderr
+    np.testing.assert_allclose(
+        anndata.read_h5ad(tmp_path / "t" / "factors.h5ad").obsm["X_pnmf"], model.transform(data["X"]), rtol=1e-5
+    )
+
+
 def test_fit_in_batches_reads_the_h5ad_from_disk(files, tmp_path, monkeypatch):
     from pnmf import cli
     from pnmf.data import on_disk

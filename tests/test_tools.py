@@ -99,6 +99,9 @@ def test_fit_anndata_writes_the_model_into_the_object():
     with pytest.warns(UserWarning, match="non-integer values") as record:
         fit_anndata(adata, 3, layer="normalised", backend="numpy", max_iter=5)
     assert record[0].filename == __file__
+    adata.raw = adata  # counts in .raw: the error says how to fit them
+    with pytest.raises(KeyError, match=r"not a layer of adata .*fit_anndata\(adata.raw.to_adata\(\), ...\)"):
+        fit_anndata(adata, 3, layer="raw.X", backend="numpy")
 
 
 def test_what_fit_anndata_stores_is_written_and_read_back_as_h5ad(tmp_path):
