@@ -1,7 +1,7 @@
 """The ``pnmf`` command: fit, transform, select-k, consensus and info, for pipelines and clusters.
 
 Counts are read from AnnData's .h5ad or .zarr, a .loom file (loompy's, velocyto's: genes x
-cells, read as cells x genes; ``--layer`` for all three), a 10x directory (matrix.mtx
+cells, read as cells x genes; ``--layer`` for all three, ``raw.X`` an AnnData's .raw), a 10x directory (matrix.mtx
 with features.tsv or genes.tsv and barcodes.tsv, gzipped or not, their names also with a
 sample's prefix as GEO gives them; a .mtx named alone with such files beside it is read with
 them), a 10x HDF5 matrix (.h5, Cell Ranger 2 or later), a SciPy .npz, a Matrix Market .mtx
