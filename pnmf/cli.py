@@ -552,6 +552,13 @@ def _check_out(args) -> None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {args.out} exists and is not a directory")
+    made = out.absolute()  # the folder the outputs' folder will be made in, checked before any work
+    while not made.exists():
+        made = made.parent
+    if not made.is_dir():
+        raise UsageError(f"--out {args.out} cannot be made: {made} is not a directory")
+    if not os.access(made, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {args.out} cannot be made: {made} is not writable")
     if getattr(args, "top", 1) < 1:
         raise UsageError(f"--top {args.top} must be at least 1")
 
@@ -871,6 +878,10 @@ def main(argv=None) -> int:
         return 130
     except (ValueError, TypeError, KeyError, ImportError, FloatingPointError) as err:
         print(f"pnmf: error: {_hinted(str(err).splitlines()[0]) if str(err) else type(err).__name__}", file=sys.stderr)
+        return 2
+    except OSError as err:  # an output that cannot be written: a full disk, a folder taken away
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"pnmf: error: {where}{err.strerror or err}", file=sys.stderr)
         return 2
     return 0
 

@@ -713,6 +713,20 @@ def test_a_progress_bar_is_shown_on_a_terminal_unless_quiet_and_elsewhere_if_ask
     assert shown == {"": terminal, "-q": False, "-v": True}
 
 
+def test_an_output_folder_that_cannot_be_made_is_one_line_not_a_traceback(files, tmp_path):
+    # It was a traceback, and for a file in the way only after the fit.
+    folder, _ = files
+    (tmp_path / "file").write_text("")
+    common = ["fit", folder / "counts.csv", "-k", 2, "--max-iter", 5, "--tol", 0]
+    early = pnmf_command(*common, "-o", tmp_path / "file" / "out", cwd=tmp_path)
+    assert early.returncode == 2 and early.stdout == ""  # refused before the fit
+    assert f"cannot be made: {tmp_path / 'file'} is not a directory" in early.stderr
+    if Path("/proc").is_dir():  # a folder no one can make a folder in (root may try: then at the end)
+        late = pnmf_command(*common, "-o", "/proc/pnmf-out", cwd=tmp_path)
+        assert late.returncode == 2 and "Traceback" not in late.stderr and "pnmf: error:" in late.stderr
+        assert late.stderr.count("\n") == 1, late.stderr
+
+
 def test_help_names_each_default_and_no_missing_one(tmp_path):
     done = pnmf_command("fit", "--help", cwd=tmp_path)
     text = " ".join(done.stdout.split())  # argparse wraps lines
