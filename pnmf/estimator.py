@@ -352,6 +352,9 @@ class PNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         _one_of("size_factors", self.size_factors, SIZE_FACTORS)
         if self.checkpoint is not None and not isinstance(self.checkpoint, (str, Path)):
             raise TypeError(f"checkpoint={self.checkpoint!r} must be a file path (str or pathlib.Path) or None")
+        if self.checkpoint is not None and not Path(self.checkpoint).absolute().parent.is_dir():
+            # found before the fit, not at its first checkpoint
+            raise ValueError(f"checkpoint={str(self.checkpoint)!r}: its folder does not exist")
         if self.distributed and self.init != "random":
             raise ValueError(
                 f"init={self.init!r} needs every row in one process; use init='random' with distributed=True"

@@ -135,12 +135,15 @@ def test_a_checkpoint_of_other_data_or_parameters_is_refused(tmp_path):
         PNMF(3, max_iter=40, checkpoint=path, **common).fit(x)
 
 
-def test_checkpoint_parameters_are_checked():
+def test_checkpoint_parameters_are_checked(tmp_path):
     x, _, _ = make_counts(20, 10, 2, random_state=0)
     with pytest.raises(ValueError, match="checkpoint_every=0"):
         PNMF(2, checkpoint="a.npz", checkpoint_every=0).fit(x)
     with pytest.raises(TypeError, match="checkpoint=3"):
         PNMF(2, checkpoint=3).fit(x)
+    # A folder that does not exist was found at the first checkpoint, a fit's 100 iterations in.
+    with pytest.raises(ValueError, match="its folder does not exist"):
+        PNMF(2, checkpoint=tmp_path / "none" / "fit.npz").fit(x)
 
 
 @pytest.mark.parametrize("batch_size", [None, 64], ids=["full", "mini-batch"])
