@@ -535,7 +535,7 @@ def _write_factors(out: Path, name: str, counts: Counts, factors: np.ndarray, mo
 
 
 def _outputs(args, counts: Counts, model, factors: np.ndarray, suffix: str) -> list[Path]:
-    """model.npz and programs.csv (by rank 0 alone under --distributed), and the factors."""
+    """model.npz, programs.csv and programs.png (by rank 0 alone under --distributed), and the factors."""
     fmt = _factor_format(args)
     table = model.top_features(args.top, feature_names=counts.var_names)  # before any file is written
     out = Path(args.out)
@@ -545,6 +545,11 @@ def _outputs(args, counts: Counts, model, factors: np.ndarray, suffix: str) -> l
         written.append(model.save(out / "model.npz"))
         table.to_csv(out / "programs.csv", index=False)
         written.append(out / "programs.csv")
+        # The most specific features of each program, fewer of them for many programs: a
+        # figure of 160 rows at most.
+        top = max(1, min(8, 160 // model.n_components))
+        draw = lambda plot: plot.loadings(model, feature_names=counts.var_names, top=top).figure  # noqa: E731
+        written += _figure(draw, out / "programs.png")
     return written + _write_factors(out, "factors" + suffix, counts, factors, model, fmt)
 
 
@@ -779,7 +784,7 @@ def parser() -> argparse.ArgumentParser:
             sub.add_argument("--top", type=int, default=20, help="features per component in programs.csv")
             sub.add_argument("--factors", choices=["h5ad", "csv"], help="format of the factors (default: as the input)")
 
-    fit = commands.add_parser("fit", help="fit a model; write model.npz, factors and programs.csv", **shown)
+    fit = commands.add_parser("fit", help="fit a model; write model.npz, factors, programs.csv and .png", **shown)
     common(fit)
     fit.add_argument("--n-components", "-k", type=int, required=True, help="number of components (programs)")
     fit.add_argument(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -285,6 +286,7 @@ def test_select_k_and_consensus(files, tmp_path):
     )
     assert cons.returncode == 0, cons.stderr
     assert "stability (silhouette)" in cons.stdout and (tmp_path / "c" / "programs.csv").exists()
+    assert (tmp_path / "c" / "programs.png").stat().st_size > 1000 and "programs.png" in cons.stdout
     assert (tmp_path / "c" / "consensus.png").stat().st_size > 1000 and "consensus.png" in cons.stdout
     stability = cons.stdout.split("stability (silhouette): ")[1][:5]
     info = pnmf_command("info", tmp_path / "c" / "model.npz", cwd=tmp_path).stdout
@@ -641,6 +643,7 @@ def test_fit_runs_unchanged_under_torchrun(files, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     # The line of rank 0 counts every process's rows (it said "every process's rows").
     assert f"fitted 3 components to {len(data['X']):,} rows over 2 processes x" in done.stdout
+    assert [p.name for p in (tmp_path / "d").glob("*.png")] == ["programs.png"]  # by rank 0 alone
     whole = PNMF(3, random_state=0, backend="numpy", dtype="float64").fit(data["X"])
     np.testing.assert_allclose(PNMF.load(tmp_path / "d" / "model.npz").loadings_, whole.loadings_, rtol=1e-8)
     info = pnmf_command("info", tmp_path / "d" / "model.npz", cwd=tmp_path).stdout
@@ -688,7 +691,8 @@ def test_a_reader_that_leaves_stops_no_command_and_shows_no_traceback(files, tmp
             os.close(write)
         stderr = done.stderr.decode()
         assert done.returncode == 0 and "Traceback" not in stderr and "Exception" not in stderr, stderr
-    assert {p.name for p in (tmp_path / "f").iterdir()} == {"model.npz", "programs.csv", "factors.csv"}
+    figure = {"programs.png"} if importlib.util.find_spec("matplotlib") else set()
+    assert {p.name for p in (tmp_path / "f").iterdir()} == {"model.npz", "programs.csv", "factors.csv", *figure}
 
 
 @pytest.mark.parametrize("terminal", [True, False])
