@@ -1,11 +1,11 @@
 """The ``pnmf`` command: fit, transform, select-k, consensus and info, for pipelines and clusters.
 
 Counts are read from AnnData's .h5ad or .zarr, a .loom file (loompy's, velocyto's: genes x
-cells, read as cells x genes; ``--layer`` for all three, ``raw.X`` an AnnData's .raw), a 10x directory (matrix.mtx
-with features.tsv or genes.tsv and barcodes.tsv, gzipped or not, their names also with a
-sample's prefix as GEO gives them; a .mtx named alone with such files beside it is read with
-them), a 10x HDF5 matrix (.h5, Cell Ranger 2 or later), a SciPy .npz, a Matrix Market .mtx
-or a .csv/.tsv table (rows are samples, the first column their names, the header the
+cells, read as cells x genes; ``--layer`` for all three, ``raw.X`` an AnnData's .raw), a
+10x directory (matrix.mtx with features.tsv or genes.tsv and barcodes.tsv, gzipped or not,
+their names also with a sample's prefix as GEO gives them; a .mtx named alone with such
+files beside it is read with them), a 10x HDF5 matrix (.h5, Cell Ranger 2 or later), a
+SciPy .npz, a Matrix Market .mtx or a .csv/.tsv table (rows are samples, the first column their names, the header the
 features; a table of numbers alone, as ``np.savetxt`` writes one, is read as a matrix
 without names); ``--transpose`` reads a .npz, .mtx or table stored features x samples (genes
 x cells), as many published ones are. Of a 10x matrix with other features too (antibodies,
@@ -352,10 +352,8 @@ def _read_zarr(source: Path, layer: str | None, backed: bool) -> Counts:
             return rows(store["raw"]["X"])
         return rows(store["X"] if "X" in store else None) if name is None else read_elem(store["layers"][name])
 
-    raw = store["raw"] if "raw" in store else None
-    raw_var = (
-        read_elem(raw["var"]) if isinstance(raw, zarr.Group) and "X" in raw else None
-    )  # anndata may write an empty one
+    raw = store["raw"] if "raw" in store else None  # anndata may write an empty array there
+    raw_var = read_elem(raw["var"]) if isinstance(raw, zarr.Group) and "X" in raw else None
     return _annotated(str(source), layer, layers, read, read_elem(store["obs"]), read_elem(store["var"]), raw_var)
 
 
@@ -545,12 +543,14 @@ def _outputs(args, counts: Counts, model, factors: np.ndarray, suffix: str) -> l
         written.append(model.save(out / "model.npz"))
         table.to_csv(out / "programs.csv", index=False)
         written.append(out / "programs.csv")
-        # The most specific features of each program, fewer of them for many programs: a
-        # figure of 160 rows at most.
-        top = max(1, min(8, 160 // model.n_components))
-        draw = lambda plot: plot.loadings(model, feature_names=counts.var_names, top=top).figure  # noqa: E731
-        written += _figure(draw, out / "programs.png")
+        written += _figure(lambda plot: _programs_figure(plot, model, counts.var_names), out / "programs.png")
     return written + _write_factors(out, "factors" + suffix, counts, factors, model, fmt)
+
+
+def _programs_figure(plot, model, names):
+    """The loadings of each program's most specific features, fewer of them for many
+    programs: a figure of 160 rows at most."""
+    return plot.loadings(model, feature_names=names, top=max(1, min(8, 160 // model.n_components))).figure
 
 
 def _check_out(args) -> None:
