@@ -294,8 +294,7 @@ class TorchBackend(Backend):
         torch.div(x, rate, out=ratio)
         value = torch.mul(x, torch.log(rate, out=spare), out=spare).sum()
         g_f = a * self.sparse_matmul(pattern, ratio, w)[None]
-        ratio_t = torch.index_select(ratio, 0, pattern.order_t, out=spare)
-        g_w = self._csr(pattern.crow_t, pattern.col_t, ratio_t, (pattern.shape[1], pattern.shape[0])) @ a[0]
+        g_w = self.sparse_matmul_t(pattern, ratio, a[0], out=spare)
         h_f = None
         if second:
             squared = torch.div(ratio, rate, out=spare)
@@ -305,8 +304,9 @@ class TorchBackend(Backend):
     def sparse_matmul(self, pattern, values, b):
         return self._csr(pattern.crow, pattern.col, values, pattern.shape) @ b
 
-    def sparse_matmul_t(self, pattern, values, a):
+    def sparse_matmul_t(self, pattern, values, a, out=None):
+        """The interface's, the gathered values written into ``out`` (nnz,) when given."""
         shape_t = (pattern.shape[1], pattern.shape[0])
         # index_select gathers 2x faster than values[order] on the CPU (1.3 against 2.5 ms at 1.1e6).
-        values_t = torch.index_select(values, 0, pattern.order_t)
+        values_t = torch.index_select(values, 0, pattern.order_t, out=out)
         return self._csr(pattern.crow_t, pattern.col_t, values_t, shape_t) @ a
