@@ -5,12 +5,13 @@ cells, read as cells x genes; ``--layer`` for all three, ``raw.X`` an AnnData's 
 10x directory (matrix.mtx with features.tsv or genes.tsv and barcodes.tsv, gzipped or not,
 their names also with a sample's prefix as GEO gives them; a .mtx named alone with such
 files beside it is read with them), a 10x HDF5 matrix (.h5, Cell Ranger 2 or later), a
-SciPy .npz, a Matrix Market .mtx or a .csv/.tsv table (rows are samples, the first column their names, the header the
-features; a table of numbers alone, as ``np.savetxt`` writes one, is read as a matrix
-without names); ``--transpose`` reads a .npz, .mtx or table stored features x samples (genes
-x cells), as many published ones are. Of a 10x matrix with other features too (antibodies,
-CRISPR guides), the Gene Expression features are read. Every input and argument is checked
-before any work; a problem is one line on stderr and exit status 2, and nothing is written.
+SciPy .npz, a Matrix Market .mtx or a .csv/.tsv table (rows are samples, the first column
+their names, the header the features; a table of numbers alone, as ``np.savetxt`` writes
+one, is read as a matrix without names); ``--transpose`` reads a .npz, .mtx or table
+stored features x samples (genes x cells), as many published ones are. Of a 10x matrix
+with other features too (antibodies, CRISPR guides), the Gene Expression features are read.
+Every input and argument is checked before any work; a problem is one line on stderr and
+exit status 2, and nothing is written.
 """
 
 from __future__ import annotations
@@ -88,16 +89,16 @@ def _find(folder: Path, *names: str, prefix: str = "") -> Path:
     raise UsageError(f"{folder} is not a 10x directory: no {' or '.join(prefix + n for n in names)} in it")
 
 
+TENX_MATRIX = ("matrix.mtx", "matrix.mtx.gz")  # a 10x matrix's name (after a sample's prefix)
+
+
 def _prefix(folder: Path) -> str:
     """The prefix of a 10x directory's file names: '' for matrix.mtx, 'GSM123_' for
     GSM123_matrix.mtx.gz, as GEO names them; UsageError when it holds several samples."""
-    if any((folder / name).exists() for name in ("matrix.mtx", "matrix.mtx.gz")):
+    if any((folder / name).exists() for name in TENX_MATRIX):
         return ""
-    found = sorted(
-        path.name[: -len(end)]
-        for path in folder.iterdir()
-        for end in ("matrix.mtx", "matrix.mtx.gz")
-        if path.name.endswith(end)
+    found = sorted(  # a set: GSM1_matrix.mtx beside GSM1_matrix.mtx.gz is one sample
+        {path.name[: -len(end)] for path in folder.iterdir() for end in TENX_MATRIX if path.name.endswith(end)}
     )
     if len(found) > 1:
         raise UsageError(
@@ -110,7 +111,7 @@ def _prefix(folder: Path) -> str:
 def _tenx_mtx(path: Path) -> tuple[Path, str] | None:
     """The folder and prefix of a .mtx file that is a 10x matrix: NAMEmatrix.mtx(.gz) beside
     NAMEbarcodes.tsv and NAMEfeatures.tsv or NAMEgenes.tsv (gzipped or not); None otherwise."""
-    for end in ("matrix.mtx", "matrix.mtx.gz"):
+    for end in TENX_MATRIX:
         if path.name.endswith(end):
             prefix = path.name[: -len(end)]
             try:
@@ -297,8 +298,7 @@ def _keep_features(counts: Counts, args) -> Counts:
         f"kept the {keep.size:,} of {len(names):,} features of {args.counts} named in {args.features}"
         + (f" ({absent:,} of its names are not among them)" if absent else "")
     )
-    x = in_memory(counts.x) if getattr(counts.x, "format", None) == "csc" else counts.x  # rows are not read alone
-    return Counts(pick_columns(x, keep), counts.obs_names, counts.var_names[keep], counts.obs, counts.named)
+    return Counts(pick_columns(counts.x, keep), counts.obs_names, counts.var_names[keep], counts.obs, counts.named)
 
 
 def _annotated(path: str, layer: str | None, layers: list[str], read, obs, var, raw_var=None) -> Counts:

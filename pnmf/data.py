@@ -301,8 +301,10 @@ class _Columns:
 
 def pick_columns(x, columns: np.ndarray):
     """The columns ``columns`` of x, in that order: a copy in memory, or, for counts on disk,
-    a reader that picks them from each block of rows it reads (ValueError for counts on disk
-    stored by columns, as :class:`DiskRows`)."""
+    a reader that picks them from each block of rows it reads. Counts on disk stored by
+    columns (CSC), whose rows are not read alone, are read whole first."""
+    if getattr(x, "format", None) == "csc":
+        x = in_memory(x)
     if not on_disk(x):
         return x[:, columns]
     return DiskRows(_Columns(x if isinstance(x, DiskRows) else DiskRows(x), columns))
