@@ -858,8 +858,8 @@ def _huge_pages(args) -> None:
     peak rose from 0.83 to 1.03-1.29 GB). torch reads the variable at its first allocation,
     which comes later (docs/performance.md).
     """
-    in_memory = args.command in ("fit", "consensus", "select-k") and getattr(args, "batch_size", None) is None
-    if in_memory and sys.platform == "linux":
+    held = args.command in ("fit", "consensus", "select-k") and getattr(args, "batch_size", None) is None
+    if held and sys.platform == "linux":
         os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
