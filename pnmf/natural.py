@@ -39,8 +39,13 @@ LOADINGS_MOMENTUM, MAX_LOG_STEP = 0.9, 0.3
 TINY_LOADING = 1e-30  # guards W_mu / W where a loading is zero
 # Robbins-Monro schedule of the Monte Carlo modes: rho_t = rho0 (1 + t / TAU) ** -KAPPA.
 SCHEDULE_TAU, SCHEDULE_KAPPA = 50.0, 0.7
-# A checked step may lower the ELBO by at most this many float epsilons (relative).
+# A checked step may lower the ELBO by at most this many float epsilons (relative),
 ROUNDING = 8
+# unless its rho has been halved to this: such a step is an ascent step in exact arithmetic
+# (the multiplicative update is one at any rho, and rho -> 0 makes the step on q(F) the
+# gradient's first order), so a fall is float rounding of the ELBO's sums, which large
+# counts make far larger than eps |ELBO| (see checked_step).
+RHO_FLOOR = 2.0**-10
 DEFAULT_NGD_LR = {"lower-bound": 1.0, "expanded": 0.2, "simple": 0.2}
 # The parameters a checked step keeps the last accepted value of.
 PARAMS = ("mu", "precision", "w", *EXTRA)
@@ -81,14 +86,21 @@ def checked_step(
     """The bookkeeping of a checked step: the state's entries that follow from whether the
     ELBO ``value`` at the state's parameters is acceptable.
 
-    accept = value >= accepted_value - rounding * max(-accepted_value, 0) (and ``active``);
-    where accepted, every ``accepted_<p>`` (p in PARAMS) takes the state's p, the statistics
-    in ``fresh`` replace the state's, ``accepted_value`` takes ``value`` and rho doubles (up
-    to ``rho0``); elsewhere they stay and rho halves, or stays too where not ``active``.
-    ``value`` is one number, or one per lane (R,) for arrays whose first axis is the lanes.
+    accept = value >= accepted_value - rounding * max(-accepted_value, 0), or the state's
+    rho <= RHO_FLOOR (and ``active``); where accepted, every ``accepted_<p>`` (p in PARAMS)
+    takes the state's p, the statistics in ``fresh`` replace the state's, ``accepted_value``
+    takes ``value`` and rho doubles (up to ``rho0``); elsewhere they stay and rho halves, or
+    stays too where not ``active``. ``value`` is one number, or one per lane (R,) for arrays
+    whose first axis is the lanes.
+
+    The floor keeps a fit moving where the ELBO's float rounding exceeds what a step gains:
+    with counts in the thousands the ELBO is the difference of sums ~1e3 times larger, and
+    in float32 its value moved by hundreds between points a float64 evaluation put tens
+    apart; every step then looked like a fall, rho halved to nothing, and, the multiplicative
+    update not shrinking with rho, the same rejected step came back forever.
     """
     slack = rounding * b.clip(-state["accepted_value"], 0.0, None)
-    accept = value >= state["accepted_value"] - slack
+    accept = (value >= state["accepted_value"] - slack) | (state["rho"] <= RHO_FLOOR)
     if active is not None:
         accept = accept & active
 
@@ -113,7 +125,8 @@ class NaturalTrainer(Trainer):
     loadings) each step is checked: a step that lowers the ELBO is rejected and rho halved
     (and regrown up to ``ngd_lr`` after accepted steps). The reported ELBO is that of the
     accepted parameters, which therefore never decreases by more than float rounding
-    (8 eps |ELBO|: 1e-6 relative in float32, 2e-15 in float64). With Adam on the loadings rho
+    (8 eps |ELBO|: 1e-6 relative in float32, 2e-15 in float64; or, where a step is taken at
+    RHO_FLOOR, the rounding of the sums it is the difference of). With Adam on the loadings rho
     stays at ``ngd_lr``. The Monte Carlo modes follow the schedule
     rho_t = ngd_lr (1 + t / 50) ** -0.7, are best started from a lower-bound fit, and give
     the multiplicative loadings update heavy-ball momentum on log W (LOADINGS_MOMENTUM,

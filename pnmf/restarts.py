@@ -27,7 +27,7 @@ from .natural import DEFAULT_NGD_LR, ROUNDING, checked_step, natural_update
 MIN_LANES = 4
 
 
-def lane_terms(b: Backend, x: Array, lgamma_sum: float, mu: Array, var: Array, w: Array, prior_scale: float):
+def lane_terms(b: Backend, counts, mu: Array, var: Array, w: Array, prior_scale: float):
     """The ``lower-bound`` ELBO of every lane and its gradients, for dense X (N, D) shared.
 
     With a = exp(mu) (R, N, L), rate = a @ W.T (R, N, D) and s the prior scale, per lane::
@@ -40,13 +40,14 @@ def lane_terms(b: Backend, x: Array, lgamma_sum: float, mu: Array, var: Array, w
     and the multiplicative update's numerator (X / rate).T @ a (R, D, L) and denominator
     sum_n exp(mu + var/2) (R, L): :func:`pnmf.elbo.evaluate` of each lane on its own.
     """
-    log_term, g_f, w_numerator = b.lanes_log_term(x, b.exp(mu), w)
+    # The log term at exp(F - shift), as pnmf.elbo.evaluate sums it (see log_shift).
+    log_term, g_f, w_numerator = b.lanes_log_term(counts.x, b.exp(mu - counts.shift), w)
     expected = b.exp(mu + 0.5 * var)
     expected_sum = b.sum(expected, axis=-2)
     coef = b.sum(w, axis=-2)  # (R, L): the expected rate sum is sum_l coef * expected_sum
     s2 = prior_scale * prior_scale
     kl = kl_divergence(b, mu, var, prior_scale, lanes=True)
-    value = log_term - b.sum(coef * expected_sum, axis=-1) - lgamma_sum - kl
+    value = log_term - b.sum(coef * expected_sum, axis=-1) - (counts.lgamma_sum - counts.shift * counts.total) - kl
     rate_slope = coef[:, None, :] * expected
     g_mu = g_f - rate_slope - mu / s2
     g_var = -0.5 * rate_slope + (0.5 / var - 0.5 / s2)
@@ -100,7 +101,7 @@ class LaneTrainer:
     def step(self, state: dict, key):
         b, counts = self.b, self.counts
         value, g_mu, g_var, w_numerator, expected_sum = lane_terms(
-            b, counts.x, counts.lgamma_sum, state["mu"], 1.0 / state["precision"], state["w"], self.prior_scale
+            b, counts, state["mu"], 1.0 / state["precision"], state["w"], self.prior_scale
         )
         # Step from each lane's last accepted point: the new one if its ELBO did not fall (up
         # to rounding) and the lane is still running, else the old one.

@@ -260,13 +260,16 @@ def test_csr_transpose_order_is_the_transpose():
     [[0, 1, 2, 5, 1000, 3, 3], [0.5, 2.0, 3.25], [[3, 0], [1, 7]], [], [2e6, 1.0], [4.0, 0.0, 1e-9]],
     ids=["integers", "fractions", "matrix", "empty", "beyond the table", "almost whole"],
 )
-def test_lgamma_sum_is_the_sum_of_lgamma(values):
-    from scipy.special import gammaln
+def test_count_sums_are_the_sums_of_lgamma_x_log_x_and_x(values):
+    from scipy.special import gammaln, xlogy
 
-    from pnmf.elbo import lgamma_sum
+    from pnmf.elbo import count_sums, lgamma_sum
 
     x = np.asarray(values, dtype=np.float64)
-    assert lgamma_sum(x) == pytest.approx(float(gammaln(x + 1.0).sum()), rel=1e-13, abs=1e-13)
+    lgamma, x_log_x, total = count_sums(x)
+    assert lgamma == lgamma_sum(x) == pytest.approx(float(gammaln(x + 1.0).sum()), rel=1e-13, abs=1e-13)
+    assert x_log_x == pytest.approx(float(xlogy(x, x).sum()), rel=1e-13, abs=1e-13)
+    assert total == pytest.approx(float(x.sum()), rel=1e-15)
     assert lgamma_sum(x.astype(np.float32)) == pytest.approx(float(gammaln(x.astype(np.float32) + 1.0).sum()), rel=1e-6)
 
 
