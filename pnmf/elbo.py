@@ -107,8 +107,10 @@ def log_shift(x_log_x: float, total: float) -> float:
     Near a fit rate ~ X, so sum X log(rate e^-m) is ~0 where sum X log rate is ~sum X log X:
     with counts ~1000 the latter is ~1e3 times the ELBO, and in float32 its rounding alone
     (hundreds) hid what a step gains. Shifting exp(F) by e^-m leaves every gradient as it was.
+    Values below 1 (not counts) have no such sum to cancel: m is at least 0, and exp(F - m)
+    stays within float32 whatever they are.
     """
-    return x_log_x / total if total > 0 else 0.0
+    return max(0.0, x_log_x / total) if total > 0 else 0.0
 
 
 class DenseCounts:
