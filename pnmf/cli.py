@@ -424,8 +424,14 @@ _HINTS: dict[str, str] = {}
 NOT_COUNTS = ("X holds non-integer values", "thinning splits integer counts")
 
 
+# The estimator's words for what the command's options set.
+_AS_OPTIONS = {"dtype='float64'": "--dtype float64", "raise max_iter (or tol)": "raise --max-iter (or --tol)"}
+
+
 def _hinted(text: str) -> str:
-    """A message with what the files read suggest about it."""
+    """A message with what the files read suggest about it, in the command's options."""
+    for words, option in _AS_OPTIONS.items():
+        text = text.replace(words, option)
     return " ".join([text, *(hint for start, hint in _HINTS.items() if text.startswith(start))])
 
 

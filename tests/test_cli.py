@@ -815,3 +815,19 @@ def test_a_fit_in_memory_puts_torchs_buffers_on_huge_pages(files, tmp_path, extr
     )
     assert done.returncode == 0, done.stderr
     assert f"huge pages: {expected}" in done.stdout, done.stdout
+
+
+def test_large_counts_in_float32_warn_in_the_commands_words(tmp_path):
+    """Counts ~1000 (spectra, images): float32 cannot resolve tol; the command says which option does."""
+    rng = np.random.default_rng(0)
+    w, h = rng.gamma(0.3, 1.0, (300, 5)), rng.gamma(1.0, 1.0, (500, 5))
+    pd.DataFrame(rng.poisson(1e3 * h @ w.T)).to_csv(tmp_path / "spectra.csv")
+    done = pnmf_command("fit", "spectra.csv", "-k", 5, "-o", "out", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    warned = [line for line in done.stderr.splitlines() if line.startswith("pnmf: warning: float32 rounds")]
+    assert len(warned) == 1 and "fit with --dtype float64" in warned[0], done.stderr
+    done = pnmf_command(
+        "fit", "spectra.csv", "-k", 5, "--dtype", "float64", "--max-iter", 50, "-o", "out64", cwd=tmp_path
+    )
+    assert done.returncode == 0 and "float32 rounds" not in done.stderr, done.stderr
+    assert "raise --max-iter (or --tol)" in done.stderr
