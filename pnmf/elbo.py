@@ -350,10 +350,11 @@ def evaluate(
     # The log term is summed at exp(F - shift) (rates e^-shift; see log_shift), which leaves
     # its gradients as they are; the sampled rate sum of 'simple' needs exp(F) itself.
     shift = counts.shift if mode != "simple" else 0.0
+    centre = mu - shift if shift else mu
     if mode == "lower-bound" and not gradients:
-        value = counts.log_value(b.exp(mu - shift)[None], w)
+        value = counts.log_value(b.exp(centre)[None], w)
     elif mode == "lower-bound":
-        value, g_f, w_num, _ = counts.log_term(b.exp(mu - shift)[None], w, second=False)
+        value, g_f, w_num, _ = counts.log_term(b.exp(centre)[None], w, second=False)
         g_mu, g_var = g_f[0], None
     elif mode in ("simple", "expanded"):
         n, n_comp = mu.shape
@@ -362,7 +363,6 @@ def evaluate(
         # Sums over the chunks (None before the first).
         value, g_mu, g_var, w_num, sampled_sum, eps_sum = None, None, None, None, None, None
         chunk = counts.chunk if chunk is None else min(chunk, counts.chunk)
-        centre = mu - shift if shift else mu
         for start in range(0, n_samples, chunk):
             eps = noise.draw((min(chunk, n_samples - start), n, n_comp))
             a = b.exp(centre + sd * eps)
