@@ -161,6 +161,7 @@ def _read_10x_h5(source: Path) -> Counts:
 
 
 FORMATS = ".h5ad, .zarr, .loom, a 10x directory or .h5, .npz, .mtx, .csv or .tsv"
+COUNTS_SUFFIXES = (".h5ad", ".zarr", ".loom", ".h5", ".mtx", ".csv", ".tsv", ".gz")  # a model is an .npz
 # Formats that store a bare matrix, whose orientation the file does not say.
 BARE = (".npz", ".mtx", ".mtx.gz", ".csv", ".tsv", ".txt", ".csv.gz", ".tsv.gz", ".txt.gz")
 
@@ -647,10 +648,19 @@ def cmd_transform(args) -> list[Path]:
     from .integrations import transform_named
 
     _check_out(args)
+    if Path(args.model).suffix in COUNTS_SUFFIXES and Path(args.counts).suffix == ".npz":
+        raise UsageError(f"the model comes first: pnmf transform {args.counts} {args.model}")
     model = _load(args.model, args.backend, args.device)
     model.verbose = _verbose(args)  # not the fit's choice, saved with the model
     counts = read_counts(args.counts, args.layer, backed=True, transpose=args.transpose)
     batch = _batch(counts, args.batch_key)
+    if batch is None and model.batches_ is not None:
+        raise UsageError(
+            f"{args.model} was fitted with batches ({len(model.batches_)}): give --batch-key, the column with each "
+            "row's batch (batches seen in fit keep their effects, new ones have theirs estimated)"
+        )
+    if batch is not None and model.batches_ is None:
+        raise UsageError(f"--batch-key was given, but {args.model} was fitted without batches")
     fmt = _factor_format(args)
     names = counts.var_names if counts.named else None
     factors, columns = transform_named(model, counts.x, names, batch=batch, source=args.counts)
@@ -700,6 +710,8 @@ def _load(path: str, backend: str | None, device: str | None):
 
     if not Path(path).exists():
         raise UsageError(f"{path}: no such model file")
+    if Path(path).suffix in COUNTS_SUFFIXES:
+        raise UsageError(f"{path} holds counts, not a model (the model.npz that pnmf fit writes)")
     return PNMF.load(path, backend=None if backend == "auto" else backend, device=device)
 
 

@@ -26,7 +26,11 @@ SCALARS = ("elbo_", "n_iter_", "converged_", "backend_", "device_", "n_features_
 
 
 def _npz(path: Path):
-    """The .npz archive at ``path``; ValueError when the file holds one array (.npy) instead."""
+    """The .npz archive at ``path``; ValueError when the file is not one (an .npy array, or another format)."""
+    with open(path, "rb") as handle:
+        npy = handle.read(6) == b"\x93NUMPY"
+    if not npy and not zipfile.is_zipfile(path):  # np.load would take it for a pickle and say so
+        raise ValueError("it is not an .npz archive")
     data = np.load(path, allow_pickle=False)
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise ValueError(f"it holds one array of shape {data.shape}, as np.save writes, not an .npz archive")

@@ -263,8 +263,11 @@ def test_fit_anndata_reads_batches_and_size_factors_from_obs(small):
     np.testing.assert_allclose(
         transform_anndata(model, adata, batch_key="sample", size_factors="depth"), mapped, rtol=1e-6
     )
-    with pytest.raises(ValueError, match="batch"):
+    with pytest.raises(ValueError, match="pass batch_key=, the column of adata.obs"):
         transform_anndata(model, adata, size_factors="depth")  # the model has batch effects: which apply?
+    plain = PNMF(3, **NATURAL).fit(small["X"])
+    with pytest.raises(ValueError, match="batch_key='sample' was given, but the model was fitted without batches"):
+        transform_anndata(plain, adata, batch_key="sample")
     with pytest.raises(KeyError, match="batch_key='donor'"):
         pnmf_fit_anndata(adata, 3, batch_key="donor")
     unlabelled = adata.copy()

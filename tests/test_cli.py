@@ -195,6 +195,17 @@ def test_batches_layers_transform_info_and_python_m(files, tmp_path):
     )
     info = pnmf_command("info", tmp_path / "fit" / "model.npz", cwd=tmp_path)
     assert info.returncode == 0 and "batches: batch0, batch1, batch2" in info.stdout
+    unlabelled = pnmf_command(
+        "transform", tmp_path / "fit" / "model.npz", folder / "cells.h5ad", "-o", tmp_path / "x", cwd=tmp_path
+    )
+    assert unlabelled.returncode == 2 and "fitted with batches (3): give --batch-key" in unlabelled.stderr
+    swapped = pnmf_command(
+        "transform", folder / "cells.h5ad", tmp_path / "fit" / "model.npz", "-o", tmp_path / "x", cwd=tmp_path
+    )
+    assert swapped.returncode == 2 and "error: the model comes first: pnmf transform " in swapped.stderr
+    counts = pnmf_command("info", folder / "cells.h5ad", cwd=tmp_path)
+    assert counts.returncode == 2 and "holds counts, not a model" in counts.stderr
+    assert not (tmp_path / "x").exists()
     assert "most specific features" in info.stdout and "component 0: gene" in info.stdout
 
 
