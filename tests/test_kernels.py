@@ -240,6 +240,37 @@ def test_torch_own_fused_path_equals_the_interface_version(second):
         )
 
 
+@pytest.mark.parametrize("sampled_addmm", [True, False], ids=["sampled_addmm", "gathered rows (MPS)"])
+def test_torch_sparse_products_on_the_cpu_index_with_int32(monkeypatch, sampled_addmm):
+    torch = pytest.importorskip("torch")
+    from pnmf.backends import torch as torch_backend
+
+    if not sampled_addmm:  # the path of devices without the sampled product, run on the CPU
+        monkeypatch.setattr(torch_backend, "SAMPLED_ADDMM", ())
+    b = cpu_backend("torch")
+    x, a, w, rows = sparse_products_problem(60, 25, 4, 0.2)
+    pattern = b.sparse(x)
+    indices = (pattern.crow, pattern.col, pattern.crow_t, pattern.col_t, pattern.order_t)
+    assert all(index.dtype == torch.int32 for index in indices)
+    assert (pattern.rows is None) == sampled_addmm  # 8 bytes a non-zero, kept only where it is used
+    values = b.asarray(x.data)
+    rtol = 1e-12
+    sampled = b.to_numpy(b.sampled_matmul(pattern, b.asarray(a), b.asarray(w)))
+    np.testing.assert_allclose(sampled, (a @ w.T)[rows, x.indices], rtol=rtol)
+    np.testing.assert_allclose(b.to_numpy(b.sparse_matmul(pattern, values, b.asarray(w))), x @ w, rtol=rtol)
+    np.testing.assert_allclose(b.to_numpy(b.sparse_matmul_t(pattern, values, b.asarray(a))), x.T @ a, rtol=rtol)
+
+
+def test_index_dtype_is_int32_below_2_to_the_31_and_int64_from_there():
+    from types import SimpleNamespace
+
+    from pnmf.backends.base import index_dtype
+
+    assert index_dtype(SimpleNamespace(nnz=2**31 - 1, shape=(2**31 - 1, 10))) is np.int32
+    assert index_dtype(SimpleNamespace(nnz=2**31, shape=(10, 10))) is np.int64
+    assert index_dtype(SimpleNamespace(nnz=10, shape=(10, 2**31))) is np.int64
+
+
 def test_csr_transpose_order_is_the_transpose():
     from pnmf.backends.base import csr_transpose_order
 

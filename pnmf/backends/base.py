@@ -293,9 +293,16 @@ class Backend:
 def csr_transpose_order(x: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """CSR structure of x.T and the permutation taking x's values to x.T's order.
 
-    Returns ``(indptr_t, indices_t, order)`` with ``x.T.data == x.data[order]``. SciPy's
-    CSR-to-CSC conversion (a counting sort, O(nnz + n)) moves the positions 0..nnz-1 as
-    values: 9x faster than a lexsort at 5e6 non-zeros.
+    Returns ``(indptr_t, indices_t, order)`` with ``x.T.data == x.data[order]``, int32 where
+    the non-zeros and the shape allow it (else int64). SciPy's CSR-to-CSC conversion (a
+    counting sort, O(nnz + n)) moves the positions 0..nnz-1 as values: 9x faster than a
+    lexsort at 5e6 non-zeros.
     """
-    positions = sp.csr_matrix((np.arange(x.nnz, dtype=np.int64), x.indices, x.indptr), shape=x.shape).tocsc()
-    return positions.indptr.astype(np.int64), positions.indices.astype(np.int64), positions.data
+    index = index_dtype(x)
+    positions = sp.csr_matrix((np.arange(x.nnz, dtype=index), x.indices, x.indptr), shape=x.shape).tocsc()
+    return positions.indptr.astype(index, copy=False), positions.indices.astype(index, copy=False), positions.data
+
+
+def index_dtype(x: sp.csr_matrix) -> type:
+    """int32 where it indexes every non-zero, row and column of x, else int64."""
+    return np.int32 if max(x.nnz, *x.shape) < 2**31 else np.int64
