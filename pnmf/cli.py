@@ -654,13 +654,7 @@ def cmd_transform(args) -> list[Path]:
     model.verbose = _verbose(args)  # not the fit's choice, saved with the model
     counts = read_counts(args.counts, args.layer, backed=True, transpose=args.transpose)
     batch = _batch(counts, args.batch_key)
-    if batch is None and model.batches_ is not None:
-        raise UsageError(
-            f"{args.model} was fitted with batches ({len(model.batches_)}): give --batch-key, the column with each "
-            "row's batch (batches seen in fit keep their effects, new ones have theirs estimated)"
-        )
-    if batch is not None and model.batches_ is None:
-        raise UsageError(f"--batch-key was given, but {args.model} was fitted without batches")
+    model._check_batches(batch is not None, "--batch-key", ", the column with each row's batch")
     fmt = _factor_format(args)
     names = counts.var_names if counts.named else None
     factors, columns = transform_named(model, counts.x, names, batch=batch, source=args.counts)

@@ -820,6 +820,19 @@ class PNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         return mean, var, elbo if group is None else float(group.all_sum_host(np.array([elbo]))[0])
 
     # -- inference with the loadings fixed ------------------------------------------------
+    def _check_batches(self, given: bool, argument: str = "batch=", what: str = "") -> None:
+        """ValueError unless batches are given exactly when the model was fitted with them;
+        ``argument`` names what gives them (``batch=``, or a front end's own name for it),
+        ``what`` says what it is."""
+        batches = getattr(self, "batches_", None)
+        if not given and batches is not None:
+            raise ValueError(
+                f"this model was fitted with batches ({len(batches)}: {_preview(batches)}); pass {argument}"
+                f"{what} (labels seen in fit use their batch effects, new labels get theirs estimated)"
+            )
+        if given and batches is None:
+            raise ValueError(f"{argument} was given but this model was fitted without batches")
+
     def _effects(self, X, size_factors, batch) -> tuple[RowEffects | None, np.ndarray | None]:
         """The size factors and batches of new rows, and the labels of their g's rows (the
         batches seen in fit, then those unseen, whose g is free).
@@ -830,14 +843,8 @@ class PNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         """
         n = X.shape[0]
         fitted_s = getattr(self, "size_factors_", None) is not None
+        self._check_batches(batch is not None)
         batches = getattr(self, "batches_", None)
-        if batch is None and batches is not None:
-            raise ValueError(
-                f"this model was fitted with batches ({len(batches)}: {_preview(batches)}); pass "
-                "batch= (labels seen in fit use their batch effects, new labels get theirs estimated)"
-            )
-        if batch is not None and batches is None:
-            raise ValueError("batch= was given but this model was fitted without batches; fit it with batch=")
         if size_factors is not None:
             s = check_size_factors(size_factors, n)
         elif self.size_factors == "total" and fitted_s:

@@ -103,13 +103,7 @@ def transform_anndata(
     read a block of cells at a time. Returns the factors (n_obs, n_components).
     """
     check_is_fitted(model)
-    if batch_key is None and model.batches_ is not None:
-        raise ValueError(
-            f"the model was fitted with batches ({len(model.batches_)}): pass batch_key=, the column of adata.obs "
-            "with each cell's batch (batches seen in fit keep their effects, new ones have theirs estimated)"
-        )
-    if batch_key is not None and model.batches_ is None:
-        raise ValueError(f"batch_key={batch_key!r} was given, but the model was fitted without batches")
+    model._check_batches(batch_key is not None, "batch_key=", ", the column of adata.obs with each cell's batch")
     x = _counts(adata, layer)
     per_cell = _size_factors(adata, size_factors)
     if isinstance(per_cell, str):

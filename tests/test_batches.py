@@ -266,7 +266,7 @@ def test_fit_anndata_reads_batches_and_size_factors_from_obs(small):
     with pytest.raises(ValueError, match="pass batch_key=, the column of adata.obs"):
         transform_anndata(model, adata, size_factors="depth")  # the model has batch effects: which apply?
     plain = PNMF(3, **NATURAL).fit(small["X"])
-    with pytest.raises(ValueError, match="batch_key='sample' was given, but the model was fitted without batches"):
+    with pytest.raises(ValueError, match="batch_key= was given but this model was fitted without batches"):
         transform_anndata(plain, adata, batch_key="sample")
     with pytest.raises(KeyError, match="batch_key='donor'"):
         pnmf_fit_anndata(adata, 3, batch_key="donor")

@@ -198,7 +198,7 @@ def test_batches_layers_transform_info_and_python_m(files, tmp_path):
     unlabelled = pnmf_command(
         "transform", tmp_path / "fit" / "model.npz", folder / "cells.h5ad", "-o", tmp_path / "x", cwd=tmp_path
     )
-    assert unlabelled.returncode == 2 and "fitted with batches (3): give --batch-key" in unlabelled.stderr
+    assert unlabelled.returncode == 2 and "pass --batch-key, the column with each row's batch" in unlabelled.stderr
     swapped = pnmf_command(
         "transform", folder / "cells.h5ad", tmp_path / "fit" / "model.npz", "-o", tmp_path / "x", cwd=tmp_path
     )
