@@ -161,9 +161,10 @@ def _read_10x_h5(source: Path) -> Counts:
 
 
 FORMATS = ".h5ad, .zarr, .loom, a 10x directory or .h5, .npz, .mtx, .csv or .tsv"
-COUNTS_SUFFIXES = (".h5ad", ".zarr", ".loom", ".h5", ".mtx", ".csv", ".tsv", ".gz")  # a model is an .npz
 # Formats that store a bare matrix, whose orientation the file does not say.
 BARE = (".npz", ".mtx", ".mtx.gz", ".csv", ".tsv", ".txt", ".csv.gz", ".tsv.gz", ".txt.gz")
+# Files that hold counts and cannot be a model (an .npz may be either).
+COUNTS_ONLY = (".h5ad", ".zarr", ".loom", ".h5", *(suffix for suffix in BARE if suffix != ".npz"))
 
 
 def read_counts(path: str, layer: str | None = None, backed: bool = False, transpose: bool = False) -> Counts:
@@ -648,7 +649,7 @@ def cmd_transform(args) -> list[Path]:
     from .integrations import transform_named
 
     _check_out(args)
-    if Path(args.model).suffix in COUNTS_SUFFIXES and Path(args.counts).suffix == ".npz":
+    if args.model.rstrip("/").endswith(COUNTS_ONLY) and args.counts.endswith(".npz"):
         raise UsageError(f"the model comes first: pnmf transform {args.counts} {args.model}")
     model = _load(args.model, args.backend, args.device)
     model.verbose = _verbose(args)  # not the fit's choice, saved with the model
@@ -704,7 +705,7 @@ def _load(path: str, backend: str | None, device: str | None):
 
     if not Path(path).exists():
         raise UsageError(f"{path}: no such model file")
-    if Path(path).suffix in COUNTS_SUFFIXES:
+    if str(path).rstrip("/").endswith(COUNTS_ONLY):
         raise UsageError(f"{path} holds counts, not a model (the model.npz that pnmf fit writes)")
     return PNMF.load(path, backend=None if backend == "auto" else backend, device=device)
 

@@ -996,8 +996,7 @@ class PNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         if size_factors is not None:
             rate *= check_size_factors(size_factors, len(H))[:, None]
         if batch is not None:
-            if getattr(self, "batches_", None) is None:
-                raise ValueError("batch= was given but this model was fitted without batches")
+            self._check_batches(given=True)
             labels = check_batch(batch, len(H))
             unseen = self._unseen_batches(labels)
             if unseen.size:
