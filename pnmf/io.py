@@ -72,16 +72,22 @@ def load(cls, path, backend: str | None = None, device: str | None = None):
     from .backends import get_backend
 
     path = Path(path)
+    foreign = None  # the arrays of an .npz that another program wrote (a SciPy sparse matrix, say)
     try:
         with _npz(path) as data:
-            metadata = json.loads(str(data["metadata"][()]))
-            arrays = {name: np.array(data[name]) for name in ARRAYS}
-            arrays.update({name: np.array(data[name]) if name in data else None for name in OPTIONAL_ARRAYS})
-            restart_elbos = np.array(data["restart_elbos_"]) if "restart_elbos_" in data else None
+            if "metadata" not in data.files:
+                foreign = data.files
+            else:
+                metadata = json.loads(str(data["metadata"][()]))
+                arrays = {name: np.array(data[name]) for name in ARRAYS}
+                arrays.update({name: np.array(data[name]) if name in data else None for name in OPTIONAL_ARRAYS})
+                restart_elbos = np.array(data["restart_elbos_"]) if "restart_elbos_" in data else None
     except FileNotFoundError:
         raise
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError, EOFError) as err:
         raise ValueError(f"{path} is not a pnmf model file (or is damaged): {err}") from err
+    if foreign is not None:
+        raise ValueError(f"{path} is not a pnmf model file: an .npz archive of {', '.join(foreign) or 'no arrays'}")
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
         raise ValueError(f"{path} is not a pnmf model file: no '{FORMAT}' metadata")
     if metadata.get("format_version", 0) > FORMAT_VERSION:

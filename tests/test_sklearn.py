@@ -8,6 +8,7 @@ import warnings
 import joblib
 import numpy as np
 import pytest
+import scipy.sparse as sp
 from sklearn.base import clone
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer
@@ -88,8 +89,12 @@ def test_load_rejects_foreign_and_damaged_files(fitted, tmp_path):
     _, model = fitted
     foreign = tmp_path / "foreign.npz"
     np.savez(foreign, a=np.ones(3))
-    with pytest.raises(ValueError, match="not a pnmf model"):
+    with pytest.raises(ValueError, match="not a pnmf model file: an .npz archive of a$"):
         PNMF.load(foreign)
+    counts = tmp_path / "counts.npz"  # SciPy's sparse counts, given where the model goes
+    sp.save_npz(counts, sp.csr_matrix(np.eye(3)))
+    with pytest.raises(ValueError, match=r"not a pnmf model file: an \.npz archive of .*indptr"):
+        PNMF.load(counts)
     text = tmp_path / "notes.txt"
     text.write_text("hello")
     with pytest.raises(ValueError, match="not a pnmf model file .*: it is not an .npz archive$"):
