@@ -37,6 +37,29 @@ def _npz(path: Path):
     return data
 
 
+def _archive(path: Path, what: str, format: str) -> tuple[dict, dict]:
+    """The JSON metadata and the arrays of the pnmf file at ``path`` (a model or a checkpoint);
+    ValueError saying that it is not a ``what`` when it is no .npz, another program's .npz,
+    damaged, or of another ``format``."""
+    foreign = None  # the arrays of an .npz that another program wrote (a SciPy sparse matrix, say)
+    try:
+        with _npz(path) as data:
+            if "metadata" not in data.files:
+                foreign = data.files
+            else:
+                metadata = json.loads(str(data["metadata"][()]))
+                arrays = {name: np.array(data[name]) for name in data.files if name != "metadata"}
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError, EOFError) as err:
+        raise ValueError(f"{path} is not a {what} (or is damaged): {err}") from err
+    if foreign is not None:
+        raise ValueError(f"{path} is not a {what}: an .npz archive of {', '.join(foreign) or 'no arrays'}")
+    if not isinstance(metadata, dict) or metadata.get("format") != format:
+        raise ValueError(f"{path} is not a {what}: no '{format}' metadata")
+    return metadata, arrays
+
+
 def save(model, path) -> Path:
     """Write a fitted model to ``path`` (``.npz`` is appended if missing); returns the path."""
     from . import __version__
@@ -72,24 +95,12 @@ def load(cls, path, backend: str | None = None, device: str | None = None):
     from .backends import get_backend
 
     path = Path(path)
-    foreign = None  # the arrays of an .npz that another program wrote (a SciPy sparse matrix, say)
-    try:
-        with _npz(path) as data:
-            if "metadata" not in data.files:
-                foreign = data.files
-            else:
-                metadata = json.loads(str(data["metadata"][()]))
-                arrays = {name: np.array(data[name]) for name in ARRAYS}
-                arrays.update({name: np.array(data[name]) if name in data else None for name in OPTIONAL_ARRAYS})
-                restart_elbos = np.array(data["restart_elbos_"]) if "restart_elbos_" in data else None
-    except FileNotFoundError:
-        raise
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError, EOFError) as err:
-        raise ValueError(f"{path} is not a pnmf model file (or is damaged): {err}") from err
-    if foreign is not None:
-        raise ValueError(f"{path} is not a pnmf model file: an .npz archive of {', '.join(foreign) or 'no arrays'}")
-    if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a pnmf model file: no '{FORMAT}' metadata")
+    metadata, stored = _archive(path, "pnmf model file", FORMAT)
+    missing = [name for name in ARRAYS if name not in stored]
+    if missing:
+        raise ValueError(f"{path} is not a pnmf model file (or is damaged): it lacks {', '.join(missing)}")
+    arrays = {name: stored.get(name) for name in ARRAYS + OPTIONAL_ARRAYS}
+    restart_elbos = stored.get("restart_elbos_")
     if metadata.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(
             f"{path} was written by a newer pnmf (format {metadata['format_version']}); upgrade pnmf to read it"
@@ -252,14 +263,7 @@ class Checkpoint:
         is damaged, not a checkpoint, or another fit's."""
         if not path.exists():
             return None
-        try:
-            with _npz(path) as data:
-                metadata = json.loads(str(data["metadata"][()]))
-                arrays = {name: np.array(data[name]) for name in data.files if name != "metadata"}
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError, EOFError) as err:
-            raise ValueError(f"{path} is not a pnmf checkpoint (or is damaged): {err}") from err
-        if metadata.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path} is not a pnmf checkpoint: no '{CHECKPOINT_FORMAT}' metadata")
+        metadata, arrays = _archive(path, "pnmf checkpoint", CHECKPOINT_FORMAT)
         differ = sorted(k for k in self.fingerprint if metadata["fingerprint"].get(k) != self.fingerprint[k])
         if differ:
             raise ValueError(

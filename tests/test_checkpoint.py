@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
 from pnmf import PNMF, make_counts
 from pnmf.natural import NaturalTrainer
@@ -133,6 +134,15 @@ def test_a_checkpoint_of_other_data_or_parameters_is_refused(tmp_path):
         np.save(file, x)
     with pytest.raises(ValueError, match="not a pnmf checkpoint .*one array"):
         PNMF(3, max_iter=40, checkpoint=path, **common).fit(x)
+    counts = tmp_path / "counts.npz"  # another program's archive (SciPy's sparse counts)
+    sp.save_npz(counts, sp.csr_matrix(x))
+    before = counts.read_bytes()
+    with pytest.raises(ValueError, match=r"counts\.npz is not a pnmf checkpoint: an \.npz archive of .*indptr"):
+        PNMF(3, max_iter=40, checkpoint=counts, **common).fit(x)
+    model = PNMF(3, max_iter=5, **common).fit(x).save(tmp_path / "model.npz")  # a model, not a checkpoint
+    with pytest.raises(ValueError, match="model.npz is not a pnmf checkpoint: no 'pnmf-checkpoint' metadata"):
+        PNMF(3, max_iter=40, checkpoint=model, **common).fit(x)
+    assert counts.read_bytes() == before
 
 
 def test_checkpoint_parameters_are_checked(tmp_path):
