@@ -158,8 +158,8 @@ class TorchBackend(Backend):
             return _Graphed(fn)
         return fn
 
-    def asindex(self, x):
-        return torch.as_tensor(np.asarray(x, dtype=np.int64), device=self._device)
+    def asindex(self, x, dtype=np.int64):
+        return torch.as_tensor(np.asarray(x, dtype=dtype), device=self._device)
 
     def to_numpy(self, a):
         return a.detach().cpu().numpy()
@@ -264,12 +264,8 @@ class TorchBackend(Backend):
         # less, and CSR @ dense 2.5x faster (16-21 against 42-49 ms at 2e7 non-zeros, torch
         # 2.2 and 2.13). CUDA keeps the 64-bit indices its kernels were measured with.
         index = index_dtype(x) if self._device.type == "cpu" else np.int64
-
-        def on_device(values):
-            return torch.as_tensor(np.asarray(values, dtype=index), device=self._device)
-
         indptr_t, indices_t, order = csr_transpose_order(x)
-        crow, col = on_device(x.indptr), on_device(x.indices)
+        crow, col = self.asindex(x.indptr, index), self.asindex(x.indices, index)
         rows = None
         if self._device.type not in SAMPLED_ADDMM:  # each non-zero's row, for the gathers there (8 bytes)
             rows = self.asindex(np.repeat(np.arange(x.shape[0], dtype=np.int64), np.diff(x.indptr)))
@@ -277,9 +273,9 @@ class TorchBackend(Backend):
             crow=crow,
             col=col,
             rows=rows,
-            crow_t=on_device(indptr_t),
-            col_t=on_device(indices_t),
-            order_t=on_device(order),
+            crow_t=self.asindex(indptr_t, index),
+            col_t=self.asindex(indices_t, index),
+            order_t=self.asindex(order, index),
             shape=x.shape,
             ones=self._csr(crow, col, torch.ones(len(x.indices), dtype=self._dtype, device=self._device), x.shape),
         )
