@@ -113,6 +113,12 @@ def log_shift(x_log_x: float, total: float) -> float:
     return max(0.0, x_log_x / total) if total > 0 else 0.0
 
 
+def counts_term(counts, shift: float) -> float:
+    """The ELBO's part that is the counts' alone, -sum lgamma(X + 1), with the m sum X that a
+    log term summed at rates e^-m (``shift``, see :func:`log_shift`) leaves out, in float64."""
+    return shift * counts.total - counts.lgamma_sum
+
+
 class DenseCounts:
     """Dense counts X (N, D) on a backend; positions are all N * D entries.
 
@@ -403,7 +409,7 @@ def evaluate(
             rate_slope = scale * expected  # d/dmu of the rate sum; half of it is d/dvar
             g_mu = g_mu - rate_slope
             g_var = -0.5 * rate_slope if g_var is None else g_var - 0.5 * rate_slope
-    value = value - (counts.lgamma_sum - shift * counts.total) - kl_divergence(b, mu, var, prior_scale)
+    value = value + counts_term(counts, shift) - kl_divergence(b, mu, var, prior_scale)
     prior_sum = mu_sum = rows = None
     if row_statistics:
         prior_sum, mu_sum, rows = b.sum(mu * mu + var, axis=0), b.sum(mu, axis=0), b.scalar(float(mu.shape[0]))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from .backends.base import Array, Backend
-from .elbo import MEAN_BOUND, VAR_BOUNDS, kl_divergence
+from .elbo import MEAN_BOUND, VAR_BOUNDS, counts_term, kl_divergence
 from .natural import DEFAULT_NGD_LR, ROUNDING, checked_step, natural_update
 
 # Fewest restarts worth a shared step: below it, lanes cost more in memory traffic than
@@ -47,7 +47,7 @@ def lane_terms(b: Backend, counts, mu: Array, var: Array, w: Array, prior_scale:
     coef = b.sum(w, axis=-2)  # (R, L): the expected rate sum is sum_l coef * expected_sum
     s2 = prior_scale * prior_scale
     kl = kl_divergence(b, mu, var, prior_scale, lanes=True)
-    value = log_term - b.sum(coef * expected_sum, axis=-1) - (counts.lgamma_sum - counts.shift * counts.total) - kl
+    value = log_term - b.sum(coef * expected_sum, axis=-1) + counts_term(counts, counts.shift) - kl
     rate_slope = coef[:, None, :] * expected
     g_mu = g_f - rate_slope - mu / s2
     g_var = -0.5 * rate_slope + (0.5 / var - 0.5 / s2)
