@@ -238,6 +238,28 @@ def test_device_choice_is_checked():
         PNMF(2, backend="numpy", device="cuda").fit(np.ones((3, 3)))
 
 
+@pytest.mark.skipif("torch" not in BACKENDS, reason="torch is not installed")
+def test_a_device_torch_cannot_use_is_named_with_the_reason_and_the_devices_there_are():
+    import torch
+
+    from pnmf.backends.torch import TorchBackend, devices
+
+    here = ", ".join(devices())
+    assert devices()[0] == "cpu"
+    if not torch.backends.mps.is_available():  # torch's own text was a page on operator registration
+        with pytest.raises(
+            ValueError, match=f"device='mps' is not available to torch: MPS needs a Mac.*; devices here: {here}$"
+        ):
+            TorchBackend("mps")
+    if not torch.cuda.is_available():
+        with pytest.raises(
+            ValueError, match=f"device='cuda:0' .*: no CUDA GPU is visible to it .*; devices here: {here}$"
+        ):
+            TorchBackend("cuda:0")
+    with pytest.raises(ValueError, match="device='gpu' .*: torch names its GPUs 'cuda' and 'mps'"):
+        TorchBackend("gpu")
+
+
 def test_with_backend_auto_the_device_picks_the_framework(monkeypatch):
     import pnmf.backends as backends
 

@@ -110,6 +110,29 @@ def default_device() -> str:
     return "cpu"
 
 
+def devices() -> list[str]:
+    """The devices this torch can run on here: 'cpu', each CUDA GPU, 'mps'."""
+    found = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0)]
+    return found + (["mps"] if torch.backends.mps.is_available() else [])
+
+
+def _unavailable(device: str, err: Exception) -> str:
+    """Why torch cannot run on ``device``, in words (its own message, for the MPS backend, is
+    a page on operator registration)."""
+    kind = device.split(":")[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        reason = "no CUDA GPU is visible to it (a CPU-only build of torch, or no driver)"
+    elif kind == "mps" and not torch.backends.mps.is_available():
+        reason = "MPS needs a Mac with Apple silicon (or an AMD GPU) and a torch built for it"
+    elif kind == "gpu":
+        reason = "torch names its GPUs 'cuda' and 'mps' ('gpu' is MLX's name)"
+    elif "Could not run" in str(err):
+        reason = f"this build of torch has no {kind!r} backend"
+    else:
+        reason = str(err).splitlines()[0]
+    return f"device={device!r} is not available to torch: {reason}; devices here: {', '.join(devices())}"
+
+
 class TorchBackend(Backend):
     name = "torch"
 
@@ -119,7 +142,7 @@ class TorchBackend(Backend):
             self._device = torch.device(device)
             torch.empty(0, device=self._device)
         except (RuntimeError, AssertionError) as err:
-            raise ValueError(f"device={device!r} is not available to torch: {err}") from err
+            raise ValueError(_unavailable(device, err)) from err
         if self._device.type == "mps" and dtype == "float64":
             raise ValueError("dtype='float64' is not supported by torch on 'mps'; use 'float32'")
         self.device = str(self._device)
