@@ -47,6 +47,8 @@ VAR_BOUNDS = (1e-8, 20.0)
 PRIOR_BOUNDS = (1e-2, 1e2)
 # Largest integer count whose log-factorial comes from a table (see lgamma_sum).
 LGAMMA_TABLE = 1 << 20
+# Counts read at once by count_sums.
+COUNT_CHUNK = 1 << 20
 
 
 def log_term(
@@ -83,21 +85,33 @@ def count_sums(x: np.ndarray) -> tuple[float, float, float]:
 
     Integer counts up to LGAMMA_TABLE are summed from their histogram, as sum_k n_k f(k)
     (one pass over x, no lgamma per entry: 0.1 s less set-up at 5e6 non-zeros); other
-    values entry by entry.
+    values entry by entry. x is read COUNT_CHUNK entries at a time, so that its copies
+    (as integers, in float64) take a few MB whatever its size.
     """
     x = np.asarray(x).ravel()
     if x.size == 0:
         return 0.0, 0.0, 0.0
     top = float(x.max())
-    if top <= LGAMMA_TABLE:
-        whole = x.astype(np.int64)
-        if np.array_equal(whole, x):
-            n_k = np.bincount(whole).astype(np.float64)
-            k = np.arange(int(top) + 1, dtype=np.float64)
-            return float(n_k @ gammaln(k + 1.0)), float(n_k[1:] @ (k[1:] * np.log(k[1:]))), float(n_k @ k)
-    x = np.asarray(x, dtype=np.float64)
-    positive = x[x > 0]
-    return float(gammaln(x + 1.0).sum()), float(positive @ np.log(positive)), float(positive.sum())
+    n_k = np.zeros(int(top) + 1) if top <= LGAMMA_TABLE else None
+    lgamma = x_log_x = total = 0.0
+    for start in range(0, x.size, COUNT_CHUNK):
+        part = x[start : start + COUNT_CHUNK]
+        if n_k is not None:
+            whole = part.astype(np.int64)
+            if np.array_equal(whole, part):
+                n_k += np.bincount(whole, minlength=len(n_k))
+                continue
+        part = part.astype(np.float64)
+        positive = part[part > 0]
+        lgamma += float(gammaln(part + 1.0).sum())
+        x_log_x += float(positive @ np.log(positive))
+        total += float(positive.sum())
+    if n_k is not None:
+        k = np.arange(len(n_k), dtype=np.float64)
+        lgamma += float(n_k @ gammaln(k + 1.0))
+        x_log_x += float(n_k[1:] @ (k[1:] * np.log(k[1:])))
+        total += float(n_k @ k)
+    return lgamma, x_log_x, total
 
 
 def log_shift(x_log_x: float, total: float) -> float:

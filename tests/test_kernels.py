@@ -157,7 +157,7 @@ def test_sparse_log_term_equals_the_dense_one(backend_name, second):
 
 
 def test_sparse_log_term_called_again_leaves_its_earlier_results_alone(backend_name):
-    """A backend may keep buffers between calls on the same counts (torch on the CPU does):
+    """A backend may keep buffers between calls on the same counts (torch on the CPU and NumPy do):
     each call's results are its own, whatever the calls after it."""
     b = cpu_backend(backend_name)
     rtol = 1e-6 if backend_name == "mlx" else 1e-12
@@ -302,6 +302,21 @@ def test_count_sums_are_the_sums_of_lgamma_x_log_x_and_x(values):
     assert x_log_x == pytest.approx(float(xlogy(x, x).sum()), rel=1e-13, abs=1e-13)
     assert total == pytest.approx(float(x.sum()), rel=1e-15)
     assert lgamma_sum(x.astype(np.float32)) == pytest.approx(float(gammaln(x.astype(np.float32) + 1.0).sum()), rel=1e-6)
+
+
+def test_count_sums_of_chunks_whole_and_not_are_the_sums_of_all(monkeypatch):
+    """Read in chunks, some of integers (summed from a histogram) and some not: the sums of all."""
+    from scipy.special import gammaln, xlogy
+
+    import pnmf.elbo as elbo
+
+    x = np.random.default_rng(0).poisson(3.0, 1000).astype(np.float64)
+    x[700] = 2.5  # the chunk of entries 600-799 is summed entry by entry
+    monkeypatch.setattr(elbo, "COUNT_CHUNK", 200)
+    lgamma, x_log_x, total = elbo.count_sums(x)
+    assert lgamma == pytest.approx(float(gammaln(x + 1.0).sum()), rel=1e-13)
+    assert x_log_x == pytest.approx(float(xlogy(x, x).sum()), rel=1e-13)
+    assert total == pytest.approx(float(x.sum()), rel=1e-15)
 
 
 @pytest.fixture

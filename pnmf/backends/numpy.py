@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
@@ -48,6 +48,13 @@ class _Pattern:
     bounds: np.ndarray  # first rows of the sampled product's chunks, and N
     longest: int  # non-zeros in the largest chunk
     shape: tuple[int, int]
+    _scratch: list = field(default_factory=list)
+
+    def scratch(self, like: np.ndarray) -> list[np.ndarray]:
+        """Two buffers shaped like the values ``like`` (nnz,), made at the first call and kept."""
+        if not self._scratch or self._scratch[0].dtype != like.dtype:
+            self._scratch[:] = [np.empty_like(like), np.empty_like(like)]
+        return self._scratch
 
 
 class NumpyBackend(Backend):
@@ -193,9 +200,10 @@ class NumpyBackend(Backend):
         longest = int(np.diff(indptr[bounds]).max(initial=0))
         return _Pattern(indptr, x.indices, np.diff(indptr), bounds, longest, x.shape)
 
-    def sampled_matmul(self, pattern, a, b):
+    def sampled_matmul(self, pattern, a, b, out=None):
+        """The interface's, written into ``out`` (nnz,) when given."""
         indptr = pattern.indptr
-        out = np.empty(indptr[-1], dtype=a.dtype)
+        out = np.empty(indptr[-1], dtype=a.dtype) if out is None else out
         rows_b = np.empty((pattern.longest, b.shape[1]), dtype=b.dtype)
         ones = np.ones(b.shape[1], dtype=b.dtype)
         for first, last in zip(pattern.bounds[:-1], pattern.bounds[1:], strict=True):
@@ -205,6 +213,30 @@ class NumpyBackend(Backend):
             block *= np.repeat(a[first:last], pattern.row_counts[first:last], axis=0)
             np.matmul(block, ones, out=out[start:stop])  # row sums: faster than an einsum
         return out
+
+    def sparse_log_term(self, pattern, x, a, w, second):
+        # The interface's version in two nnz-sized buffers kept with the pattern, each
+        # intermediate written over one no longer needed: it made five fresh ones a step,
+        # four of them alive at once.
+        rate, spare = pattern.scratch(x)
+        self.sampled_matmul(pattern, a[0], w, out=rate)
+        rate += TINY_RATE
+        value = np.multiply(x, np.log(rate, out=spare), out=spare).sum()
+        if second:
+            ratio = np.divide(x, rate, out=spare)
+            squared = np.divide(ratio, rate, out=rate)
+        else:
+            ratio = np.divide(x, rate, out=rate)
+        g_f = a * self.sparse_matmul(pattern, ratio, w)[None]
+        g_w = self.sparse_matmul_t(pattern, ratio, a[0])
+        h_f = g_f - a * (a * self.sparse_matmul(pattern, squared, w * w)[None]) if second else None
+        return value, g_f, g_w, h_f
+
+    def sparse_log_value(self, pattern, x, a, w):
+        rate, spare = pattern.scratch(x)
+        self.sampled_matmul(pattern, a[0], w, out=rate)
+        rate += TINY_RATE
+        return np.multiply(x, np.log(rate, out=spare), out=spare).sum()
 
     def _matrix(self, pattern, values):
         return sp.csr_matrix((values, pattern.indices, pattern.indptr), shape=pattern.shape)
