@@ -6,6 +6,7 @@ The loop that runs a fit (phases, stopping, progress, Ctrl-C, checkpoints) is
 
 from __future__ import annotations
 
+import contextvars
 import json
 import math
 import numbers
@@ -67,19 +68,26 @@ def _one_of(name: str, value, allowed) -> None:
 COUNTS_CHECKED_ON_DISK = 1000
 
 
+# Where the caller's data keep other matrices that may hold the raw counts (fit_anndata: an
+# AnnData's layers and .raw), for the warning on values that are not counts; None: unknown.
+COUNTS_HINT: contextvars.ContextVar[str | None] = contextvars.ContextVar("COUNTS_HINT", default=None)
+
+
 def warn_if_not_counts(values: np.ndarray) -> None:
     """Warn when the counts hold non-integer values: normalised data in place of counts.
 
     The model is Poisson: scaled or log-transformed values violate it, and the ELBO is
     then no bound on a likelihood. Intensities that are not counts (some spectra, images)
-    can still be fitted; the warning says what the numbers mean.
+    can still be fitted; the warning says what the numbers mean, and where the raw counts
+    may be (:data:`COUNTS_HINT`).
     """
     n, example = non_integers(values)
     if n:
+        where = COUNTS_HINT.get() or "of an AnnData, often layers['counts'] or .raw.X"
         warnings.warn(
             f"X holds non-integer values ({n:,} of {np.size(values):,} entries, such as {example:.4g}): the model is "
             "Poisson, for counts; normalised or log-transformed data violate it and the ELBO is then no bound on "
-            "a likelihood. Pass the raw counts (of an AnnData, often layers['counts'] or .raw.X).",
+            f"a likelihood. Pass the raw counts ({where}).",
             UserWarning,
             stacklevel=loop.user_stacklevel(),  # the user's call, through fit_anndata or a Pipeline too
         )

@@ -9,7 +9,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from . import distributed
 from .data import in_memory, pick_columns, share
-from .estimator import PNMF
+from .estimator import COUNTS_HINT, PNMF
 from .programs import feature_columns
 
 
@@ -52,6 +52,19 @@ def _counts(adata, layer: str | None):
     if adata.X is None:
         raise ValueError("adata.X is empty; name a layer with counts (layer=...)")
     return adata.X
+
+
+def _counts_hint(adata, layer: str | None) -> str:
+    """Where else ``adata`` keeps a matrix, for the warning on values that are not counts."""
+    others = [f"layer={name!r}" for name in layer_names(adata) if name != layer]
+    if layer is not None and adata.X is not None:
+        others.insert(0, "adata.X (layer=None)")
+    if adata.raw is not None:
+        others.append("adata.raw, as fit_anndata(adata.raw.to_adata(), ...)")
+    read = "adata.X" if layer is None else f"layer={layer!r}"
+    if not others:
+        return f"{read} was read; this AnnData has no other layer and no .raw"
+    return f"{read} was read; this AnnData also has {', '.join(others)}"
 
 
 def _labels(adata, batch_key: str | None):
@@ -178,7 +191,11 @@ def fit_anndata(
     labels = None if labels is None else labels[rows]
     if per_cell is not None and per_cell.shape[:1] == (adata.n_obs,):
         per_cell = per_cell[rows]
-    factors = model.fit_transform(x, size_factors=per_cell, batch=labels)
+    hint = COUNTS_HINT.set(_counts_hint(adata, layer))
+    try:
+        factors = model.fit_transform(x, size_factors=per_cell, batch=labels)
+    finally:
+        COUNTS_HINT.reset(hint)
     model.feature_names_in_ = np.asarray(adata.var_names).astype(object)  # for top_features, plots, save
     if not params.get("distributed"):
         adata.obsm[f"X_{key_added}"] = factors

@@ -319,3 +319,25 @@ def test_non_integer_counts_warn_at_the_users_line_and_counts_do_not():
         PNMF(2, backend="numpy", max_iter=5).fit(counts.astype(np.float32))
         PNMF(2, backend="numpy", max_iter=5).fit(sp.csr_matrix(counts))
         PNMF(2, backend="numpy", max_iter=5).fit(counts.astype(np.int64))
+
+
+def test_fit_anndata_s_warning_on_values_that_are_not_counts_names_where_else_the_adata_keeps_a_matrix():
+    anndata = pytest.importorskip("anndata")
+    from pnmf import fit_anndata
+
+    counts = np.random.default_rng(0).poisson(2.0, (30, 8)).astype(np.float32)
+    normalised = np.log1p(counts)
+    adata = anndata.AnnData(normalised)
+    adata.layers["counts"] = counts
+    adata.raw = anndata.AnnData(counts)
+    with pytest.warns(UserWarning, match=r"adata\.X was read; this AnnData also has layer='counts', adata\.raw,"):
+        fit_anndata(adata, 2, backend="numpy", max_iter=5)
+    swapped = anndata.AnnData(counts)
+    swapped.layers["log"] = normalised
+    with pytest.warns(UserWarning, match=r"layer='log' was read; this AnnData also has adata\.X \(layer=None\)\)"):
+        fit_anndata(swapped, 2, layer="log", backend="numpy", max_iter=5)
+    with pytest.warns(UserWarning, match=r"\(adata\.X was read; this AnnData has no other layer and no \.raw\)"):
+        fit_anndata(anndata.AnnData(normalised), 2, backend="numpy", max_iter=5)
+    # Outside fit_anndata the warning is as it was: the hint is set for its fit alone.
+    with pytest.warns(UserWarning, match=r"raw counts \(of an AnnData, often layers\['counts'\] or \.raw\.X\)"):
+        PNMF(2, backend="numpy", max_iter=5).fit(normalised)
