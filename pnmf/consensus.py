@@ -137,10 +137,10 @@ def _consensus(
     model.prior_scale_ = np.array([np.median(priors[labels == c]) for c in order])
     if batch is None:
         model.batches_ = model.batch_effects_ = None
-        model.mean_, model.var_, model.elbo_, _ = model._infer(X)
+        model.mean_, model.var_, model.elbo_, _ = model._infer(X, check_counts=False)  # the restarts checked X
     else:  # every batch new to the consensus loadings: its g fitted with them fixed
         model.batches_, model.batch_effects_ = first.batches_[:0], np.ones((0, loadings.shape[0]))
-        model.mean_, model.var_, model.elbo_, (batches, g) = model._infer(X, batch=batch)
+        model.mean_, model.var_, model.elbo_, (batches, g) = model._infer(X, batch=batch, check_counts=False)
         x = model._validate_data(X, reset=False)
         xb = batch_sums(x, np.searchsorted(batches, check_batch(batch, x.shape[0])), len(batches))
         model.batch_effects_, model.loadings_ = normalise(g, loadings, xb)

@@ -379,7 +379,9 @@ class PNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                 f"update; got training_mode={self.training_mode!r}, loadings_update={self.loadings_update!r}"
             )
 
-    def _validate_data(self, X, reset: bool):
+    def _validate_data(self, X, reset: bool, check_counts: bool | None = None):
+        """X checked and converted as the fit needs it; ``check_counts`` (default: ``reset``,
+        a fit) warns when its values are not counts."""
         refuse_containers(X)
         try:
             X = validate_data(
@@ -405,7 +407,7 @@ class PNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         # the wrong matrix. A process of a distributed fit may hold rows without counts.
         if reset and not self.distributed and not np.any(X.data if sp.issparse(X) else X):
             raise ValueError("X has no non-zero counts: there is nothing to factorise (are these the counts?)")
-        if reset:
+        if reset if check_counts is None else check_counts:
             warn_if_not_counts(X.data if sp.issparse(X) else X)
         return X
 
@@ -881,18 +883,20 @@ class PNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             )
         return RowEffects(s, codes, g, free if unseen.size else None), every
 
-    def _infer(self, X, size_factors=None, batch=None, quiet: bool = False):
+    def _infer(self, X, size_factors=None, batch=None, quiet: bool = False, check_counts: bool = True):
         """q(F) of new rows with the loadings fixed, and the ELBO (of ``mode``) there.
 
         The inference takes natural steps on the lower-bound ELBO: deterministic, and each
         row's q(F) depends on that row alone (and, for a batch unseen in fit, on the other
         rows of that batch), so transforming a subset of rows gives the same factors as
-        transforming them among others. ``quiet``: no progress bar (the caller shows one).
+        transforming them among others. ``quiet``: no progress bar (the caller shows one);
+        ``check_counts``: warn when X's values are not counts (the rows a fit has checked
+        need not be checked again).
         """
         check_is_fitted(self, "loadings_")
         if on_disk(X):
-            return self._infer_on_disk(X, size_factors, batch)
-        X = self._validate_data(X, reset=False)
+            return self._infer_on_disk(X, size_factors, batch, check_counts)
+        X = self._validate_data(X, reset=False, check_counts=check_counts)
         effects, labels = self._effects(X, size_factors, batch)
         b = get_backend(self.backend_, self.device_, self.dtype)
         seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
@@ -904,9 +908,10 @@ class PNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             g = None if labels is None else b.to_numpy(extra["g"]).astype(np.float64)
             return b.to_numpy(mu).astype(np.float64), b.to_numpy(var).astype(np.float64), elbo, (labels, g)
 
-    def _infer_on_disk(self, X, size_factors, batch):
+    def _infer_on_disk(self, X, size_factors, batch, check_counts: bool):
         """:meth:`_infer` of counts on disk, a block of rows at a time (``batch_size`` rows,
-        or the reader's block), each block read only when its turn comes."""
+        or the reader's block), each block read only when its turn comes; the first block's
+        values checked for counts, as a fit checks them."""
         X = X if isinstance(X, DiskRows) else DiskRows(X)
         n = X.shape[0]
         size_factors = None if size_factors is None else check_size_factors(size_factors, n)
@@ -929,6 +934,7 @@ class PNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                     None if size_factors is None else size_factors[rows],
                     None if batch is None else batch[rows],
                     quiet=True,
+                    check_counts=check_counts and start == 0,
                 )
             )
             progress.update(len(parts[-1][0]), sum(p[2] for p in parts))

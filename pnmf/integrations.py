@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import numpy as np
@@ -54,8 +55,19 @@ def _counts(adata, layer: str | None):
     return adata.X
 
 
-def _counts_hint(adata, layer: str | None) -> str:
-    """Where else ``adata`` keeps a matrix, for the warning on values that are not counts."""
+@contextlib.contextmanager
+def _counts_hint(adata, layer: str | None):
+    """Within it, the warning on values that are not counts names where else ``adata``
+    keeps a matrix (:data:`pnmf.estimator.COUNTS_HINT`)."""
+    token = COUNTS_HINT.set(_other_matrices(adata, layer))
+    try:
+        yield
+    finally:
+        COUNTS_HINT.reset(token)
+
+
+def _other_matrices(adata, layer: str | None) -> str:
+    """Which of ``adata``'s matrices was read, and where else it keeps one."""
     others = [f"layer={name!r}" for name in layer_names(adata) if name != layer]
     if layer is not None and adata.X is not None:
         others.insert(0, "adata.X (layer=None)")
@@ -121,14 +133,15 @@ def transform_anndata(
     per_cell = _size_factors(adata, size_factors)
     if isinstance(per_cell, str):
         raise ValueError("size_factors='total' is a fitting strategy: transform uses the model's own")
-    factors, _ = transform_named(
-        model,
-        x,
-        np.asarray(adata.var_names),
-        batch=_labels(adata, batch_key),
-        size_factors=per_cell,
-        source="adata" if layer is None else f"adata.layers[{layer!r}]",
-    )
+    with _counts_hint(adata, layer):
+        factors, _ = transform_named(
+            model,
+            x,
+            np.asarray(adata.var_names),
+            batch=_labels(adata, batch_key),
+            size_factors=per_cell,
+            source="adata" if layer is None else f"adata.layers[{layer!r}]",
+        )
     adata.obsm[f"X_{key_added}"] = factors
     return factors
 
@@ -191,11 +204,8 @@ def fit_anndata(
     labels = None if labels is None else labels[rows]
     if per_cell is not None and per_cell.shape[:1] == (adata.n_obs,):
         per_cell = per_cell[rows]
-    hint = COUNTS_HINT.set(_counts_hint(adata, layer))
-    try:
+    with _counts_hint(adata, layer):
         factors = model.fit_transform(x, size_factors=per_cell, batch=labels)
-    finally:
-        COUNTS_HINT.reset(hint)
     model.feature_names_in_ = np.asarray(adata.var_names).astype(object)  # for top_features, plots, save
     if not params.get("distributed"):
         adata.obsm[f"X_{key_added}"] = factors

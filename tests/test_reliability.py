@@ -341,3 +341,33 @@ def test_fit_anndata_s_warning_on_values_that_are_not_counts_names_where_else_th
     # Outside fit_anndata the warning is as it was: the hint is set for its fit alone.
     with pytest.warns(UserWarning, match=r"raw counts \(of an AnnData, often layers\['counts'\] or \.raw\.X\)"):
         PNMF(2, backend="numpy", max_iter=5).fit(normalised)
+
+
+def test_transform_and_score_warn_on_values_that_are_not_counts_once_and_consensus_once(tmp_path):
+    anndata = pytest.importorskip("anndata")
+    from pnmf import transform_anndata
+
+    counts = np.random.default_rng(0).poisson(2.0, (60, 8)).astype(np.float64)
+    normalised = np.log1p(counts)
+    model = PNMF(2, backend="numpy", max_iter=5, batch_size=20).fit(counts)
+    for method in (model.transform, model.score, model.posterior):
+        with pytest.warns(UserWarning, match="non-integer values") as record:
+            method(normalised)
+        assert record[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.transform(counts)
+    # Counts on disk are transformed a block at a time (20 rows here): one warning, not three.
+    query = anndata.AnnData(normalised)
+    query.layers["counts"] = counts
+    query.write_h5ad(tmp_path / "query.h5ad")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        transform_anndata(model, anndata.read_h5ad(tmp_path / "query.h5ad", backed="r"))
+    texts = [str(w.message) for w in record if "non-integer" in str(w.message)]
+    assert len(texts) == 1 and "adata.X was read; this AnnData also has layer='counts'" in texts[0]
+    # A consensus checks its counts once, before the restarts, not again in its own last pass.
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        consensus(normalised, 2, n_restarts=2, backend="numpy", max_iter=5)
+    assert sum("non-integer" in str(w.message) for w in record) == 1
