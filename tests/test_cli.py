@@ -494,6 +494,18 @@ def test_features_named_in_a_list_are_fitted_alone(files, tmp_path):
         assert refused.returncode == 2 and error in refused.stderr and not (tmp_path / "c").exists(), refused.stderr
 
 
+def test_values_that_are_not_counts_in_a_layer_draw_a_warning_that_names_x_and_the_other_layers(files, tmp_path):
+    _, data = files
+    common = ["-k", 3, "--seed", 0, "--backend", "numpy", "--max-iter", 20, "-q"]
+    adata = anndata.AnnData(data["X"], layers={"log": np.log1p(data["X"]), "spliced": data["X"]})
+    adata.write_h5ad(tmp_path / "swapped.h5ad")
+    wrong = pnmf_command("fit", "swapped.h5ad", *common, "--layer", "log", "-o", "z", cwd=tmp_path)
+    hint = "swapped.h5ad's layer log was read; without --layer its X is read; its other layers are spliced"
+    assert "X holds non-integer values" in wrong.stderr and hint in wrong.stderr, wrong.stderr
+    right = pnmf_command("fit", "swapped.h5ad", *common, "--layer", "spliced", "-o", "y", cwd=tmp_path)
+    assert right.returncode == 0 and "non-integer" not in right.stderr, right.stderr
+
+
 def test_the_counts_in_an_anndatas_raw_are_read_as_layer_raw_x(files, tmp_path):
     # CELLxGENE's files and many others keep the counts in .raw.X, X normalised and of fewer
     # genes: the warning pointed to .raw.X, which the command could not read.
