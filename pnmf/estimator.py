@@ -514,7 +514,8 @@ class PNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         self.fit(X, size_factors=size_factors, batch=batch)
         if on_disk(X):  # the fit's last pass inferred q(F) of every row, a batch at a time
             return _expected_exp(self.mean_, self.var_)
-        return self.transform(X, size_factors=size_factors, batch=batch)
+        mean, var, _, _ = self._infer(X, size_factors, batch, check_counts=False)  # fit has checked X
+        return _expected_exp(mean, var)
 
     def _fit(self, X, size_factors=None, batch=None) -> None:
         self._validate_params()

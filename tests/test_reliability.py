@@ -354,6 +354,10 @@ def test_transform_and_score_warn_on_values_that_are_not_counts_once_and_consens
         with pytest.warns(UserWarning, match="non-integer values") as record:
             method(normalised)
         assert record[0].filename == __file__
+    with warnings.catch_warnings(record=True) as record:  # fit checks X, its transform does not again
+        warnings.simplefilter("always")
+        PNMF(2, backend="numpy", max_iter=5).fit_transform(normalised)
+    assert sum("non-integer" in str(w.message) for w in record) == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model.transform(counts)
