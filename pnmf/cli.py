@@ -316,13 +316,14 @@ def _annotated(path: str, layer: str | None, layers: list[str], read, obs, var, 
     x = read(layer)
     if x is None:
         raise UsageError(f"{path} has no X; name a layer with counts (--layer)")
+    hint = None  # where else the file keeps a matrix, should this one's values not be counts
     if layer is None and layers:
         hint = f"{path}'s X was read; its layers are {', '.join(layers)}: --layer NAME reads one"
-        _HINTS.update(dict.fromkeys(NOT_COUNTS, hint))
     elif layer is not None:
         others = [name for name in layers if name != layer]
         rest = f"; its other layers are {', '.join(others)}: --layer NAME reads one" if others else ""
         hint = f"{path}'s layer {layer} was read; without --layer its X is read{rest}"
+    if hint:
         _HINTS.update(dict.fromkeys(NOT_COUNTS, hint))
     return Counts(x, np.asarray(obs.index), np.asarray(var.index), obs)
 
