@@ -218,10 +218,7 @@ class NumpyBackend(Backend):
         # The interface's version in two nnz-sized buffers kept with the pattern, each
         # intermediate written over one no longer needed: it made five fresh ones a step,
         # four of them alive at once.
-        rate, spare = pattern.scratch(x)
-        self.sampled_matmul(pattern, a[0], w, out=rate)
-        rate += TINY_RATE
-        value = np.multiply(x, np.log(rate, out=spare), out=spare).sum()
+        value, rate, spare = self._log_value(pattern, x, a, w)
         if second:
             ratio = np.divide(x, rate, out=spare)
             squared = np.divide(ratio, rate, out=rate)
@@ -233,10 +230,15 @@ class NumpyBackend(Backend):
         return value, g_f, g_w, h_f
 
     def sparse_log_value(self, pattern, x, a, w):
+        return self._log_value(pattern, x, a, w)[0]
+
+    def _log_value(self, pattern, x, a, w):
+        """sum X log rate over the non-zeros for a (1, N, L), and the pattern's two buffers:
+        the first holding the rates (floored at TINY_RATE), the second free."""
         rate, spare = pattern.scratch(x)
         self.sampled_matmul(pattern, a[0], w, out=rate)
         rate += TINY_RATE
-        return np.multiply(x, np.log(rate, out=spare), out=spare).sum()
+        return np.multiply(x, np.log(rate, out=spare), out=spare).sum(), rate, spare
 
     def _matrix(self, pattern, values):
         return sp.csr_matrix((values, pattern.indices, pattern.indptr), shape=pattern.shape)
