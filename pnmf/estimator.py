@@ -238,9 +238,12 @@ class PNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
     components_ : ndarray (n_components, n_features)
         W.T, the loadings as rows, as in scikit-learn's NMF.
     loadings_ : ndarray (n_features, n_components)
-        W.
+        W, in float64.
     mean_, var_ : ndarray (n_samples, n_components)
-        Mean and variance of q(F) for the training rows.
+        Mean and variance of q(F) for the training rows, in ``dtype`` (float32 by default),
+        the precision they were computed in: what grows with the rows takes no more memory
+        than the fit needed. ``transform``, ``fit_transform`` and ``posterior`` return
+        ``dtype`` too.
     elbo_ : float
         ELBO at the returned parameters (exact in 'lower-bound' mode, a Monte Carlo
         estimate with 64 samples otherwise).
@@ -321,6 +324,8 @@ class PNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         tags = super().__sklearn_tags__()
         tags.input_tags.positive_only = True
         tags.input_tags.sparse = True
+        # transform returns ``dtype`` whatever the input's (float64 only when dtype='float64')
+        tags.transformer_tags.preserves_dtype = [self.dtype]
         return tags
 
     @property
@@ -712,7 +717,8 @@ class PNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         b = counts.backend
         self.elbo_ = self._final_elbo(counts, mu, var, w, extra, seed)
         self._warn_if_rounded(counts)
-        self.mean_, self.var_, self.loadings_ = (b.to_numpy(a).astype(np.float64) for a in (mu, var, w))
+        self.mean_, self.var_ = (np.asarray(b.to_numpy(a), dtype=self.dtype) for a in (mu, var))
+        self.loadings_ = b.to_numpy(w).astype(np.float64)
         fitted = {k: b.to_numpy(v).astype(np.float64) for k, v in extra.items()}
         self._set_prior(fitted.get("prior"))
         return fitted.get("g")
@@ -810,11 +816,16 @@ class PNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         mu0 = np.clip(mu0, -MEAN_BOUND, MEAN_BOUND)
         return mu0, np.full(mu0.shape, self.init_var)
 
+    def _per_row(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Two empty (n, n_components) arrays for the q(F) of n rows, in ``dtype`` (results
+        that grow with the rows are kept in the precision they were computed in)."""
+        return np.empty((n, self.n_components), dtype=self.dtype), np.empty((n, self.n_components), dtype=self.dtype)
+
     def _infer_rows(self, X, b, effects: RowEffects | None, group=None):
         """q(F) of every row with the loadings fixed, a batch of rows at a time (each read
         only when its turn comes); and the full-data ELBO (of every process's rows)."""
         seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
-        mean, var, elbo = np.empty((X.shape[0], self.n_components)), np.empty((X.shape[0], self.n_components)), 0.0
+        (mean, var), elbo = self._per_row(X.shape[0]), 0.0
         show = self.verbose and (group is None or group.rank == 0)
         progress = loop.progress_bar(show, X.shape[0], "PNMF factors of every row", unit="row")
         for start in range(0, X.shape[0], self.batch_size):
@@ -907,7 +918,8 @@ class PNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             )
             elbo = self._final_elbo(counts, mu, var, w, extra, seed)
             g = None if labels is None else b.to_numpy(extra["g"]).astype(np.float64)
-            return b.to_numpy(mu).astype(np.float64), b.to_numpy(var).astype(np.float64), elbo, (labels, g)
+            mean, var = (np.asarray(b.to_numpy(a), dtype=self.dtype) for a in (mu, var))
+            return mean, var, elbo, (labels, g)
 
     def _infer_on_disk(self, X, size_factors, batch, check_counts: bool):
         """:meth:`_infer` of counts on disk, a block of rows at a time (``batch_size`` rows,
@@ -925,23 +937,22 @@ class PNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
                     "its rows at once: read the counts on disk into memory to map new batches"
                 )
         step = self.batch_size or X.block_rows
-        parts = []
+        (mean, var), elbo, batches = self._per_row(n), 0.0, None
         progress = loop.progress_bar(self.verbose, n, "PNMF transform (rows on disk)", unit="row")
         for start in range(0, n, step):
             rows = slice(start, start + step)
-            parts.append(
-                self._infer(
-                    X[rows],
-                    None if size_factors is None else size_factors[rows],
-                    None if batch is None else batch[rows],
-                    quiet=True,
-                    check_counts=check_counts and start == 0,
-                )
+            mean[rows], var[rows], block_elbo, block_batches = self._infer(
+                X[rows],
+                None if size_factors is None else size_factors[rows],
+                None if batch is None else batch[rows],
+                quiet=True,
+                check_counts=check_counts and start == 0,
             )
-            progress.update(len(parts[-1][0]), sum(p[2] for p in parts))
+            elbo += block_elbo
+            batches = block_batches if batches is None else batches
+            progress.update(len(mean[rows]), elbo)
         progress.close()
-        mean, var = np.vstack([p[0] for p in parts]), np.vstack([p[1] for p in parts])
-        return mean, var, sum(p[2] for p in parts), parts[0][3]
+        return mean, var, elbo, batches
 
     def _unseen_batches(self, batch) -> np.ndarray:
         """The labels in ``batch`` that were not seen in fit, sorted (their batch effects

@@ -60,6 +60,12 @@ def _archive(path: Path, what: str, format: str) -> tuple[dict, dict]:
     return metadata, arrays
 
 
+def _floats(values) -> np.ndarray:
+    """``values`` as a NumPy float32 or float64 array, float64 unless it is float32."""
+    values = np.asarray(values)
+    return values if values.dtype == np.float32 else np.asarray(values, dtype=np.float64)
+
+
 def save(model, path) -> Path:
     """Write a fitted model to ``path`` (``.npz`` is appended if missing); returns the path."""
     from . import __version__
@@ -80,6 +86,8 @@ def save(model, path) -> Path:
         "versions": {"pnmf": __version__, "numpy": np.__version__, "python": platform.python_version()},
     }
     arrays = {name: np.asarray(getattr(model, name), dtype=np.float64) for name in ARRAYS}
+    # q(F) of the rows stays in the fit's precision: in float32 it takes half the file.
+    arrays.update({name: _floats(getattr(model, name)) for name in ("mean_", "var_")})
     for name in OPTIONAL_ARRAYS:
         if getattr(model, name, None) is not None:
             arrays[name] = np.asarray(getattr(model, name), dtype=np.float64)

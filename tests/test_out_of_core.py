@@ -229,3 +229,24 @@ def test_mapping_counts_on_disk_picks_the_models_genes_a_block_of_rows_at_a_time
     np.testing.assert_array_equal(genes[order][columns], genes)
     assert max(source.reads) <= 100  # a block of batch_size rows at a time, never the whole
     np.testing.assert_allclose(factors, expected, rtol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_per_row_results_are_in_the_fits_dtype_on_every_path(tmp_path, counts, dtype):
+    # What grows with the rows (q(F), the factors) stays in the precision the fit computed
+    # it in; the loadings are float64. A file written and read back keeps both.
+    params = dict(PARAMS, dtype=dtype, max_iter=5, tol=0)
+    full = PNMF(4, **dict(params, batch_size=None)).fit(counts)
+    batched = PNMF(4, **params).fit(counts)
+    on_disk = batched.transform(DiskRows(counts, block_rows=300))
+    for model in (full, batched):
+        assert model.mean_.dtype == model.var_.dtype == np.dtype(dtype)
+        assert model.loadings_.dtype == np.float64
+        assert model.transform(counts[:7]).dtype == np.dtype(dtype)
+        assert all(a.dtype == np.dtype(dtype) for a in model.posterior(counts[:7]))
+    assert on_disk.dtype == np.dtype(dtype)
+    # written block by block in place; BLAS sums a block of rows as it sums them all, to rounding
+    np.testing.assert_allclose(on_disk, batched.transform(counts), rtol=1e-5 if dtype == "float32" else 1e-12)
+    restored = PNMF.load(batched.save(tmp_path / "model.npz"))
+    assert restored.mean_.dtype == np.dtype(dtype) and restored.loadings_.dtype == np.float64
+    np.testing.assert_array_equal(restored.mean_, batched.mean_)
