@@ -717,7 +717,8 @@ class PNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         b = counts.backend
         self.elbo_ = self._final_elbo(counts, mu, var, w, extra, seed)
         self._warn_if_rounded(counts)
-        self.mean_, self.var_ = (np.asarray(b.to_numpy(a), dtype=self.dtype) for a in (mu, var))
+        # copies: restarts fitted together hand each fit a view of their stacked arrays
+        self.mean_, self.var_ = (np.array(b.to_numpy(a), dtype=self.dtype) for a in (mu, var))
         self.loadings_ = b.to_numpy(w).astype(np.float64)
         fitted = {k: b.to_numpy(v).astype(np.float64) for k, v in extra.items()}
         self._set_prior(fitted.get("prior"))

@@ -70,6 +70,9 @@ def test_restarts_fitted_together_are_the_fits_each_seed_gives_alone(seed_counts
         np.testing.assert_allclose(fit.elbo_, reference.elbo_, rtol=1e-12)
         np.testing.assert_array_equal(fit.prior_scale_, reference.prior_scale_)
         assert fit.backend_ == reference.backend_ and fit.batch_effects_ is None
+    # Each fit owns its q(F): keeping one restart does not keep every restart's rows alive.
+    assert not any(np.shares_memory(a.mean_, b.mean_) for a, b in zip(together, together[1:]))
+    assert all(fit.mean_.base is None or fit.mean_.base.shape == fit.mean_.shape for fit in together)
 
 
 def test_lanes_that_reach_max_iter_end_there_unconverged(seed_counts):
