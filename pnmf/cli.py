@@ -171,8 +171,8 @@ def read_counts(path: str, layer: str | None = None, backed: bool = False, trans
     """Counts from .h5ad or .zarr (AnnData), .loom, a 10x directory or .h5, .npz, .mtx or .csv/.tsv;
     UsageError naming what is wrong.
 
-    ``backed``: an .h5ad's or .zarr's X stays on disk (for .h5ad AnnData's ``backed="r"``),
-    to be read by rows; their layers are read whole. ``transpose``: the file (a bare
+    ``backed``: an .h5ad's or .zarr's X (or the layer ``layer``) stays on disk, to be read
+    by rows, and their other matrices are not read. ``transpose``: the file (a bare
     matrix: .npz, .mtx, .csv or .tsv) holds features x samples, as many published tables do.
     """
     source = Path(path)
@@ -227,6 +227,13 @@ def _read(source: Path, path: str, layer: str | None, backed: bool) -> Counts:
 
             from .integrations import layer_names
 
+            if backed:
+                import h5py
+
+                # Kept open while the counts are read; AnnData's backed="r" would read every layer whole.
+                counts = _stored_anndata(h5py.File(source, "r"), path, layer)
+                if counts is not None:
+                    return counts
             adata = anndata.read_h5ad(source, backed="r" if backed else None)
             return _annotated(path, layer, layer_names(adata), _layer_reader(adata), adata.obs, adata.var, _raw(adata))
         if source.suffix == ".loom":
@@ -329,40 +336,55 @@ def _annotated(path: str, layer: str | None, layers: list[str], read, obs, var, 
 
 
 def _read_zarr(source: Path, layer: str | None, backed: bool) -> Counts:
-    """An AnnData stored as .zarr; with ``backed`` its X stays on disk, to be read by rows
-    (AnnData reads a .zarr only whole), and a layer is read whole."""
+    """An AnnData stored as .zarr; with ``backed`` its X and layers stay on disk, to be read
+    by rows (AnnData reads a .zarr only whole)."""
     import anndata
     import zarr
 
+    from .integrations import layer_names
+
+    if backed:
+        counts = _stored_anndata(zarr.open_group(source, mode="r"), str(source), layer)
+        if counts is not None:
+            return counts
+    adata = anndata.read_zarr(source)
+    return _annotated(str(source), layer, layer_names(adata), _layer_reader(adata), adata.obs, adata.var, _raw(adata))
+
+
+def _stored_anndata(store, path: str, layer: str | None) -> Counts | None:
+    """The counts of an AnnData in an HDF5 file or zarr store (``store``, opened), left on
+    disk: X, a layer or .raw's X, read by rows when stored by rows (CSR) or dense, whole when
+    stored by columns (CSC); the names and ``obs`` read now. None for a file that anndata's
+    element reader cannot read (written by an old anndata): read it through AnnData."""
     try:
         from anndata.io import read_elem
     except ImportError:  # anndata < 0.11
         from anndata.experimental import read_elem
 
-    from .integrations import layer_names
-
-    if not backed:
-        adata = anndata.read_zarr(source)
-        return _annotated(
-            str(source), layer, layer_names(adata), _layer_reader(adata), adata.obs, adata.var, _raw(adata)
-        )
-    store = zarr.open_group(source, mode="r")
+    try:
+        obs, var = read_elem(store["obs"]), read_elem(store["var"])
+    except Exception:
+        return None
     layers = sorted(store["layers"].keys()) if "layers" in store else []
 
-    def rows(node):
+    def rows(node, name: str):
         if node is None or hasattr(node, "shape"):  # dense: an array, read by rows
             return node
-        # A sparse matrix, a group of arrays: read by rows when stored by rows (CSR), else whole.
-        return DiskRows(node) if node.attrs.get("encoding-type") == "csr_matrix" else read_elem(node)
+        if node.attrs.get("encoding-type") == "csr_matrix":
+            return DiskRows(node)
+        _say(f"{path}: {name} is stored by columns (CSC): read whole (stored by rows, it would be read by rows)")
+        return read_elem(node)
 
     def read(name):
         if name == RAW:
-            return rows(store["raw"]["X"])
-        return rows(store["X"] if "X" in store else None) if name is None else read_elem(store["layers"][name])
+            return rows(store["raw"]["X"], "raw.X")
+        if name is None:
+            return rows(store["X"], "X") if "X" in store else None
+        return rows(store["layers"][name], f"layer {name}")
 
     raw = store["raw"] if "raw" in store else None  # anndata may write an empty array there
-    raw_var = read_elem(raw["var"]) if isinstance(raw, zarr.Group) and "X" in raw else None
-    return _annotated(str(source), layer, layers, read, read_elem(store["obs"]), read_elem(store["var"]), raw_var)
+    raw_var = read_elem(raw["var"]) if hasattr(raw, "keys") and "X" in raw and "var" in raw else None
+    return _annotated(path, layer, layers, read, obs, var, raw_var)
 
 
 # The layer name that reads an AnnData's .raw (its X and its features): where many published

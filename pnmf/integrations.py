@@ -180,7 +180,10 @@ def fit_anndata(
     An AnnData opened with ``backed="r"`` keeps X on disk: with ``batch_size=`` the fit
     reads one batch of rows at a time (and the last pass, which infers every cell's
     factors, one batch at a time too), so the whole X is never in memory. Without
-    ``batch_size`` X is read whole.
+    ``batch_size`` X is read whole. Only X stays on disk: AnnData reads a backed file's
+    layers into memory when it opens it (to fit a layer of a file too large for that, pass
+    ``h5py.File(path, "r")["layers/NAME"]`` to ``PNMF(batch_size=...).fit``, or use the
+    ``pnmf`` command, which reads a layer by rows).
 
     With ``distributed=True`` (see ``PNMF``), every process passes the same AnnData (for
     instance the same file opened with ``backed="r"``) and reads only its own block of

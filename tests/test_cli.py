@@ -561,32 +561,41 @@ def test_fit_in_batches_reads_the_h5ad_from_disk(files, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("stored", ["csr", "csc", "dense"])
-def test_an_anndata_zarr_store_is_read_as_its_h5ad_is(files, tmp_path, monkeypatch, stored):
-    # A .zarr was "not a 10x directory: no matrix.mtx in it".
+@pytest.mark.parametrize("container", ["h5ad", "zarr"])
+def test_an_anndatas_x_or_layer_is_read_by_rows_from_disk(files, tmp_path, monkeypatch, capsys, stored, container):
+    # A .zarr was "not a 10x directory: no matrix.mtx in it"; and a layer of an .h5ad was read
+    # whole (AnnData's backed="r" reads every layer into memory), even for --batch-size.
     from pnmf import cli
     from pnmf.data import on_disk
 
-    pytest.importorskip("zarr")
+    if container == "zarr":
+        pytest.importorskip("zarr")
     folder, data = files
     adata = anndata.read_h5ad(folder / "cells.h5ad")
-    adata.X = {"csr": adata.X, "csc": sp.csc_matrix(adata.X), "dense": adata.X.toarray()}[stored]
+    counts = {"csr": adata.X, "csc": sp.csc_matrix(adata.X), "dense": adata.X.toarray()}[stored]
+    adata.X, adata.layers["counts"] = counts, counts
+    path = tmp_path / f"cells.{container}"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # anndata's notice of the zarr format it writes
-        adata.write_zarr(tmp_path / "cells.zarr")
+        adata.write_h5ad(path) if container == "h5ad" else adata.write_zarr(path)
     seen = []
     fit = PNMF.fit
     monkeypatch.setattr(PNMF, "fit", lambda self, X, **kw: seen.append(on_disk(X)) or fit(self, X, **kw))
     common = ["-k", 3, "--seed", 0, "--backend", "numpy", "--dtype", "float64", "--max-iter", 30, "--tol", 0]
-    run = [str(a) for a in ["fit", tmp_path / "cells.zarr", *common, "--batch-key", "donor", "--batch-size", 60]]
-    assert cli.main([*run, "-o", str(tmp_path / "z")]) == 0
-    assert seen == [stored != "csc"]  # read by batches, unless stored by columns (then read whole)
+    run = [str(a) for a in ["fit", path, *common, "--batch-key", "donor", "--batch-size", 60]]
+    assert cli.main([*run, "-o", str(tmp_path / "x")]) == 0
+    assert cli.main([*run, "--layer", "counts", "-o", str(tmp_path / "layer")]) == 0
+    assert seen == [stored != "csc"] * 2  # read by batches, unless stored by columns (then read whole)
+    said = capsys.readouterr().out
+    assert ("is stored by columns (CSC): read whole" in said) == (stored == "csc")
     model = PNMF(3, random_state=0, backend="numpy", dtype="float64", max_iter=30, tol=0, batch_size=60)
     model.fit(data["X"], batch=data["batch"].astype(str))
-    np.testing.assert_allclose(PNMF.load(tmp_path / "z" / "model.npz").loadings_, model.loadings_, rtol=1e-8)
-    written = anndata.read_h5ad(tmp_path / "z" / "factors.h5ad")  # as the input: AnnData
-    assert list(written.obs_names) == list(adata.obs_names)
-    done = pnmf_command("fit", tmp_path / "cells.zarr", "-k", 3, "--layer", "raw", "-o", tmp_path / "r", cwd=tmp_path)
-    assert done.returncode == 2 and "cells.zarr has no layer 'raw' (layers: counts)" in done.stderr
+    for out in ("x", "layer"):
+        np.testing.assert_allclose(PNMF.load(tmp_path / out / "model.npz").loadings_, model.loadings_, rtol=1e-8)
+        written = anndata.read_h5ad(tmp_path / out / "factors.h5ad")  # as the input: AnnData
+        assert list(written.obs_names) == list(adata.obs_names)
+    done = pnmf_command("fit", path, "-k", 3, "--layer", "raw", "-o", tmp_path / "r", cwd=tmp_path)
+    assert done.returncode == 2 and f"cells.{container} has no layer 'raw' (layers: counts)" in done.stderr
 
 
 def test_transform_reads_the_h5ad_from_disk_unless_a_new_batch_needs_its_rows_whole(files, tmp_path, monkeypatch):
