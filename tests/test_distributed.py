@@ -168,6 +168,14 @@ def test_every_rank_stops_at_the_same_iteration(tmp_path):
     assert {int(r["n_iter"]) for r in ranks} == {int(ranks[0]["n_iter"])}
 
 
+def test_a_fit_that_stops_at_max_iter_warns_once_from_rank_0(tmp_path):
+    # Every rank stops alike, so each printed the same warning: torchrun showed it once per process.
+    codes = launch(tmp_path, [0, 50, 120], [dict(params=dict(F64, max_iter=3, tol=1e-4))])
+    assert all(code == 0 for code, _ in codes), [err[-2000:] for _, err in codes]
+    assert [err.count("stopped at max_iter=3") for _, err in codes] == [1, 0]
+    assert [bool(r["converged"]) for r in load(tmp_path, 0, 2)] == [False, False]
+
+
 def test_without_a_seed_every_rank_fits_the_same_loadings(tmp_path):
     # random_state=None draws from each process's own global state: rank 0's draw is shared.
     params = dict(F64, random_state=None, mode="lower-bound", training_mode="natural", tol=0, max_iter=30)
