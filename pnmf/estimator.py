@@ -832,16 +832,20 @@ class PNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         progress = loop.progress_bar(show, X.shape[0], "PNMF factors of every row", unit="row")
         for start in range(0, X.shape[0], self.batch_size):
             rows = slice(start, start + self.batch_size)
-            x = X[rows]
-            with b.scope():
-                counts, mu, local_var, w_device, extra = self._local_posterior(
-                    b, x, None if effects is None else effects.take(rows), self.loadings_, seed, self.max_iter
-                )
-                elbo += self._final_elbo(counts, mu, local_var, w_device, extra, seed)
-                mean[rows], var[rows] = b.to_numpy(mu), b.to_numpy(local_var)
-            progress.update(x.shape[0], elbo)
+            elbo += self._infer_block(X, rows, b, effects, seed, mean, var)
+            progress.update(len(mean[rows]), elbo)
         progress.close()
         return mean, var, elbo if group is None else float(group.all_sum_host(np.array([elbo]))[0])
+
+    def _infer_block(self, X, rows: slice, b, effects: RowEffects | None, seed: int, mean, var) -> float:
+        """q(F) of X's rows ``rows`` written into ``mean[rows]`` and ``var[rows]``; their ELBO.
+        A call of its own, so that a block's counts and buffers are gone before the next is read."""
+        with b.scope():
+            counts, mu, local_var, w_device, extra = self._local_posterior(
+                b, X[rows], None if effects is None else effects.take(rows), self.loadings_, seed, self.max_iter
+            )
+            mean[rows], var[rows] = b.to_numpy(mu), b.to_numpy(local_var)
+            return self._final_elbo(counts, mu, local_var, w_device, extra, seed)
 
     # -- inference with the loadings fixed ------------------------------------------------
     def _check_batches(self, given: bool, argument: str = "batch=", what: str = "") -> None:

@@ -541,3 +541,24 @@ def test_mlx_waits_for_the_step_before_each_one_it_queues(monkeypatch):
     # Queuing step i waited for step i - 1 (the first for nothing), never for step i itself.
     assert [len(trees[0]) for trees in waited] == [0, 1, 1]
     assert waited[1][0][0] is steps[0] and waited[2][0][0] is steps[1]
+
+
+@pytest.mark.parametrize("sampled_addmm", [True, False])
+def test_torch_sampled_product_written_into_a_buffer_is_the_fresh_one(monkeypatch, sampled_addmm):
+    # On the CPU the rates go into a buffer kept with the pattern (sampled_addmm's out=);
+    # without sampled_addmm (MPS) each non-zero's row and column are gathered.
+    torch = pytest.importorskip("torch")
+    from pnmf.backends import torch as torch_backend
+
+    if not sampled_addmm:
+        monkeypatch.setattr(torch_backend, "SAMPLED_ADDMM", ())
+    b = get_backend("torch", "cpu", "float64")
+    x, a, w = _point(3, 1)
+    pattern = b.sparse(sp.csr_matrix(x))
+    fresh = b.sampled_matmul(pattern, b.asarray(a[0]), b.asarray(w))
+    buffer = torch.full((sp.csr_matrix(x).nnz,), float("nan"), dtype=torch.float64)
+    written = b.sampled_matmul(pattern, b.asarray(a[0]), b.asarray(w), out=buffer)
+    assert written.data_ptr() == buffer.data_ptr()
+    np.testing.assert_array_equal(buffer.numpy(), fresh.numpy())
+    rows, cols = sp.csr_matrix(x).nonzero()
+    np.testing.assert_allclose(buffer.numpy(), np.einsum("nl,nl->n", a[0][rows], w[cols]), rtol=1e-12)
