@@ -160,6 +160,12 @@ class MLXGroup(Group):
             raise CollectiveError(f"rank {self.rank} of {self.size}: an all-reduce failed: {err}") from err
 
 
+def speaks(group: Group | None) -> bool:
+    """Whether this process speaks for the fit (its progress, warnings and notices): a
+    single process, or rank 0 of a group."""
+    return group is None or group.rank == 0
+
+
 def shared_random_state(random_state, group: Group | None) -> np.random.RandomState:
     """``check_random_state(random_state)``, drawing alike on every rank of ``group``.
 

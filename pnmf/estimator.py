@@ -662,7 +662,7 @@ class PNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             s_sum = s_sum if group is None else group.all_sum_host(s_sum)
             w = w * (s_sum[1] / s_sum[0])
         seed = int(rng.randint(np.iinfo(np.int32).max))
-        show = self.verbose and _first(group)
+        show = self.verbose and distributed.speaks(group)
         g = None
         if minibatch:
             host = get_backend("numpy", dtype="float64")
@@ -737,7 +737,7 @@ class PNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         total = np.array([counts.total])
         total = total if counts.group is None else counts.group.all_sum_host(total)
         rounding = float(np.finfo(counts.backend.dtype).eps * total[0])
-        if rounding > ROUNDED_SHARE * self.tol * abs(self.elbo_) and _first(counts.group):
+        if rounding > ROUNDED_SHARE * self.tol * abs(self.elbo_) and distributed.speaks(counts.group):
             warnings.warn(
                 f"{np.dtype(counts.backend.dtype).name} rounds the ELBO of counts this large (sum {total[0]:.3g}) "
                 f"by about {rounding:.2g}, over a quarter of the change tol={self.tol} stops at, so the fit may stop "
@@ -754,7 +754,7 @@ class PNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         self.n_iter_ = len(history)
         self.converged_ = bool(converged)
         self.backend_, self.device_ = b.name, b.device
-        if not self.converged_ and self.n_iter_ == self.max_iter and self.tol > 0 and _first(group):
+        if not self.converged_ and self.n_iter_ == self.max_iter and self.tol > 0 and distributed.speaks(group):
             warnings.warn(
                 f"PNMF stopped at max_iter={self.max_iter} before the ELBO settled to tol={self.tol}; "
                 "raise max_iter (or tol) for a converged fit",
@@ -828,7 +828,7 @@ class PNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         only when its turn comes); and the full-data ELBO (of every process's rows)."""
         seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
         (mean, var), elbo = self._per_row(X.shape[0]), 0.0
-        show = self.verbose and _first(group)
+        show = self.verbose and distributed.speaks(group)
         progress = loop.progress_bar(show, X.shape[0], "PNMF factors of every row", unit="row")
         for start in range(0, X.shape[0], self.batch_size):
             rows = slice(start, start + self.batch_size)
@@ -1071,11 +1071,6 @@ class PNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         """ELBO of X under the fitted loadings (q(F) of its rows inferred by ``transform``;
         counts on disk a block of rows at a time, as there)."""
         return self._infer(X, size_factors, batch)[2]
-
-
-def _first(group) -> bool:
-    """Whether this process speaks for the fit: a single process, or rank 0 of a group."""
-    return group is None or group.rank == 0
 
 
 def _expected_exp(mean: np.ndarray, var: np.ndarray) -> np.ndarray:

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from .distributed import speaks
+
 log = logging.getLogger(__name__)
 
 FORMAT = "pnmf-model"
@@ -241,7 +243,7 @@ class Checkpoint:
             saved = max(held, key=lambda saved: len(saved["history"]), default=None)
         else:
             saved = self._common(held)
-        if saved is not None and (self.group is None or self.group.rank == 0):
+        if saved is not None and speaks(self.group):
             name = self.path if self.group is None else str(self.path).replace(".rank-0-", ".rank-*-")
             log.info("resuming from %s at iteration %d", name, len(saved["history"]))
         return saved
