@@ -223,10 +223,6 @@ def _read(source: Path, path: str, layer: str | None, backed: bool) -> Counts:
         if source.suffix == ".h5":
             return _read_10x_h5(source)
         if source.suffix == ".h5ad":
-            import anndata
-
-            from .integrations import layer_names
-
             if backed:
                 import h5py
 
@@ -234,6 +230,10 @@ def _read(source: Path, path: str, layer: str | None, backed: bool) -> Counts:
                 counts = _stored_anndata(h5py.File(source, "r"), path, layer)
                 if counts is not None:
                     return counts
+            import anndata
+
+            from .integrations import layer_names
+
             adata = anndata.read_h5ad(source, backed="r" if backed else None)
             return _annotated(path, layer, layer_names(adata), _layer_reader(adata), adata.obs, adata.var, _raw(adata))
         if source.suffix == ".loom":
@@ -368,7 +368,7 @@ def _stored_anndata(store, path: str, layer: str | None) -> Counts | None:
     layers = sorted(store["layers"].keys()) if "layers" in store else []
 
     def rows(node, name: str):
-        if node is None or hasattr(node, "shape"):  # dense: an array, read by rows
+        if hasattr(node, "shape"):  # dense: an array, read by rows
             return node
         if node.attrs.get("encoding-type") == "csr_matrix":
             return DiskRows(node)

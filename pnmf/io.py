@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 FORMAT = "pnmf-model"
 FORMAT_VERSION = 1
 ARRAYS = ("mean_", "var_", "loadings_", "elbo_history_")
+ROW_ARRAYS = ("mean_", "var_")  # kept in the fit's dtype
 # Arrays of a model with size factors or batches, absent (None) otherwise.
 OPTIONAL_ARRAYS = ("size_factors_", "batch_effects_", "prior_scale_")
 # What a consensus of restarts (pnmf.consensus) adds: its summary, and each restart's ELBO.
@@ -87,9 +88,11 @@ def save(model, path) -> Path:
         else None,
         "versions": {"pnmf": __version__, "numpy": np.__version__, "python": platform.python_version()},
     }
-    arrays = {name: np.asarray(getattr(model, name), dtype=np.float64) for name in ARRAYS}
     # q(F) of the rows stays in the fit's precision: in float32 it takes half the file.
-    arrays.update({name: _floats(getattr(model, name)) for name in ("mean_", "var_")})
+    arrays = {
+        name: _floats(getattr(model, name)) if name in ROW_ARRAYS else np.asarray(getattr(model, name), np.float64)
+        for name in ARRAYS
+    }
     for name in OPTIONAL_ARRAYS:
         if getattr(model, name, None) is not None:
             arrays[name] = np.asarray(getattr(model, name), dtype=np.float64)
