@@ -87,16 +87,15 @@ class Group:
 class TorchGroup(Group):
     """``torch.distributed``'s default group (gloo, or NCCL for CUDA tensors)."""
 
-    def __init__(self, timeout: float | None):
+    def __init__(self, timeout: float | None, device: str | None = None):
         import torch
         import torch.distributed as dist
 
         self.torch, self.dist = torch, dist
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
         self.timeout = timeout
-        self.device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        if self.device == "cuda":
-            self.device = f"cuda:{torch.cuda.current_device()}"
+        current = torch.cuda.current_device() if dist.get_backend() == "nccl" else 0
+        self.device = reduce_device(dist.get_backend(), device, current)
 
     def all_sum_host(self, buffer: np.ndarray) -> np.ndarray:
         tensor = self.torch.from_numpy(np.ascontiguousarray(buffer, dtype=np.float64)).to(self.device)
@@ -160,6 +159,20 @@ class MLXGroup(Group):
             raise CollectiveError(f"rank {self.rank} of {self.size}: an all-reduce failed: {err}") from err
 
 
+def reduce_device(engine: str, device: str | None, current: int) -> str:
+    """Where ``torch.distributed``'s ``engine`` reduces the buffer of a fit on ``device``.
+
+    gloo reduces on the host. NCCL reduces on a GPU, and every rank must use its own: the
+    fit's own GPU, or the ``current`` CUDA device (``torch.cuda.set_device``) when the fit
+    runs on the CPU or names no index ('cuda').
+    """
+    if engine != "nccl":
+        return "cpu"
+    if device is not None and device.startswith("cuda:"):
+        return device
+    return f"cuda:{current}"
+
+
 def speaks(group: Group | None) -> bool:
     """Whether this process speaks for the fit (its progress, warnings and notices): a
     single process, or rank 0 of a group."""
@@ -189,12 +202,14 @@ def shard(n_rows: int, group: Group) -> slice:
     return slice(start, start + base + (group.rank < extra))
 
 
-def join(backend: str, timeout: float | None = None) -> Group:
-    """The process group of a ``distributed=True`` fit on ``backend``; ValueError without one of size > 1.
+def join(backend: str, timeout: float | None = None, device: str | None = None) -> Group:
+    """The process group of a ``distributed=True`` fit on ``backend`` and ``device``;
+    ValueError without one of size > 1.
 
     torch.distributed is joined as it is; when it is not initialised but ``torchrun``'s
-    environment (WORLD_SIZE > 1) is there, pnmf initialises it (gloo, or NCCL when CUDA
-    is available).
+    environment (WORLD_SIZE > 1) is there, pnmf initialises it: NCCL for a fit on CUDA
+    (each process on GPU LOCAL_RANK when ``device`` is 'cuda' without an index), gloo
+    otherwise.
     """
     if backend == "mlx":
         import mlx.core as mx
@@ -215,7 +230,9 @@ def join(backend: str, timeout: float | None = None) -> Group:
     if not dist.is_available():
         raise ValueError("distributed=True needs torch.distributed, which this torch build lacks")
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        engine = "nccl" if torch.cuda.is_available() else "gloo"
+        engine = "nccl" if device is not None and device.startswith("cuda") else "gloo"
+        if device == "cuda":  # torchrun starts a process per GPU: LOCAL_RANK names this one's
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         kwargs = {} if timeout is None else {"timeout": timedelta(seconds=timeout)}
         dist.init_process_group(engine, **kwargs)
         if engine == "gloo":
@@ -226,7 +243,7 @@ def join(backend: str, timeout: float | None = None) -> Group:
     if not dist.is_initialized() or dist.get_world_size() < 2:
         size = dist.get_world_size() if dist.is_initialized() else 1
         raise ValueError(f"distributed=True found no process group of size > 1 (size {size}); {LAUNCH_HINT}")
-    return TorchGroup(timeout)
+    return TorchGroup(timeout, device)
 
 
 def join_fit(model) -> Group:
@@ -234,7 +251,8 @@ def join_fit(model) -> Group:
     parameters choose (torch.distributed for torch and NumPy, mx.distributed for MLX)."""
     from .backends import get_backend
 
-    return join(get_backend(model.backend, model.device, model.dtype).name, model.distributed_timeout)
+    b = get_backend(model.backend, model.device, model.dtype)
+    return join(b.name, model.distributed_timeout, b.device)
 
 
 def _leave(dist) -> None:

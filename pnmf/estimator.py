@@ -540,7 +540,7 @@ class PNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             X = self._validate_data(X, reset=True)
         sparse = X.sparse if isinstance(X, DiskRows) else sp.issparse(X)
         b = get_backend(self.backend, self.device, self.dtype, sparse=sparse)
-        group = distributed.join(b.name, self.distributed_timeout) if self.distributed else None
+        group = distributed.join(b.name, self.distributed_timeout, b.device) if self.distributed else None
         effects, xb = self._fit_effects(X, size_factors, batch, group)
         with b.threads(self._thread_limit(X)):
             self._fit_on(b, X, group, effects, xb)

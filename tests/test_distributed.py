@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from pnmf import PNMF, make_counts
+from pnmf.distributed import reduce_device
 
 from .conftest import free_port
 from .distributed_worker import batch_labels
@@ -254,6 +255,20 @@ def test_shards_split_the_rows_evenly_in_rank_order(n_rows, size):
     assert all(a.stop == b.start for a, b in zip(blocks, blocks[1:]))
     lengths = [b.stop - b.start for b in blocks]
     assert max(lengths) - min(lengths) <= 1 and sorted(lengths, reverse=True) == lengths
+
+
+@pytest.mark.parametrize(
+    "engine, device, current, where",
+    [
+        ("gloo", "cuda:1", 0, "cpu"),  # gloo reduces on the host, wherever the fit runs
+        ("nccl", "cuda:3", 0, "cuda:3"),  # the fit's own GPU, not the current one
+        ("nccl", "cuda", 2, "cuda:2"),  # no index: the current GPU, as torch.device('cuda') is
+        ("nccl", "cpu", 1, "cuda:1"),  # a fit on the CPU in an NCCL group: the current GPU
+        ("nccl", None, 0, "cuda:0"),
+    ],
+)
+def test_the_buffer_is_reduced_where_the_engine_reduces(engine, device, current, where):
+    assert reduce_device(engine, device, current) == where
 
 
 def test_distributed_without_a_group_says_how_to_launch():

@@ -13,6 +13,7 @@ import scipy.sparse as sp
 
 from pnmf import PNMF, backends, make_counts
 from pnmf.backends import get_backend
+from pnmf.elbo import as_counts, evaluate
 
 from .conftest import as_numpy, evaluate_on, lower_bound_at, small_problem, sparse_products_problem
 
@@ -161,3 +162,84 @@ def test_a_full_float32_sum_on_the_device_is_float64_accurate_to_1e_6(gpu, size)
     values = np.random.default_rng(size).lognormal(0.0, 2.0, size).astype(np.float32)
     total = float(gpu.to_numpy(gpu.sum(gpu.asarray(values))))
     assert total == pytest.approx(values.sum(dtype=np.float64), rel=1e-6)
+
+
+def cuda_devices() -> list[str]:
+    return [device for name, device in DEVICES if name == "torch" and device.startswith("cuda")]
+
+
+def test_a_distributed_fit_on_cuda_is_the_single_process_fit(tmp_path):
+    """Two processes on one GPU (a gloo group: NCCL takes one GPU a process) fit the rows
+    of the single-process fit on that GPU; the buffer goes through the host."""
+    if not cuda_devices():
+        pytest.skip("needs torch on CUDA")
+    from .test_distributed import launch, load, single
+
+    device = cuda_devices()[0]
+    params = dict(
+        n_components=4, backend="torch", device=device, dtype="float64", random_state=0, tol=1e-5, max_iter=400
+    )
+    fits = [dict(params=dict(params, mode="lower-bound", training_mode="natural"), sparse=sparse) for sparse in (0, 1)]
+    codes = launch(tmp_path, [0, 50, 120], fits, timeout=240)
+    assert all(code == 0 for code, _ in codes), [err[-2000:] for _, err in codes]
+    for index, fit in enumerate(fits):
+        ranks = load(tmp_path, index, 2)
+        reference = single(fit["params"], sparse=fit["sparse"])
+        assert np.array_equal(ranks[0]["loadings"], ranks[1]["loadings"])
+        assert int(ranks[0]["n_iter"]) == int(ranks[1]["n_iter"]) == reference.n_iter_
+        np.testing.assert_allclose(ranks[0]["loadings"], reference.loadings_, rtol=1e-8)
+        np.testing.assert_allclose(np.vstack([r["mean"] for r in ranks]), reference.mean_, rtol=1e-8, atol=1e-12)
+
+
+def test_nccl_reduces_on_the_fits_own_gpu(tmp_path):
+    """The all-reduce of an NCCL group runs on the fit's GPU, whichever is current (a
+    group of one process: NCCL refuses two processes on one GPU)."""
+    devices = cuda_devices()
+    if not devices:
+        pytest.skip("needs torch on CUDA")
+    import torch
+    import torch.distributed as dist
+
+    from pnmf.distributed import TorchGroup
+
+    if not dist.is_nccl_available():
+        pytest.skip("this torch has no NCCL")
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        torch.cuda.set_device(0)
+        for device in (devices[0], devices[-1]):
+            group = TorchGroup(timeout=30.0, device=device)
+            assert group.device == device
+            buffer = np.random.default_rng(0).normal(size=1001)
+            np.testing.assert_array_equal(group.all_sum_host(buffer), buffer)  # a group of one: the sum is itself
+            b = get_backend("torch", device=device, dtype="float32")
+            summed = group.all_sum(b, b.asarray(buffer[:6].reshape(2, 3)), None, b.scalar(2.5))
+            assert summed[1] is None and float(b.to_numpy(summed[2])) == 2.5
+            np.testing.assert_allclose(b.to_numpy(summed[0]), buffer[:6].reshape(2, 3), rtol=1e-7)
+        assert TorchGroup(timeout=None, device="cuda").device == "cuda:0"  # no index: the current GPU
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("flags", [["SHORT_INDEX"], ["KEPT_BUFFERS"], ["SHORT_INDEX", "KEPT_BUFFERS"]], ids="+".join)
+def test_torchs_cpu_choices_compute_the_same_sparse_log_term_on_the_gpu(gpu, flags, monkeypatch):
+    """The GPU suite's alternatives (--more): 32-bit indices and kept buffers on the device."""
+    if gpu.name != "torch":
+        pytest.skip("torch's alternatives")
+    from pnmf.backends import torch as torch_backend
+
+    x, mu, var, w, _ = small_problem(seed=5, n=300, d=80, n_components=4, n_samples=1)
+    data = sp.csr_matrix(x)
+    reference = as_numpy(gpu, evaluate_on(gpu, data, mu, var, w, "lower-bound", None))
+    kind = gpu.device.split(":")[0]
+    for flag in flags:
+        monkeypatch.setattr(torch_backend, flag, (*getattr(torch_backend, flag), kind))
+    counts = as_counts(gpu, data)
+    assert (counts.pattern.crow.dtype == torch_backend.torch.int32) == ("SHORT_INDEX" in flags or kind == "cpu")
+    for _ in range(2):  # the second time on the buffers the first left with the pattern
+        got = as_numpy(
+            gpu, evaluate(counts, *map(gpu.asarray, (mu, var, w)), mode="lower-bound", noise=None, n_samples=1)
+        )
+        assert float(got[0]) == pytest.approx(float(reference[0]), rel=1e-6)
+        for g, want in zip(got[1:], reference[1:]):
+            np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())

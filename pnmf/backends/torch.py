@@ -25,6 +25,11 @@ CUDA_GRAPHS = True
 GRAPH_WARMUP = 3
 # Devices with a kernel for the sparse sampled product (torch.sparse.sampled_addmm).
 SAMPLED_ADDMM = ("cpu", "cuda")
+# Devices whose sparse products index with 32 bits where that reaches (the others keep int64).
+SHORT_INDEX = ("cpu",)
+# Devices whose sparse log term writes its nnz-sized intermediates into two buffers kept with
+# the pattern (the others allocate them at each step).
+KEPT_BUFFERS = ("cpu",)
 
 
 class _Graphed:
@@ -286,7 +291,7 @@ class TorchBackend(Backend):
         # The CPU's sparse products take 32-bit indices where they reach: 12 bytes a non-zero
         # less, and CSR @ dense 2.5x faster (16-21 against 42-49 ms at 2e7 non-zeros, torch
         # 2.2 and 2.13). CUDA keeps the 64-bit indices its kernels were measured with.
-        index = index_dtype(x) if self._device.type == "cpu" else np.int64
+        index = index_dtype(x) if self._device.type in SHORT_INDEX else np.int64
         indptr_t, indices_t, order = csr_transpose_order(x)
         crow, col = self.asindex(x.indptr, index), self.asindex(x.indices, index)
         rows = None
@@ -323,7 +328,7 @@ class TorchBackend(Backend):
         return out
 
     def sparse_log_term(self, pattern, x, a, w, second):
-        if self._device.type != "cpu":
+        if self._device.type not in KEPT_BUFFERS:
             return super().sparse_log_term(pattern, x, a, w, second)
         # The interface's version with its nnz-sized intermediates written into two buffers
         # kept with the pattern, each over one no longer needed: on the CPU each fresh one
@@ -339,7 +344,7 @@ class TorchBackend(Backend):
         return value, g_f, g_w, h_f
 
     def sparse_log_value(self, pattern, x, a, w):
-        if self._device.type != "cpu":
+        if self._device.type not in KEPT_BUFFERS:
             return super().sparse_log_value(pattern, x, a, w)
         return self._log_value(pattern, x, a, w)[0]
 

@@ -62,8 +62,8 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--more",
         action="store_true",
-        help="gpu suite: also MLX's alternatives (full sums in blocks, sparse products by gathers, "
-        "CUDA graphs off) and its first fits in new processes, kernel cache empty and filled",
+        help="gpu suite: also torch's alternatives (32-bit indices, kept buffers), MLX's (full sums in "
+        "blocks, sparse products by gathers, CUDA graphs off) and its first fits in new processes",
     )
     parser.add_argument("--max-iter", type=int, default=None, help="iterations per fit (default 8000)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks"), help="folder for JSON and figures")

@@ -15,7 +15,9 @@ On every GPU a framework here can use (torch on CUDA or MPS, MLX on its GPU), in
   CPU), set-up, time to converge and peak device memory, against the floor of two cuSPARSE
   products of the same shapes (``torch.sparse.mm``: X @ M and X.T @ M2, 20 columns) timed
   in the same run;
-* with ``--more``, MLX's alternatives on a GPU: the seed setting with every full sum taken
+* with ``--more``, torch's alternatives on a GPU: the sparse fit with the CPU's 32-bit
+  indices, with its log term's intermediates in buffers kept with the pattern, and both;
+  MLX's alternatives on a GPU: the seed setting with every full sum taken
   in blocks of 32 (as on the CPU) in place of one reduction; on CUDA the sparse fit with the
   gathers and scatter-adds that Metal runs in place of the CUDA kernels; and, each in a
   process of its own, a first fit (seed setting, 20 iterations) with MLX's kernel cache on
@@ -152,8 +154,8 @@ def run(
     torch's GPU comes first, then the cuSPARSE floor, PyPI pnmf, MLX's GPU and the CPU;
     ``save(record)`` is called after each part, so that a run cut short keeps what it
     measured. ``cpu``: "also" (the CPU after the GPUs), "no" (GPUs only) or "only" (the
-    CPU's part alone, to be run on another machine than the GPU's). ``more``: MLX's
-    alternatives and new processes too (see the module's docstring).
+    CPU's part alone, to be run on another machine than the GPU's). ``more``: torch's and
+    MLX's alternatives, and MLX's new processes too (see the module's docstring).
     """
     from .natural_gradient import machine
 
@@ -207,7 +209,7 @@ def run(
 
 def measure(name: str, device: str, seed, dense, sparse, components: int, progress=print, more=False) -> dict:
     """One device's entry: the seed setting (GPUs only), the dense and the sparse fit; with
-    ``more``, MLX's alternatives on a GPU."""
+    ``more``, torch's and MLX's alternatives on a GPU."""
     on_cpu = device == "cpu"
     with cpu_threads(CPU_THREADS) if on_cpu else contextlib.nullcontext():
         entry = {"backend": name, "device": get_backend(name, device).device}
@@ -241,6 +243,8 @@ def measure(name: str, device: str, seed, dense, sparse, components: int, progre
         )
         if not on_cpu:
             entry["sparse"].update(converge(sparse, name, device, components, max_iter=1000))
+        if more and name == "torch" and not on_cpu:
+            entry.update(torch_alternatives(sparse, device, components, progress))
         if more and getattr(get_backend(name, device), "_kernels", False):
             from ..backends import mlx as mlx_backend
 
@@ -252,6 +256,39 @@ def measure(name: str, device: str, seed, dense, sparse, components: int, progre
                 )
             entry["sparse_gathered"]["peak_device_gb"] = peak_memory(name, device)
     return entry
+
+
+# torch's alternatives on a GPU (--more): the CPU's choices, by the flags they switch on.
+TORCH_ALTERNATIVES = {
+    "sparse_int32": "32-bit indices",
+    "sparse_kept_buffers": "the log term's intermediates in kept buffers",
+    "sparse_int32_kept_buffers": "both",
+}
+ALTERNATIVE_FLAGS = {
+    "sparse_int32": ["SHORT_INDEX"],
+    "sparse_kept_buffers": ["KEPT_BUFFERS"],
+    "sparse_int32_kept_buffers": ["SHORT_INDEX", "KEPT_BUFFERS"],
+}
+
+
+def torch_alternatives(sparse, device: str, components: int, progress=print) -> dict:
+    """The sparse fit with the CPU's choices on ``device``: 32-bit indices, the log term's
+    intermediates in buffers kept with the pattern, and both (time per iteration, peak memory)."""
+    from ..backends import torch as torch_backend
+
+    kind = device.split(":")[0]
+    entries = {}
+    for label, flags in ALTERNATIVE_FLAGS.items():
+        progress(f"[torch:{device}] sparse, {TORCH_ALTERNATIVES[label]} ...")
+        with contextlib.ExitStack() as stack:
+            for flag in flags:
+                stack.enter_context(_switched(torch_backend, flag, (*getattr(torch_backend, flag), kind)))
+            peak_memory("torch", device, reset=True)
+            entries[label] = per_iteration(
+                sparse, "torch", device, components, (11, 111), 1, mode="lower-bound", training_mode="natural"
+            )
+            entries[label]["peak_device_gb"] = peak_memory("torch", device)
+    return entries
 
 
 # A child process's part: the seed setting's first fits, or its time per iteration.
@@ -423,6 +460,13 @@ def report(record: dict) -> str:
         if measured and entry["backend"] == "mlx" and torch_gpu and torch_gpu["sparse"]["s_per_iter"] > 0:
             text += f"; {s['s_per_iter'] / torch_gpu['sparse']['s_per_iter']:.2f}x torch's time"
         lines.append(text)
+        for label, words in TORCH_ALTERNATIVES.items():
+            if label in entry:
+                alt = entry[label]
+                text = f"  sparse, {words}: {alt['s_per_iter'] * 1e3:.1f} ms per iteration"
+                if measured and alt["s_per_iter"] > 0:
+                    text += f" ({alt['s_per_iter'] / s['s_per_iter']:.2f}x)"
+                lines.append(text + f"; peak device memory {alt['peak_device_gb']:.2f} GB")
         if "sparse_gathered" in entry:
             g = entry["sparse_gathered"]
             text = "  sparse, products by gathers and scatter-adds instead of the CUDA kernels: "
