@@ -207,7 +207,7 @@ def test_nccl_reduces_on_the_fits_own_gpu(tmp_path):
     dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
         torch.cuda.set_device(0)
-        for device in (devices[0], devices[-1]):
+        for device in {"cuda:0", f"cuda:{torch.cuda.device_count() - 1}"}:
             group = TorchGroup(timeout=30.0, device=device)
             assert group.device == device
             buffer = np.random.default_rng(0).normal(size=1001)
@@ -222,24 +222,26 @@ def test_nccl_reduces_on_the_fits_own_gpu(tmp_path):
 
 
 @pytest.mark.parametrize("flags", [["SHORT_INDEX"], ["KEPT_BUFFERS"], ["SHORT_INDEX", "KEPT_BUFFERS"]], ids="+".join)
-def test_torchs_cpu_choices_compute_the_same_sparse_log_term_on_the_gpu(gpu, flags, monkeypatch):
-    """The GPU suite's alternatives (--more): 32-bit indices and kept buffers on the device."""
+def test_torchs_sparse_choices_compute_the_same_log_term(gpu, flags, monkeypatch):
+    """32-bit indices and kept buffers (the GPU suite's --more switches them) against 64-bit
+    indices and buffers allocated at each step."""
     if gpu.name != "torch":
-        pytest.skip("torch's alternatives")
+        pytest.skip("torch's choices")
     from pnmf.backends import torch as torch_backend
 
     x, mu, var, w, _ = small_problem(seed=5, n=300, d=80, n_components=4, n_samples=1)
     data = sp.csr_matrix(x)
-    reference = as_numpy(gpu, evaluate_on(gpu, data, mu, var, w, "lower-bound", None))
     kind = gpu.device.split(":")[0]
+    for flag in ("SHORT_INDEX", "KEPT_BUFFERS"):
+        monkeypatch.setattr(torch_backend, flag, ())
+    reference = as_numpy(gpu, evaluate_on(gpu, data, mu, var, w, "lower-bound", None))
     for flag in flags:
-        monkeypatch.setattr(torch_backend, flag, (*getattr(torch_backend, flag), kind))
+        monkeypatch.setattr(torch_backend, flag, (kind,))
     counts = as_counts(gpu, data)
-    assert (counts.pattern.crow.dtype == torch_backend.torch.int32) == ("SHORT_INDEX" in flags or kind == "cpu")
+    assert (counts.pattern.crow.dtype == torch_backend.torch.int32) == ("SHORT_INDEX" in flags)
     for _ in range(2):  # the second time on the buffers the first left with the pattern
-        got = as_numpy(
-            gpu, evaluate(counts, *map(gpu.asarray, (mu, var, w)), mode="lower-bound", noise=None, n_samples=1)
-        )
+        terms = evaluate(counts, *map(gpu.asarray, (mu, var, w)), mode="lower-bound", noise=None, n_samples=1)
+        got = as_numpy(gpu, terms)
         assert float(got[0]) == pytest.approx(float(reference[0]), rel=1e-6)
         for g, want in zip(got[1:], reference[1:]):
             np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())

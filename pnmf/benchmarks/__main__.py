@@ -62,7 +62,7 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--more",
         action="store_true",
-        help="gpu suite: also torch's alternatives (32-bit indices, kept buffers), MLX's (full sums in "
+        help="gpu suite: also torch's alternatives (64-bit indices, fresh buffers), MLX's (full sums in "
         "blocks, sparse products by gathers, CUDA graphs off) and its first fits in new processes",
     )
     parser.add_argument("--max-iter", type=int, default=None, help="iterations per fit (default 8000)")

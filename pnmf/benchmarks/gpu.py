@@ -15,8 +15,9 @@ On every GPU a framework here can use (torch on CUDA or MPS, MLX on its GPU), in
   CPU), set-up, time to converge and peak device memory, against the floor of two cuSPARSE
   products of the same shapes (``torch.sparse.mm``: X @ M and X.T @ M2, 20 columns) timed
   in the same run;
-* with ``--more``, torch's alternatives on a GPU: the sparse fit with the CPU's 32-bit
-  indices, with its log term's intermediates in buffers kept with the pattern, and both;
+* with ``--more``, torch's alternatives on a GPU: the sparse fit with 64- in place of 32-bit
+  indices, with its log term's intermediates allocated at each step in place of buffers kept
+  with the pattern, and both;
   MLX's alternatives on a GPU: the seed setting with every full sum taken
   in blocks of 32 (as on the CPU) in place of one reduction; on CUDA the sparse fit with the
   gathers and scatter-adds that Metal runs in place of the CUDA kernels; and, each in a
@@ -258,36 +259,37 @@ def measure(name: str, device: str, seed, dense, sparse, components: int, progre
     return entry
 
 
-# torch's alternatives on a GPU (--more): the CPU's choices, by the flags they switch on.
+# torch's alternatives on a GPU (--more): the sparse fit with each choice of the device
+# switched to the other (SHORT_INDEX: 32- or 64-bit indices; KEPT_BUFFERS: the log term's
+# intermediates kept with the pattern or allocated at each step), and both.
+TORCH_CHOICES = {"SHORT_INDEX": ("64-bit indices", "32-bit indices"), "KEPT_BUFFERS": ("fresh buffers", "kept buffers")}
 TORCH_ALTERNATIVES = {
-    "sparse_int32": "32-bit indices",
-    "sparse_kept_buffers": "the log term's intermediates in kept buffers",
-    "sparse_int32_kept_buffers": "both",
-}
-ALTERNATIVE_FLAGS = {
-    "sparse_int32": ["SHORT_INDEX"],
-    "sparse_kept_buffers": ["KEPT_BUFFERS"],
-    "sparse_int32_kept_buffers": ["SHORT_INDEX", "KEPT_BUFFERS"],
+    "sparse_index_switched": ["SHORT_INDEX"],
+    "sparse_buffers_switched": ["KEPT_BUFFERS"],
+    "sparse_both_switched": ["SHORT_INDEX", "KEPT_BUFFERS"],
 }
 
 
 def torch_alternatives(sparse, device: str, components: int, progress=print) -> dict:
-    """The sparse fit with the CPU's choices on ``device``: 32-bit indices, the log term's
-    intermediates in buffers kept with the pattern, and both (time per iteration, peak memory)."""
+    """The sparse fit on ``device`` with torch's choices switched (see TORCH_ALTERNATIVES):
+    time per iteration, peak memory and the choices it ran with."""
     from ..backends import torch as torch_backend
 
     kind = device.split(":")[0]
     entries = {}
-    for label, flags in ALTERNATIVE_FLAGS.items():
-        progress(f"[torch:{device}] sparse, {TORCH_ALTERNATIVES[label]} ...")
+    for label, flags in TORCH_ALTERNATIVES.items():
         with contextlib.ExitStack() as stack:
             for flag in flags:
-                stack.enter_context(_switched(torch_backend, flag, (*getattr(torch_backend, flag), kind)))
+                now = getattr(torch_backend, flag)
+                switched = tuple(k for k in now if k != kind) if kind in now else (*now, kind)
+                stack.enter_context(_switched(torch_backend, flag, switched))
+            choices = [TORCH_CHOICES[f][kind in getattr(torch_backend, f)] for f in TORCH_CHOICES]
+            progress(f"[torch:{device}] sparse, {', '.join(choices)} ...")
             peak_memory("torch", device, reset=True)
             entries[label] = per_iteration(
                 sparse, "torch", device, components, (11, 111), 1, mode="lower-bound", training_mode="natural"
             )
-            entries[label]["peak_device_gb"] = peak_memory("torch", device)
+            entries[label].update(peak_device_gb=peak_memory("torch", device), choices=choices)
     return entries
 
 
@@ -460,10 +462,10 @@ def report(record: dict) -> str:
         if measured and entry["backend"] == "mlx" and torch_gpu and torch_gpu["sparse"]["s_per_iter"] > 0:
             text += f"; {s['s_per_iter'] / torch_gpu['sparse']['s_per_iter']:.2f}x torch's time"
         lines.append(text)
-        for label, words in TORCH_ALTERNATIVES.items():
+        for label in TORCH_ALTERNATIVES:
             if label in entry:
                 alt = entry[label]
-                text = f"  sparse, {words}: {alt['s_per_iter'] * 1e3:.1f} ms per iteration"
+                text = f"  sparse, {', '.join(alt['choices'])}: {alt['s_per_iter'] * 1e3:.1f} ms per iteration"
                 if measured and alt["s_per_iter"] > 0:
                     text += f" ({alt['s_per_iter'] / s['s_per_iter']:.2f}x)"
                 lines.append(text + f"; peak device memory {alt['peak_device_gb']:.2f} GB")
