@@ -562,3 +562,16 @@ def test_torch_sampled_product_written_into_a_buffer_is_the_fresh_one(monkeypatc
     np.testing.assert_array_equal(buffer.numpy(), fresh.numpy())
     rows, cols = sp.csr_matrix(x).nonzero()
     np.testing.assert_allclose(buffer.numpy(), np.einsum("nl,nl->n", a[0][rows], w[cols]), rtol=1e-12)
+
+
+def test_a_sparse_torch_fit_says_nothing_of_torchs_sparse_tensors():
+    """torch's own notes on CSR tensors (beta support; with torch 2.11 the invariants left
+    unchecked, said even under check_invariants=False) are not the user's to read."""
+    pytest.importorskip("torch")
+    import warnings
+
+    x = sp.csr_matrix(make_counts(60, 25, 3, random_state=2)[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = PNMF(3, backend="torch", device="cpu", max_iter=3000).fit(x)
+        model.transform(x)

@@ -312,7 +312,10 @@ class TorchBackend(Backend):
     @staticmethod
     def _csr(crow, col, values, shape):
         with warnings.catch_warnings():
+            # torch's notes on its sparse tensors, not the user's concern: beta support, and
+            # (torch 2.11, even with check_invariants=False) the invariants left unchecked.
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
             return torch.sparse_csr_tensor(crow, col, values, size=shape, check_invariants=False)
 
     def sampled_matmul(self, pattern, a, b, out=None):
