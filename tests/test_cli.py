@@ -631,11 +631,13 @@ def test_a_distributed_fit_reads_only_its_own_rows_of_the_h5ad(files, monkeypatc
     rank_1_of_2 = distributed.Group()
     rank_1_of_2.rank, rank_1_of_2.size = 1, 2
     joined = []
-    monkeypatch.setattr(distributed, "join", lambda backend, timeout=None: joined.append(backend) or rank_1_of_2)
+    monkeypatch.setattr(
+        distributed, "join", lambda backend, timeout=None, device=None: joined.append((backend, device)) or rank_1_of_2
+    )
     counts = cli.read_counts(str(folder / "cells.h5ad"), backed=True)
     assert on_disk(counts.x)
     rows, suffix = cli._rows(counts, PNMF(3, backend="numpy", distributed=True))
-    assert joined == ["numpy"]  # the group of the fit's backend (torch.distributed for NumPy)
+    assert joined == [("numpy", "cpu")]  # the group of the fit's backend and device (torch.distributed for NumPy)
     assert suffix == ".rank-1-of-2" and list(rows.obs_names[:2]) == ["cell120", "cell121"]
     np.testing.assert_array_equal(rows.x.toarray(), data["X"][120:])
     assert list(rows.obs["donor"]) == list(data["batch"][120:])
