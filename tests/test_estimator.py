@@ -260,6 +260,27 @@ def test_a_device_torch_cannot_use_is_named_with_the_reason_and_the_devices_ther
         TorchBackend("gpu")
 
 
+@pytest.mark.skipif("torch" not in BACKENDS, reason="torch is not installed")
+def test_a_cuda_device_is_checked_without_a_tensor_on_it(monkeypatch):
+    """A tensor would open a CUDA context on the current GPU: GPU 0 in each process of a
+    torchrun launch, before its process group puts it on its own."""
+    import torch
+
+    from pnmf.backends.torch import TorchBackend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    made = []
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: made.append(k.get("device")) or empty(*a, **k))
+    assert TorchBackend("cuda").device == "cuda" and TorchBackend("cuda:1").device == "cuda:1"
+    assert made == []
+    with pytest.raises(ValueError, match="device='cuda:2' is not available to torch: there is no CUDA device 2 "):
+        TorchBackend("cuda:2")
+    TorchBackend("cpu")
+    assert made == [torch.device("cpu")]  # other devices are tried with an empty tensor
+
+
 def test_with_backend_auto_the_device_picks_the_framework(monkeypatch):
     import pnmf.backends as backends
 

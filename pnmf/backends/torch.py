@@ -121,6 +121,17 @@ def devices() -> list[str]:
     return found + (["mps"] if torch.backends.mps.is_available() else [])
 
 
+def _check_cuda(device: torch.device) -> None:
+    """RuntimeError unless CUDA ``device`` is there, checked without a tensor: one would open
+    a CUDA context on the current GPU, GPU 0 in every process that torchrun starts until
+    the process group puts each on its own (see :func:`pnmf.distributed.join`)."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("CUDA is not available")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise RuntimeError(f"there is no CUDA device {device.index} (this machine has {count})")
+
+
 def _unavailable(device: str, err: Exception) -> str:
     """Why torch cannot run on ``device``, in words (its own message, for the MPS backend, is
     a page on operator registration)."""
@@ -145,7 +156,10 @@ class TorchBackend(Backend):
         device = default_device() if device is None else str(device)
         try:
             self._device = torch.device(device)
-            torch.empty(0, device=self._device)
+            if self._device.type == "cuda":
+                _check_cuda(self._device)
+            else:
+                torch.empty(0, device=self._device)
         except (RuntimeError, AssertionError) as err:
             raise ValueError(_unavailable(device, err)) from err
         if self._device.type == "mps" and dtype == "float64":
