@@ -215,7 +215,10 @@ class PNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         by ``torchrun``/``torch.distributed`` (torch, NumPy) or ``mlx.launch`` (MLX). The
         fitted loadings, ELBO and history are those of all rows and equal on every rank;
         ``mean_``/``var_`` are this process's rows. Needs ``init='random'``. With
-        ``batch_size``, each process draws its share of every batch from its own rows.
+        ``batch_size``, each process draws its share of every batch from its own rows. On
+        several GPUs give each process its own (``device=f"cuda:{local_rank}"``); when pnmf
+        starts the group under ``torchrun`` itself (NCCL for a fit on CUDA, gloo
+        otherwise), ``device='cuda'`` puts each process on GPU ``LOCAL_RANK``.
     distributed_timeout : float, optional
         Seconds a collective may wait for the other processes before raising.
     checkpoint : str or Path, optional
