@@ -15,7 +15,7 @@
 # /tmp/peer, and the suite times it as the peer. Writes the test log, the suite's JSON
 # record and its text summary to OUT_DIR; exits non-zero if either failed.
 # PNMF_GPU_CHECK_ARGS adds arguments to the suite (--quick: small sizes, also on a CPU;
-# --more: MLX's alternatives and its first fits in new processes, a few minutes more;
+# --more: torch's and MLX's alternatives and MLX's first fits in new processes, a few minutes more;
 # --cpu no: the GPUs alone); PNMF_GPU_TESTS picks the tests (pytest -k, e.g. "mlx");
 # PNMF_GPU_TESTS_TIMEOUT and PNMF_GPU_SUITE_TIMEOUT bound each part (270 and 330 s).
 set -uo pipefail
