@@ -94,8 +94,8 @@ class TorchGroup(Group):
         self.torch, self.dist = torch, dist
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
         self.timeout = timeout
-        current = torch.cuda.current_device() if dist.get_backend() == "nccl" else 0
-        self.device = reduce_device(dist.get_backend(), device, current)
+        engine = dist.get_backend()
+        self.device = reduce_device(engine, device, torch.cuda.current_device() if engine == "nccl" else 0)
 
     def all_sum_host(self, buffer: np.ndarray) -> np.ndarray:
         tensor = self.torch.from_numpy(np.ascontiguousarray(buffer, dtype=np.float64)).to(self.device)

@@ -305,7 +305,7 @@ class TorchBackend(Backend):
         # Sparse products take 32-bit indices where they reach: 12 bytes a non-zero less, and
         # on the CPU CSR @ dense 2.5x faster (16-21 against 42-49 ms at 2e7 non-zeros, torch
         # 2.2 and 2.13). On an H100, with the kept buffers, an iteration at 1e8 non-zeros took
-        # 19.6 against 24.7 ms and 4.0 against 5.4 GB (GPU suite, --more).
+        # 20.1 against 24.1 ms and 4.0 against 5.4 GB (GPU suite, --more).
         index = index_dtype(x) if self._device.type in SHORT_INDEX else np.int64
         indptr_t, indices_t, order = csr_transpose_order(x)
         crow, col = self.asindex(x.indptr, index), self.asindex(x.indices, index)
