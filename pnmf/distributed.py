@@ -106,10 +106,19 @@ class TorchGroup(Group):
             else:
                 self._wait(work)
         except Exception as err:  # gloo and NCCL raise RuntimeError subclasses of their own
+            if "Duplicate GPU" in str(err):  # NCCL: two processes on one GPU
+                why = (
+                    "NCCL takes one GPU a process, and two processes used the same: give each its own, "
+                    'device=f"cuda:{local_rank}" (local_rank = int(os.environ["LOCAL_RANK"])) or '
+                    "torch.cuda.set_device(local_rank) before the fit"
+                )
+            else:
+                why = (
+                    "another process of the fit probably died, raised or fell behind by more than the timeout: "
+                    "its own output says why"
+                )
             raise CollectiveError(
-                f"rank {self.rank} of {self.size}: an all-reduce failed ({type(err).__name__}: {err}); "
-                "another process of the fit probably died, raised or fell behind by more than the timeout: "
-                "its own output says why"
+                f"rank {self.rank} of {self.size}: an all-reduce failed ({type(err).__name__}: {err}); {why}"
             ) from err
         return tensor.cpu().numpy()
 

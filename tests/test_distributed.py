@@ -271,6 +271,28 @@ def test_the_buffer_is_reduced_where_the_engine_reduces(engine, device, current,
     assert reduce_device(engine, device, current) == where
 
 
+def test_two_processes_on_one_gpu_are_told_to_take_one_each(tmp_path, monkeypatch):
+    """NCCL refuses two processes on one GPU ("Duplicate GPU detected"): the error says how
+    to give each its own, not that another process died."""
+    import torch.distributed as dist
+
+    from pnmf.distributed import CollectiveError, TorchGroup
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        group = TorchGroup(timeout=None)
+        nccl = "ncclInvalidUsage: ... Last error: Duplicate GPU detected : rank 1 and rank 0 both on CUDA device 1000"
+        monkeypatch.setattr(group.dist, "all_reduce", lambda *a, **k: (_ for _ in ()).throw(RuntimeError(nccl)))
+        with pytest.raises(CollectiveError, match=r"one GPU a process.*device=f\"cuda:\{local_rank\}\"") as caught:
+            group.all_sum_host(np.ones(3))
+        assert "died" not in str(caught.value)
+        monkeypatch.setattr(group.dist, "all_reduce", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("closed")))
+        with pytest.raises(CollectiveError, match="another process of the fit probably died"):
+            group.all_sum_host(np.ones(3))
+    finally:
+        dist.destroy_process_group()
+
+
 def test_distributed_without_a_group_says_how_to_launch():
     x, _, _ = make_counts(20, 10, 2, random_state=0)
     with pytest.raises(ValueError, match="torchrun"):
