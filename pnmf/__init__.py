@@ -5,11 +5,13 @@ from .consensus import consensus
 from .data import make_counts, poisson_deviance, thin
 from .estimator import PNMF
 from .integrations import fit_anndata, transform_anndata
+from .programs import EmptyComponentsWarning
 from .selection import select_n_components
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EmptyComponentsWarning",
     "PNMF",
     "__version__",
     "consensus",

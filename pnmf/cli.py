@@ -32,6 +32,7 @@ from .consensus import DENSITY_THRESHOLD
 from .data import DiskRows, in_memory, share
 from .elbo import MODES
 from .loop import interrupt_stops_all
+from .programs import empty_note
 
 
 def _say(text: str) -> None:
@@ -455,7 +456,15 @@ NOT_COUNTS = ("X holds non-integer values", "thinning splits integer counts")
 
 
 # The estimator's words for what the command's options set.
-_AS_OPTIONS = {"dtype='float64'": "--dtype float64", "raise max_iter (or tol)": "raise --max-iter (or --tol)"}
+_AS_OPTIONS = {
+    "dtype='float64'": "--dtype float64",
+    "raise max_iter (or tol)": "raise --max-iter (or --tol)",
+    "fewer components than n_components": "fewer components than -k",
+    "fit fewer (pnmf.select_n_components), or leave these out (empty_components_)": (
+        "fit fewer (pnmf select-k); programs.csv leaves these out"
+    ),
+    " (empty_components_); fit fewer components": "; fit fewer components (pnmf select-k)",
+}
 
 
 def _hinted(text: str) -> str:
@@ -749,6 +758,9 @@ def cmd_info(args) -> list[Path]:
     _say(f"  ELBO: {model.elbo_:.6g}   iterations: {model.n_iter_}   converged: {model.converged_}")
     if model.batches_ is not None:
         _say(f"  batches: {', '.join(map(str, model.batches_))}")
+    empty = model.empty_components_
+    if empty.size:
+        _say(f"  empty (zero loadings, no features): {empty_note(empty, shown=None)}")
     if hasattr(model, "stability_"):
         _say(
             f"  consensus of {len(model.restart_elbos_)} restarts: stability {model.stability_:.3f}, "

@@ -242,6 +242,12 @@ class PNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         W.T, the loadings as rows, as in scikit-learn's NMF.
     loadings_ : ndarray (n_features, n_components)
         W, in float64.
+    empty_components_ : ndarray of int
+        The components the fit left empty, whose loadings sum to under 1e-6 of the largest
+        component's: the natural steps shrink the loadings of a component the data do not
+        need to zero, so a fit with more components than the data hold may have some (with
+        a ``pnmf.EmptyComponentsWarning``). They add nothing to the rate, their factors keep
+        the prior, and ``top_features`` leaves them out.
     mean_, var_ : ndarray (n_samples, n_components)
         Mean and variance of q(F) for the training rows, in ``dtype`` (float32 by default),
         the precision they were computed in: what grows with the rows takes no more memory
@@ -330,6 +336,14 @@ class PNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         # transform returns ``dtype`` whatever the input's (float64 only when dtype='float64')
         tags.transformer_tags.preserves_dtype = [self.dtype]
         return tags
+
+    @property
+    def empty_components_(self) -> np.ndarray:
+        """Indices of the components the fit left empty: loadings summing to under 1e-6 of the
+        largest component's (an empty component adds nothing to the rate, and its factors
+        keep their prior)."""
+        check_is_fitted(self, "loadings_")
+        return np.flatnonzero(programs.empty_components(self.loadings_))
 
     @property
     def _n_features_out(self) -> int:
@@ -547,6 +561,20 @@ class PNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         effects, xb = self._fit_effects(X, size_factors, batch, group)
         with b.threads(self._thread_limit(X)):
             self._fit_on(b, X, group, effects, xb)
+        self._warn_if_empty(group)
+
+    def _warn_if_empty(self, group=None) -> None:
+        """Warn (from one process of a distributed fit) when the fit left components empty."""
+        empty = self.empty_components_
+        if empty.size and distributed.speaks(group):
+            warnings.warn(
+                f"the fit left {empty.size} of {self.n_components} components empty ({programs.empty_note(empty)}): "
+                "an empty component's loadings are zero, so it adds nothing to the rate and its factors keep their "
+                "prior; the data are fitted with fewer components than n_components: fit fewer "
+                "(pnmf.select_n_components), or leave these out (empty_components_)",
+                programs.EmptyComponentsWarning,
+                stacklevel=loop.user_stacklevel(),
+            )
 
     def _fit_effects(self, X, size_factors, batch, group) -> tuple[RowEffects | None, np.ndarray | None]:
         """The size factors and batches of the training rows, checked before any work.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .programs import feature_labels, specificity
+from .programs import empty_components, empty_note, feature_labels, specificity
 
 
 def _pyplot():
@@ -39,7 +39,8 @@ def elbo_history(model, ax=None):
 
 def loadings(model, feature_names=None, top: int = 8, ax=None, table=None):
     """Heatmap of the loadings of each component's ``top`` most specific features (rows scaled
-    to max 1), as ``model.top_features`` ranks them by specificity.
+    to max 1), as ``model.top_features`` ranks them by specificity; empty components
+    (``model.empty_components_``) have none, and the title names them.
 
     ``table``: a ``top_features`` table to take the rows and their labels from instead.
     """
@@ -55,7 +56,8 @@ def loadings(model, feature_names=None, top: int = 8, ax=None, table=None):
         candidates = [index[f] for f in picked["feature"]]
     else:
         score = specificity(w)
-        candidates = [d for l in range(w.shape[1]) for d in np.argsort(-score[:, l], kind="stable")[:top]]
+        used = np.flatnonzero(~empty_components(w))
+        candidates = [d for l in used for d in np.argsort(-score[:, l], kind="stable")[:top]]
     for d in candidates:
         if d not in chosen:
             chosen.append(d)
@@ -65,7 +67,9 @@ def loadings(model, feature_names=None, top: int = 8, ax=None, table=None):
     ax.set_yticks(range(len(chosen)), names[chosen], fontsize=7)
     ax.set_xticks(range(w.shape[1]), [str(l) for l in range(w.shape[1])])
     ax.set_xlabel("component")
-    ax.set_title("loadings (each feature scaled to its largest)")
+    empty = np.flatnonzero(empty_components(w))
+    title = "loadings (each feature scaled to its largest)"
+    ax.set_title(title + (f"; empty: {empty_note(empty)}" if empty.size else ""))
     ax.figure.colorbar(image, ax=ax, fraction=0.05)
     return ax
 
@@ -122,11 +126,11 @@ def consensus(model, axes=None):
     """The restarts behind a consensus model (from :func:`pnmf.consensus`), as cNMF draws them.
 
     Left: the cosine similarity of every restart's components, grouped by the consensus
-    component each joined (outliers last, past the white line): bright blocks on the
-    diagonal are programs every restart found. Right: each component's mean distance to its
-    neighbours, the outlier criterion, with ``density_threshold`` marked: a threshold in a
-    gap between a peak near 0 and a tail keeps the reproducible components. ``axes``: two
-    Axes to draw into. Returns the two Axes.
+    component each joined (outliers and empty components last, past the white line):
+    bright blocks on the diagonal are programs every restart found. Right: each component's
+    mean distance to its neighbours, the outlier criterion, with ``density_threshold``
+    marked: a threshold in a gap between a peak near 0 and a tail keeps the reproducible
+    components. ``axes``: two Axes to draw into. Returns the two Axes.
     """
     labels = getattr(model, "restart_labels_", None)
     if labels is None and hasattr(model, "stability_"):
@@ -150,9 +154,11 @@ def consensus(model, axes=None):
     left.set_title(f"{len(labels)} components of the restarts, by consensus component")
     left.set_xticks([])
     left.set_yticks([])
-    right.hist(model.local_density_, bins=min(50, max(10, len(labels) // 4)), color="C0")
-    dropped = int((labels < 0).sum())
-    right.axvline(model.density_threshold_, color="C3", ls="--", label=f"threshold: {dropped} dropped")
+    used = np.isfinite(model.local_density_)  # not the components a restart left empty
+    right.hist(model.local_density_[used], bins=min(50, max(10, len(labels) // 4)), color="C0")
+    dropped = int((labels[used] < 0).sum())
+    empty = f"; {int((~used).sum())} empty, not drawn" if not used.all() else ""
+    right.axvline(model.density_threshold_, color="C3", ls="--", label=f"threshold: {dropped} dropped{empty}")
     right.set_xlabel("mean distance to nearest neighbours")
     right.set_ylabel("components")
     right.legend(fontsize=8)

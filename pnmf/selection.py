@@ -12,6 +12,7 @@ from .consensus import _consensus
 from .data import poisson_deviance, thin
 from .estimator import PNMF, _number
 from .loop import interrupt_stops_all
+from .programs import EmptyComponentsWarning
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +58,15 @@ def select_n_components(
     Each candidate's result is logged as it comes (logger ``pnmf.selection``, level INFO;
     the ``pnmf select-k`` command shows it).
 
+    ``empty_components`` counts the components each candidate's fit left empty
+    (``PNMF.empty_components_``; for a consensus, those of its median restart): a K with
+    empty components is fitted with fewer, K less that count, and the held-out deviance
+    of the two is about the same.
+
     Returns a table as a dict of equal-length arrays (``pandas.DataFrame(result)`` shows
-    it): ``n_components``, ``heldout_deviance``, ``train_elbo``, ``n_iter``, ``converged``
-    (and ``stability``); and ``best``, the candidate with the lowest held-out deviance.
+    it): ``n_components``, ``heldout_deviance``, ``train_elbo``, ``n_iter``, ``converged``,
+    ``empty_components`` (and ``stability``); and ``best``, the candidate with the lowest
+    held-out deviance.
     """
     candidates = [k.item() if isinstance(k, np.generic) else k for k in candidates]  # np.int64(8) reads as 8
     if not candidates:
@@ -81,7 +88,9 @@ def select_n_components(
     rows = []
     for k in candidates:
         start = time.perf_counter()
-        with interrupt_stops_all():  # Ctrl-C stops the selection, not one candidate's fit
+        # Ctrl-C stops the selection, not one candidate's fit; empty components are a column.
+        with interrupt_stops_all(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", EmptyComponentsWarning)
             if n_restarts > 1:
                 # A K whose restarts disagree is scored, not an error that ends the selection.
                 model = _consensus(
@@ -92,11 +101,13 @@ def select_n_components(
         factors = np.exp(model.mean_ + model.var_ / 2)
         rate = model.inverse_transform(factors, size_factors=model.size_factors_, batch=batch)
         rate *= (1 - fraction) / fraction
-        row = (k, poisson_deviance(test, rate), model.elbo_, model.n_iter_, model.converged_)
+        empty = len(model.empty_components_)
+        row = (k, poisson_deviance(test, rate), model.elbo_, model.n_iter_, model.converged_, empty)
         rows.append(row + ((model.stability_,) if n_restarts > 1 else ()))
         stability = f", stability {model.stability_:.3f}" if n_restarts > 1 else ""
+        stability += f", {empty} empty" if empty else ""
         log.info("K=%d: held-out deviance %.6g%s (%.1f s)", k, row[1], stability, time.perf_counter() - start)
-    columns = ("n_components", "heldout_deviance", "train_elbo", "n_iter", "converged")
+    columns = ("n_components", "heldout_deviance", "train_elbo", "n_iter", "converged", "empty_components")
     columns += ("stability",) if n_restarts > 1 else ()
     table = {name: np.array(values) for name, values in zip(columns, zip(*rows))}
     table["best"] = int(table["n_components"][np.argmin(table["heldout_deviance"])])

@@ -865,3 +865,22 @@ def test_large_counts_in_float32_warn_in_the_commands_words(tmp_path):
     )
     assert done.returncode == 0 and "float32 rounds" not in done.stderr, done.stderr
     assert "raise --max-iter (or --tol)" in done.stderr
+
+
+def test_empty_components_are_named_and_left_out_of_the_programs(files, tmp_path):
+    folder, _ = files  # three programs and three batches' effects, fitted with twelve components
+    done = pnmf_command("fit", folder / "counts.csv", "-k", 12, "-o", "out", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    warned = [line for line in done.stderr.splitlines() if "components empty" in line]
+    assert len(warned) == 1 and warned[0].startswith("pnmf: warning: the fit left"), done.stderr
+    assert "pnmf select-k" in warned[0] and "programs.csv leaves these out" in warned[0]
+    model = PNMF.load(tmp_path / "out" / "model.npz")
+    empty = model.empty_components_
+    assert empty.size > 0
+    programs = pd.read_csv(tmp_path / "out" / "programs.csv")
+    assert sorted(set(programs.component)) == sorted(set(range(12)) - set(empty))
+    info = pnmf_command("info", tmp_path / "out" / "model.npz", cwd=tmp_path)
+    line = next(line for line in info.stdout.splitlines() if line.strip().startswith("empty"))
+    assert all(str(l) in line for l in empty)
+    listed = [line.split(":")[0] for line in info.stdout.splitlines() if line.strip().startswith("component ")]
+    assert listed == [f"  component {l}" for l in sorted(set(range(12)) - set(empty))]

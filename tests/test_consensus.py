@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import warnings
 
 import numpy as np
 import pytest
@@ -50,11 +51,12 @@ def test_too_many_components_are_unstable_and_lose_outliers(seed_counts):
     assert too_many.stability_ < planted.stability_ - 0.1
     assert too_many.n_outliers_ > 0 == planted.n_outliers_
     # What the consensus plot draws: each of the 6 x 7 components, its consensus component or
-    # -1, and its density against the threshold.
-    labels = too_many.restart_labels_
+    # -1, and its density against the threshold (NaN: a restart left it empty).
+    labels, density = too_many.restart_labels_, too_many.local_density_
     assert labels.shape == (42,) and set(labels) == {-1, *range(7)}
-    assert np.array_equal(labels < 0, too_many.local_density_ > too_many.density_threshold_)
-    assert (labels < 0).sum() == too_many.n_outliers_
+    empty = np.isnan(density)
+    assert np.array_equal(labels < 0, empty | (density > too_many.density_threshold_))
+    assert (labels[~empty] < 0).sum() == too_many.n_outliers_
     assert too_many.restart_similarity_.shape == (42, 42)
     np.testing.assert_allclose(np.diag(too_many.restart_similarity_), 1.0, rtol=1e-5)
     # The members of a consensus component are alike.
@@ -202,3 +204,38 @@ def test_k_selection_with_batches_does_not_spend_components_on_them(batched):
     without = pnmf.select_n_components(x, [4, 6, 8], size_factors="total")
     assert with_batches["best"] == 6 and without["best"] == 8  # measured
     assert (with_batches["heldout_deviance"] < without["heldout_deviance"]).all()
+
+
+@pytest.mark.filterwarnings("ignore:consensus components")
+def test_components_the_restarts_left_empty_are_no_program_of_the_consensus():
+    x, _, planted = make_counts(400, 100, 5, random_state=0)
+    with pytest.warns(pnmf.EmptyComponentsWarning, match="the consensus has") as caught:
+        model = pnmf.consensus(x, 10, n_restarts=6, random_state=0, backend="numpy")
+    # The restarts are the fits each seed gives alone: the median one's empty components.
+    seeds = np.random.RandomState(0).randint(np.iinfo(np.int32).max, size=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", pnmf.EmptyComponentsWarning)
+        alone = [PNMF(10, random_state=int(seed), backend="numpy").fit(x) for seed in seeds]
+    n_empty = int(np.median([len(fit.empty_components_) for fit in alone]))
+    assert n_empty > 0 and f"{10 - n_empty} programs and {n_empty} empty" in str(caught[0].message)
+    np.testing.assert_array_equal(model.empty_components_, np.arange(10 - n_empty, 10))  # last
+    # None of the programs is a cluster of empty components, and the planted ones are among them.
+    sums = model.loadings_.sum(axis=0)
+    assert sums[: 10 - n_empty].min() > 1e-3 * sums.max()
+    assert matched_cosine(planted, model.loadings_[:, : 10 - n_empty]) > 0.95
+    # Each restart's empty components: NaN density, no consensus component, not an outlier.
+    empty = np.concatenate([np.isin(np.arange(10), fit.empty_components_) for fit in alone])
+    np.testing.assert_array_equal(np.isnan(model.local_density_), empty)
+    assert np.all(model.restart_labels_[empty] == -1)
+    assert model.n_outliers_ == int((model.restart_labels_[~empty] == -1).sum())
+    assert np.isfinite(model.stability_) and np.isfinite(model.elbo_) and np.isfinite(model.mean_).all()
+
+
+def test_k_selection_counts_the_empty_components_of_each_candidate_without_a_warning():
+    x, _, _ = make_counts(400, 100, 5, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", pnmf.EmptyComponentsWarning)
+        table = select_n_components(x, [5, 10], backend="numpy")
+        restarts = select_n_components(x, [5, 10], n_restarts=3, backend="numpy")
+    for result in (table, restarts):
+        assert result["empty_components"][0] == 0 and result["empty_components"][1] > 0

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from pnmf import PNMF, make_counts
+from pnmf import PNMF, EmptyComponentsWarning, make_counts
+from pnmf.programs import specificity
 
 pd = pytest.importorskip("pandas")
 
@@ -104,3 +106,68 @@ def test_fit_anndata_stores_the_program_table(tmp_path):
     adata.write_h5ad(tmp_path / "a.h5ad")  # the table survives the file
     back = anndata.read_h5ad(tmp_path / "a.h5ad").uns["pnmf"]["top_features"]
     assert list(back.feature) == list(table.feature)
+
+
+@pytest.fixture(scope="module")
+def too_many():
+    """A fit of 10 components to counts of 5 planted programs, and its warnings."""
+    x, _, _ = make_counts(400, 100, 5, random_state=0)
+    with pytest.warns(EmptyComponentsWarning, match=r"the fit left \d of 10 components empty") as caught:
+        model = PNMF(10, backend="numpy", random_state=0).fit(x)
+    return model, caught
+
+
+def test_a_fit_with_more_components_than_programs_leaves_some_empty_and_says_so(too_many):
+    model, caught = too_many
+    empty = model.empty_components_
+    assert 0 < len(empty) <= 5 and str(len(empty)) in str(caught[0].message)
+    assert caught[0].filename == __file__  # the warning names the user's line
+    sums = model.loadings_.sum(axis=0)
+    used = np.setdiff1d(np.arange(10), empty)
+    assert sums[empty].max() < 1e-6 * sums.max() and sums[used].min() > 1e-3 * sums.max()  # a wide gap
+    # An empty component's factors keep their prior, N(0, 1).
+    np.testing.assert_allclose(model.mean_[:, empty], 0.0, atol=1e-3)
+    np.testing.assert_allclose(model.var_[:, empty], 1.0, rtol=1e-3)
+    # They add nothing to the rate; only the components in use have top features.
+    h = np.exp(model.mean_ + model.var_ / 2)
+    rate = model.inverse_transform(h)
+    np.testing.assert_allclose(h[:, used] @ model.components_[used], rate, rtol=1e-6)
+    assert sorted(set(model.top_features(3).component)) == list(used)
+
+
+def test_a_fit_of_as_many_components_as_programs_warns_of_none():
+    x, _, _ = make_counts(400, 100, 5, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EmptyComponentsWarning)
+        model = PNMF(5, backend="numpy", random_state=0).fit(x)
+    assert model.empty_components_.size == 0
+    with pytest.raises(Exception, match="not fitted"):
+        _ = PNMF(2).empty_components_
+
+
+def test_an_empty_component_changes_no_other_components_specificity():
+    rng = np.random.default_rng(3)
+    w = rng.gamma(0.5, 1.0, (40, 3))
+    # Loadings a fit shrank to nothing: zeros, or subnormal float32 noise.
+    for empty in (np.zeros(40), rng.random(40) * 1e-40):
+        score = specificity(np.column_stack([w[:, :2], empty, w[:, 2]]))
+        np.testing.assert_allclose(score[:, [0, 1, 3]], specificity(w), rtol=1e-12, atol=1e-300)
+        assert np.all(score[:, 2] == 0.0)
+
+
+def test_plot_loadings_draws_no_features_for_an_empty_component():
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from pnmf import plot
+
+    rng = np.random.default_rng(1)
+    w = rng.gamma(0.5, 1.0, (40, 3))
+    model = with_loadings(np.column_stack([w, np.zeros(40)]), [f"g{d}" for d in range(40)])
+    ax = plot.loadings(model, top=4)
+    drawn = [t.get_text() for t in ax.get_yticklabels()]
+    assert drawn == [
+        t.get_text() for t in plot.loadings(with_loadings(w, [f"g{d}" for d in range(40)]), top=4).get_yticklabels()
+    ]
+    assert ax.get_title().endswith("empty: component 3")

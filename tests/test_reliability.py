@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sklearn.exceptions import ConvergenceWarning
 
-from pnmf import PNMF, consensus, make_counts, select_n_components, thin
+from pnmf import PNMF, EmptyComponentsWarning, consensus, make_counts, select_n_components, thin
 from pnmf.elbo import MODES
 
 from .conftest import BACKENDS
@@ -300,6 +300,7 @@ def test_property_random_problems_give_finite_reproducible_fits(
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no overflow or invalid-value warnings either
         warnings.simplefilter("ignore", ConvergenceWarning)  # 20 iterations: stopped early on purpose
+        warnings.simplefilter("ignore", EmptyComponentsWarning)  # a single count needs one component
         first = PNMF(n_components, **params).fit(data)
     _assert_finite(first, n)
     second = PNMF(n_components, **params).fit(data)
