@@ -147,8 +147,8 @@ def _consensus(
     if n_empty:
         warnings.warn(
             f"the restarts left a median of {n_empty} of {n_components} components empty (zero loadings): the "
-            f"consensus has {n_programs} programs and {n_empty} empty components (empty_components_); fit fewer "
-            "components",
+            f"consensus has {n_programs} programs and {n_empty} empty component{'s' if n_empty > 1 else ''} "
+            "(empty_components_); fit fewer components",
             EmptyComponentsWarning,
             stacklevel=user_stacklevel(),
         )
