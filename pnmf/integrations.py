@@ -168,10 +168,11 @@ def fit_anndata(
     * ``adata.obsm["X_" + key]``: factors E_q[exp F] of the cells (n_obs, n_components);
     * ``adata.varm[key.upper()]``: loadings W (n_vars, n_components);
     * ``adata.uns[key]``: ``params``, ``elbo``, ``elbo_history``, ``n_iter``, ``converged``,
-      ``backend``, ``device``, and the posterior ``mean`` and ``var`` of the log-factors;
-      with batches ``batches`` (the labels) and ``batch_effects`` (n_batches, n_vars), and
-      with size factors ``size_factors`` (one per cell); and ``top_features``, the program
-      table of ``PNMF.top_features`` (20 genes per component, named by ``adata.var_names``).
+      ``backend``, ``device``, ``empty_components`` (``PNMF.empty_components_``), and the
+      posterior ``mean`` and ``var`` of the log-factors; with batches ``batches`` (the
+      labels) and ``batch_effects`` (n_batches, n_vars), and with size factors
+      ``size_factors`` (one per cell); and ``top_features``, the program table of
+      ``PNMF.top_features`` (20 genes per component in use, named by ``adata.var_names``).
 
     Sparse matrices stay sparse. ``params`` go to ``PNMF``. Returns the fitted model, its
     ``feature_names_in_`` the genes (``adata.var_names``): ``transform_anndata`` maps other
@@ -226,6 +227,7 @@ def fit_anndata(
         "converged": bool(model.converged_),
         "backend": model.backend_,
         "device": model.device_,
+        "empty_components": model.empty_components_,
         "mean": model.mean_,
         "var": model.var_,
         "layer": layer if layer is not None else "X",

@@ -171,3 +171,25 @@ def test_plot_loadings_draws_no_features_for_an_empty_component():
         t.get_text() for t in plot.loadings(with_loadings(w, [f"g{d}" for d in range(40)]), top=4).get_yticklabels()
     ]
     assert ax.get_title().endswith("empty: component 3")
+
+
+def test_fit_anndata_names_the_empty_components_and_keeps_them_out_of_its_table(tmp_path):
+    anndata = pytest.importorskip("anndata")
+    import pnmf
+
+    x, _, _ = make_counts(400, 100, 5, random_state=0)
+    adata = anndata.AnnData(x)
+    adata.var_names = [f"gene{d}" for d in range(100)]
+    with pytest.warns(EmptyComponentsWarning):
+        model = pnmf.fit_anndata(adata, 10, random_state=0, backend="numpy")
+    stored = adata.uns["pnmf"]
+    assert model.empty_components_.size > 0
+    np.testing.assert_array_equal(stored["empty_components"], model.empty_components_)
+    assert set(stored["top_features"].component).isdisjoint(model.empty_components_)
+    adata.write_h5ad(tmp_path / "a.h5ad")  # an array of indices, empty or not, survives the file
+    back = anndata.read_h5ad(tmp_path / "a.h5ad").uns["pnmf"]
+    np.testing.assert_array_equal(back["empty_components"], model.empty_components_)
+    plain = anndata.AnnData(make_counts(120, 30, 3, random_state=2)[0])
+    pnmf.fit_anndata(plain, 3, random_state=0)
+    plain.write_h5ad(tmp_path / "b.h5ad")
+    assert anndata.read_h5ad(tmp_path / "b.h5ad").uns["pnmf"]["empty_components"].size == 0
