@@ -75,7 +75,9 @@ def loadings(model, feature_names=None, top: int = 8, ax=None, table=None):
 
 
 def factors(model, component: int = 0, max_rows: int = 200, ax=None):
-    """Posterior mean of F[:, component] per row, sorted, with a 95% interval."""
+    """Posterior mean of F[:, component] per row, sorted, with q's 95% interval (``mean_``,
+    ``var_``: too narrow in ``lower-bound`` mode; ``model.posterior(X, method="laplace")``
+    gives the wider Laplace variances)."""
     n_components = np.shape(model.mean_)[1]
     if not -n_components <= component < n_components:
         raise ValueError(f"component={component} is not one of the model's {n_components} (0 to {n_components - 1})")
