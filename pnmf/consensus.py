@@ -81,14 +81,7 @@ def consensus(
 
 
 def _consensus(
-    X,
-    n_components,
-    n_restarts,
-    random_state,
-    density_threshold,
-    batch,
-    pnmf_params,
-    keep_all_if_too_few=False,
+    X, n_components, n_restarts, random_state, density_threshold, batch, pnmf_params, keep_all_if_too_few=False
 ) -> PNMF:
     """:func:`consensus`; with ``keep_all_if_too_few``, restarts too unlike each other for
     ``density_threshold`` to leave enough components are combined with none dropped
