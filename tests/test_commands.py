@@ -229,3 +229,16 @@ def test_the_scale_suites_out_of_core_fits_at_two_densities_are_written_and_repo
     # the fit's own peak (0.2 - 0.15 GB) and the process's, each against X
     assert "the fit's own peak 0.05 GB (0.50x;" in lines[0] and "the process's 0.20 GB (2.00x;" in lines[0]
     assert "the fit's own peak 0.05 GB (0.10x;" in lines[1] and "the process's 0.20 GB (0.40x;" in lines[1]
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="resident memory is read from /proc (Linux)")
+def test_resident_memory_is_read_now_and_the_peak_in_the_same_units():
+    from pnmf.benchmarks.speed import peak_rss_gb, rss_gb
+
+    before = rss_gb()
+    block = np.ones(2**25)  # 0.25 GiB, every page touched
+    held = rss_gb()
+    assert 0.2 < held - before < 0.3
+    del block
+    # the peak remembers the block after it is gone; resident memory now does not
+    assert rss_gb() < held - 0.2 and peak_rss_gb() >= held - 0.01

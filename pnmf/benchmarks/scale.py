@@ -9,7 +9,8 @@ and the per-step payload; then an out-of-core mini-batch fit of a 1,000,000 x 5,
 at 1% (5e7 non-zeros) opened with ``backed="r"``: its time and peak RSS against the size
 X takes in memory; and the same fit at 5% (2.5e8 non-zeros), to tell what grows with X
 from what does not. The fit's own peak is the process's peak less its RSS when the fit
-starts (Python, the libraries and the opened AnnData). The all-reduce's time is measured around the call, so it
+starts (Python, the libraries and the opened AnnData: the resident memory then, not the
+peak so far, which opening the file raises for a moment). The all-reduce's time is measured around the call, so it
 includes waiting for the slower rank. Each iteration time is (T(31) - T(11)) / 20 from fits of 11
 and 31 iterations, so set-up and the final pass cancel; every fit runs in a fresh process.
 """
@@ -18,13 +19,20 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import resource
 import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
 
-from .speed import SPARSE_COMPONENTS, SPARSE_DENSITY, SPARSE_SHAPE, _scipy_pair_seconds, sparse_counts
+from .speed import (
+    SPARSE_COMPONENTS,
+    SPARSE_DENSITY,
+    SPARSE_SHAPE,
+    _scipy_pair_seconds,
+    peak_rss_gb,
+    rss_gb,
+    sparse_counts,
+)
 
 ITERATIONS = (11, 31)
 DISK_SHAPE = (1_000_000, 5_000)
@@ -84,7 +92,7 @@ def _single(queue, backend: str) -> None:
             "short_s": short,
             "long_s": long,
             "scipy_pair_s": _scipy_pair_seconds(x, SPARSE_COMPONENTS),
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "peak_rss_gb": peak_rss_gb(),
         }
     )
 
@@ -101,7 +109,7 @@ def _rank(queue, backend: str, rank: int, world: int, rendezvous: str) -> None:
     local = x[rank * rows : (rank + 1) * rows if rank < world - 1 else x.shape[0]]
     with threadpool_limits(1):
         short, long, reduce_s = _timed_fits(local, backend, distributed=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peak = peak_rss_gb()
     queue.put({"rank": rank, "short_s": short, "long_s": long, "allreduce_s": reduce_s, "peak_rss_gb": peak})
     dist.destroy_process_group()
 
@@ -201,13 +209,13 @@ def _disk_fit(queue, path: str, backend: str) -> None:
 
     if backend == "torch":
         import torch  # noqa: F401  (its memory belongs to the baseline, not to the fit)
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    baseline = rss_gb()
     with h5py.File(path, "r") as handle:
         group = handle["X"]
         in_memory = sum(group[name].size * group[name].dtype.itemsize for name in ("data", "indices", "indptr"))
         nnz = int(group["data"].size)
     adata = anndata.read_h5ad(path, backed="r")
-    opened = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    opened = rss_gb()  # what the fit starts from (opening the file peaks above it, briefly)
     start = time.perf_counter()
     model = fit_anndata(
         adata,
@@ -229,7 +237,7 @@ def _disk_fit(queue, path: str, backend: str) -> None:
             "steps": int(model.n_iter_),
             "seconds": seconds,
             "x_in_memory_gb": in_memory / 2**30,
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "peak_rss_gb": peak_rss_gb(),
             "rss_after_imports_gb": baseline,
             "rss_after_open_gb": opened,
             # mean_, var_ and the factors: (n_rows, n_components) each, in the fit's dtype

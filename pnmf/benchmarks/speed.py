@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -38,6 +37,27 @@ SPARSE_COMPONENTS = 20
 SCALING_NNZ = (1e5, 3e5, 1e6, 3e6, 1e7)
 # Iterations of one timed fit of ours on the seed setting (tol=0, so exactly this many).
 PEER_ITERATIONS = 300
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory so far, in GiB (NaN where the platform has no
+    ``resource`` module: Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return float("nan")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20  # bytes on macOS, KiB elsewhere
+
+
+def rss_gb() -> float:
+    """This process's resident memory now, in GiB, where ``/proc`` tells it (Linux); elsewhere
+    the peak so far, which is at least as much."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (OSError, ValueError, AttributeError):
+        return peak_rss_gb()
 
 
 def sparse_counts(n_rows: int, n_cols: int, nnz: int, seed: int = 0) -> sp.csr_matrix:
@@ -121,7 +141,7 @@ def _sparse_job(queue, backend: str, shape, nnz: int, monte_carlo: bool, huge_pa
         )
         result["expanded_s_per_iter_E1"] = one
         result["expanded_s_per_sample"] = (five - one) / 4
-    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    result["peak_rss_gb"] = peak_rss_gb()
     queue.put(result)
 
 
