@@ -52,7 +52,15 @@ COUNT_CHUNK = 1 << 20
 
 
 def log_term(
-    b: Backend, x: Array, a: Array, w: Array, second: bool, rate: Callable, rows: Callable, cols: Callable
+    b: Backend,
+    x: Array,
+    a: Array,
+    w: Array,
+    second: bool,
+    rate: Callable,
+    rows: Callable,
+    cols: Callable,
+    loadings: bool = True,
 ) -> tuple:
     """sum X log rate with rate = a @ W.T, a = exp(F) (c, N, L), and its derivatives in F and W.
 
@@ -63,13 +71,14 @@ def log_term(
         d2/dF2     = a * ((X / rate) @ W) - a^2 * ((X / rate^2) @ W^2)     (diagonal)
         d/dW       = sum_c (X / rate).T @ a
 
-    Returns ``(value, d/dF, d/dW, d2/dF2 or None)``.
+    Returns ``(value, d/dF, d/dW, d2/dF2 or None)``; d/dW is None, and its product is not
+    made, unless ``loadings`` (steps with W fixed need none).
     """
     r = rate(a, w) + TINY_RATE  # a floor on rate >= 0, cheaper than a clip
     ratio = x / r
     value = b.sum(x * b.log(r))
     g_f = a * rows(ratio, w)
-    g_w = cols(ratio, a)
+    g_w = cols(ratio, a) if loadings else None
     # a * (a * ...) rather than a^2 * ...: exp(2F) alone can overflow float32.
     h_f = g_f - a * (a * rows(ratio / r, w * w)) if second else None
     return value, g_f, g_w, h_f
@@ -151,9 +160,9 @@ class DenseCounts:
         self.shift = log_shift(x_log_x, self.total)  # sum X log rate is summed at rate e^-shift
         self.chunk = max(1, DENSE_CHUNK // max(1, x.shape[0] * x.shape[1]))
 
-    def log_term(self, a: Array, w: Array, second: bool) -> tuple:
+    def log_term(self, a: Array, w: Array, second: bool, loadings: bool = True) -> tuple:
         """sum X log rate and its derivatives for a = exp(F) (c, N, L): see :func:`log_term`."""
-        return self.backend.dense_log_term(self.x, a, w, second)
+        return self.backend.dense_log_term(self.x, a, w, second, loadings)
 
     def log_value(self, a: Array, w: Array) -> Array:
         """sum X log rate alone for a = exp(F) (c, N, L)."""
@@ -170,18 +179,18 @@ class SparseCounts:
     chunk = 1  # one Monte Carlo sample at a time: each is already an nnz-sized pass
     scaling = None
 
-    def __init__(self, backend: Backend, x: sp.csr_matrix, group=None):
+    def __init__(self, backend: Backend, x: sp.csr_matrix, group=None, loadings: bool = True):
         self.backend = backend
         self.group = group
         self.shape = x.shape
-        self.pattern = backend.sparse(x)
+        self.pattern = backend.sparse(x, transpose=loadings)
         self.x = backend.asarray(x.data)
         self.lgamma_sum, x_log_x, self.total = count_sums(x.data)
         self.shift = log_shift(x_log_x, self.total)  # sum X log rate is summed at rate e^-shift
 
-    def log_term(self, a: Array, w: Array, second: bool) -> tuple:
+    def log_term(self, a: Array, w: Array, second: bool, loadings: bool = True) -> tuple:
         """The log term over the non-zeros for a (1, N, L): see :func:`log_term`."""
-        return self.backend.sparse_log_term(self.pattern, self.x, a, w, second)
+        return self.backend.sparse_log_term(self.pattern, self.x, a, w, second, loadings)
 
     def log_value(self, a: Array, w: Array) -> Array:
         """sum X log rate alone over the non-zeros for a (1, N, L)."""
@@ -192,15 +201,20 @@ class SparseCounts:
         return self.backend.sparse_slope(self.pattern, self.x, a, w)
 
 
-def as_counts(backend: Backend, x: np.ndarray | sp.spmatrix, group=None, scaling=None) -> DenseCounts | SparseCounts:
+def as_counts(
+    backend: Backend, x: np.ndarray | sp.spmatrix, group=None, scaling=None, loadings: bool = True
+) -> DenseCounts | SparseCounts:
     """Put validated counts on the backend, sparse input staying sparse.
 
     ``group``: the process group whose ranks hold the other rows (None: x is all of X).
     ``scaling``: the rows' size factors and batches (a :class:`pnmf.scaling.Scaling`), or None.
+    ``loadings``: whether the loadings' gradient is needed from the start; without it a
+    backend may leave the structure of X's transpose until a product first needs it (see
+    :meth:`pnmf.backends.base.Backend.sparse`).
     """
     group = group if group is not None and group.size > 1 else None
     if sp.issparse(x):
-        counts = SparseCounts(backend, canonical_csr(x), group)
+        counts = SparseCounts(backend, canonical_csr(x), group, loadings)
     else:
         counts = DenseCounts(backend, np.asarray(x), group)
     counts.scaling = scaling
@@ -330,6 +344,7 @@ def evaluate(
     control_variate: bool = False,
     chunk: int | None = None,
     row_statistics: bool = False,
+    loadings: bool = True,
 ) -> Terms:
     """The ELBO of ``mode`` at (mu, var, W) and, if ``gradients``, its gradients.
 
@@ -355,6 +370,10 @@ def evaluate(
     ``row_statistics`` adds to the terms ``prior_sum`` = sum_n (mu^2 + var) (L,),
     ``mu_sum`` = sum_n mu (L,) and the number of ``rows``, summed over a distributed fit's
     processes: for :func:`prior_update` and the recentring of natural Monte Carlo steps.
+
+    ``loadings=False`` leaves out the loadings' gradient (``g_w`` and ``w_numerator`` are
+    None) and the sparse product over X's transpose it takes: for steps with W fixed (the
+    rows' q(F) in ``transform`` and in a mini-batch fit).
     """
     b = counts.backend
     if noise is not None and noise.balanced(n_samples):
@@ -374,7 +393,7 @@ def evaluate(
     if mode == "lower-bound" and not gradients:
         value = counts.log_value(b.exp(centre)[None], w)
     elif mode == "lower-bound":
-        value, g_f, w_num, _ = counts.log_term(b.exp(centre)[None], w, second=False)
+        value, g_f, w_num, _ = counts.log_term(b.exp(centre)[None], w, second=False, loadings=loadings)
         g_mu, g_var = g_f[0], None
     elif mode in ("simple", "expanded"):
         n, n_comp = mu.shape
@@ -387,8 +406,8 @@ def evaluate(
             eps = noise.draw((min(chunk, n_samples - start), n, n_comp))
             a = b.exp(centre + sd * eps)
             if gradients:
-                chunk_value, g_f, chunk_w, h_f = counts.log_term(a, w, second)
-                w_num = _plus(w_num, chunk_w)
+                chunk_value, g_f, chunk_w, h_f = counts.log_term(a, w, second, loadings)
+                w_num = _plus(w_num, chunk_w) if loadings else None
             else:
                 chunk_value = counts.log_value(a, w)
             if mode == "simple":  # the rate sum is sampled too
@@ -408,7 +427,7 @@ def evaluate(
         if control_variate:
             value = value - b.sum(_first_order(counts, mu, w, scale, mode) * sd * eps_sum) / n_samples
         if gradients:
-            w_num = w_num / n_samples
+            w_num = w_num / n_samples if loadings else None
             g_mu = g_mu / n_samples
             g_var = g_var / (2 * n_samples) if second else g_var / (2 * n_samples * sd)
     else:
@@ -439,7 +458,9 @@ def evaluate(
         value = value + scaling.log_effects(g)  # sum X log g, from the batch sums of all rows
     if not gradients:
         return Terms(value, prior_sum=prior_sum, mu_sum=mu_sum, rows=rows)
-    if mode == "simple":
+    if not loadings:
+        g_w = None
+    elif mode == "simple":
         # d/dW of the sampled rate sum: -(1/E) sum_e sum_n exp(F_e), the same for every d.
         g_w = w_num - rate_denominator(b, None if scaling is None else g, sampled_sum / n_samples)
     else:

@@ -819,7 +819,8 @@ class PNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
         Call inside ``b.scope()``; returns the counts, mu, var, W and the extra parameters
         (:func:`pnmf.loop.run`'s; the prior scale among them) on the device.
         """
-        counts = as_counts(b, x, scaling=None if effects is None else effects.scaling(b, x))
+        # The loadings stay fixed: X.T's structure waits for a product that needs it (a mini-batch step's last).
+        counts = as_counts(b, x, scaling=None if effects is None else effects.scaling(b, x), loadings=False)
         w = b.asarray(loadings)
         fit_batches = effects is not None and effects.free is not None
         prior = self._prior_on(b) if prior is None else prior

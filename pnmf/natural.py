@@ -161,9 +161,10 @@ class NaturalTrainer(Trainer):
                 accepted_value=b.scalar(-math.inf),
                 **{"accepted_" + k: v for k, v in state.items() if k in PARAMS},
                 **{k: b.zeros_like(mu) for k in ("g_mu", "g_var")},
-                w_numerator=b.zeros_like(w),
                 expected_sum=b.zeros_like(w[0] if g is None else g @ w),
             )
+            if self.fit_loadings:
+                state["w_numerator"] = b.zeros_like(w)
             if self.learns_prior(state):
                 state.update(prior_sum=b.zeros_like(w[0]), rows=b.scalar(0.0))
         return state
@@ -191,14 +192,17 @@ class NaturalTrainer(Trainer):
             var_gradient="price",
             control_variate=True,
             row_statistics=self.learns_prior(state) or self.recentre,
+            loadings=self.fit_loadings,
         )
         t = state["t"] + 1
         new = dict(state, t=t)
         if self.checked:
             # Step from the last accepted point: the new one if the ELBO did not fall (up to
             # rounding), else the old one.
-            statistics = ("g_mu", "g_var", "w_numerator", "expected_sum") + (
-                ("prior_sum", "rows") if self.learns_prior(state) else ()
+            statistics = (
+                ("g_mu", "g_var", "expected_sum")
+                + (("w_numerator",) if self.fit_loadings else ())
+                + (("prior_sum", "rows") if self.learns_prior(state) else ())
             )
             fresh = {name: getattr(terms, name) for name in statistics}
             new.update(checked_step(b, state, terms.value, fresh, self.rounding, self.rho0))

@@ -238,6 +238,7 @@ class StandardTrainer(Trainer):
             prior_scale=extra.get("prior", self.prior_scale),
             control_variate=True,
             row_statistics=self.learns_prior(extra),
+            loadings=self.fit_loadings,
         )
         t = state["t"] + 1
         # Gradients in theta's coordinates: d/dlog sd = g_var * 2 var, d/dlog W = g_w * W.

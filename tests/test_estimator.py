@@ -126,6 +126,35 @@ def test_transform_is_deterministic_and_agrees_with_fit(planted):
     assert model.score(x) == pytest.approx(model.elbo_, rel=1e-3)
 
 
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_transform_makes_no_product_for_the_loadings_it_keeps_fixed(planted, backend_name, sparse, monkeypatch):
+    from pnmf.backends.base import Backend
+    from pnmf.elbo import DenseCounts, SparseCounts
+
+    x, _, _ = planted
+    data = sp.csr_matrix(x) if sparse else x
+    model = PNMF(5, backend=backend_name, max_iter=30, random_state=0).fit(data)
+    expected = model.transform(data[:40])
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a product over X's transpose, for d/dW, with the loadings fixed")
+
+    for backend in Backend.__subclasses__():
+        if "sparse_matmul_t" in vars(backend):
+            monkeypatch.setattr(backend, "sparse_matmul_t", refuse)
+    for counts in (DenseCounts, SparseCounts):
+        log_term = counts.log_term
+
+        def checked(self, a, w, second, loadings=True, _log_term=log_term):
+            assert loadings is False
+            result = _log_term(self, a, w, second, loadings)
+            assert result[2] is None
+            return result
+
+        monkeypatch.setattr(counts, "log_term", checked)
+    np.testing.assert_array_equal(model.transform(data[:40]), expected)
+
+
 def test_posterior_of_new_rows_is_what_transform_reads_and_narrows_with_more_counts(planted):
     x, _, _ = planted
     model = PNMF(5, backend="numpy", dtype="float64", random_state=0, max_iter=2000, tol=1e-7).fit(x)

@@ -34,6 +34,21 @@ def test_gradients_match_autodiff(name, mode, sparse, oracle):
         np.testing.assert_allclose(b.to_numpy(mine), theirs, rtol=rtol * 10, atol=rtol * 10)
 
 
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", BACKENDS)
+def test_without_the_loadings_gradient_the_rest_is_unchanged(name, mode, sparse):
+    x, mu, var, w, eps = small_problem(seed=2)
+    b = cpu_backend(name)
+    data = sp.csr_matrix(x) if sparse else x
+    both = evaluate_on(b, data, mu, var, w, mode, eps, var_gradient="price")
+    alone = evaluate_on(b, data, mu, var, w, mode, eps, var_gradient="price", loadings=False)
+    assert both.g_w is not None and both.w_numerator is not None
+    assert alone.g_w is None and alone.w_numerator is None
+    for name_ in ("value", "g_mu", "g_var", "expected_sum"):
+        np.testing.assert_array_equal(b.to_numpy(getattr(alone, name_)), b.to_numpy(getattr(both, name_)))
+
+
 def scaled_problem(seed: int = 3, n_batches: int = 3):
     """small_problem's point with size factors, batch codes and batch effects g (B, D)."""
     x, mu, var, w, eps = small_problem(seed=seed)

@@ -249,9 +249,10 @@ def test_torch_sparse_products_on_the_cpu_index_with_int32(monkeypatch, sampled_
         monkeypatch.setattr(torch_backend, "SAMPLED_ADDMM", ())
     b = cpu_backend("torch")
     x, a, w, rows = sparse_products_problem(60, 25, 4, 0.2)
-    pattern = b.sparse(x)
-    indices = (pattern.crow, pattern.col, pattern.crow_t, pattern.col_t, pattern.order_t)
-    assert all(index.dtype == torch.int32 for index in indices)
+    assert not callable(b.sparse(x)._transpose)  # X.T's structure ready before any step
+    pattern = b.sparse(x, transpose=False)
+    assert pattern.crow.dtype == pattern.col.dtype == torch.int32
+    assert callable(pattern._transpose)  # without: it waits for the first product over X.T
     assert (pattern.rows is None) == sampled_addmm  # 8 bytes a non-zero, kept only where it is used
     values = b.asarray(x.data)
     rtol = 1e-12
@@ -259,6 +260,7 @@ def test_torch_sparse_products_on_the_cpu_index_with_int32(monkeypatch, sampled_
     np.testing.assert_allclose(sampled, (a @ w.T)[rows, x.indices], rtol=rtol)
     np.testing.assert_allclose(b.to_numpy(b.sparse_matmul(pattern, values, b.asarray(w))), x @ w, rtol=rtol)
     np.testing.assert_allclose(b.to_numpy(b.sparse_matmul_t(pattern, values, b.asarray(a))), x.T @ a, rtol=rtol)
+    assert all(index.dtype == torch.int32 for index in pattern.transposed())
 
 
 def test_index_dtype_is_int32_below_2_to_the_31_and_int64_from_there():

@@ -145,8 +145,13 @@ class Backend:
         return LANE_ENTRIES["cpu" if self.device == "cpu" else "accelerator"]
 
     # -- sparse counts -----------------------------------------------------------
-    def sparse(self, x: sp.csr_matrix) -> Any:
-        """The backend's handle on the sparsity pattern of a CSR matrix (N, D)."""
+    def sparse(self, x: sp.csr_matrix, transpose: bool = True) -> Any:
+        """The backend's handle on the sparsity pattern of a CSR matrix (N, D).
+
+        With ``transpose=False`` a backend may build what its products over X.T need at the
+        first such product rather than now (steps with the loadings fixed never make one);
+        with True it is ready before any step, which then moves nothing from the host.
+        """
         raise NotImplementedError
 
     def sampled_matmul(self, pattern: Any, a: Array, b: Array) -> Array:
@@ -162,14 +167,15 @@ class Backend:
         raise NotImplementedError
 
     # -- the Poisson log term ------------------------------------------------------
-    def dense_log_term(self, x: Array, a: Array, w: Array, second: bool) -> tuple:
-        """:func:`log_term` for dense counts x (N, D) and a (c, N, L), the hot loop of a fit.
+    def dense_log_term(self, x: Array, a: Array, w: Array, second: bool, loadings: bool = True) -> tuple:
+        """:func:`log_term` for dense counts x (N, D) and a (c, N, L), the hot loop of a fit
+        (d/dW None unless ``loadings``).
 
         Backends may fuse it; this version is written on the interface, or handed to the
         host backend where there is one.
         """
         if self._host is not None:
-            return self.on_host("dense_log_term", x, a, w, second)
+            return self.on_host("dense_log_term", x, a, w, second, loadings)
         from ..elbo import log_term  # the math lives with the ELBO, which imports this module
 
         return log_term(
@@ -181,6 +187,7 @@ class Backend:
             rate=lambda a, w: a @ self.swap(w),
             rows=lambda v, w: v @ w,
             cols=lambda v, a: self.sum(self.swap(v) @ a, axis=0),
+            loadings=loadings,
         )
 
     def dense_log_value(self, x: Array, a: Array, w: Array) -> Array:
@@ -206,8 +213,9 @@ class Backend:
         value = self.sum(self.sum(x * self.log(rate), axis=-1), axis=-1)
         return value, a * (ratio @ w), self.swap(ratio) @ a
 
-    def sparse_log_term(self, pattern: Any, x: Array, a: Array, w: Array, second: bool) -> tuple:
-        """:func:`log_term` over the non-zeros of ``pattern`` (values x, (nnz,)) for a (1, N, L)."""
+    def sparse_log_term(self, pattern: Any, x: Array, a: Array, w: Array, second: bool, loadings: bool = True) -> tuple:
+        """:func:`log_term` over the non-zeros of ``pattern`` (values x, (nnz,)) for a (1, N, L)
+        (d/dW None unless ``loadings``)."""
         from ..elbo import log_term
 
         return log_term(
@@ -219,6 +227,7 @@ class Backend:
             rate=lambda a, w: self.sampled_matmul(pattern, a[0], w)[None],
             rows=lambda v, w: self.sparse_matmul(pattern, v[0], w)[None],
             cols=lambda v, a: self.sparse_matmul_t(pattern, v[0], a[0]),
+            loadings=loadings,
         )
 
     def sparse_log_value(self, pattern: Any, x: Array, a: Array, w: Array) -> Array:

@@ -258,9 +258,9 @@ class MLXBackend(Backend):
         draw_key, next_key = mx.random.split(key)
         return mx.random.normal(shape, dtype=self._dtype, key=draw_key), next_key
 
-    def sparse(self, x):
+    def sparse(self, x, transpose=True):
         if self._host is not None:
-            return self._host.sparse(x)
+            return self._host.sparse(x, transpose)
         if x.nnz >= 2**31:
             raise ValueError(f"X has {x.nnz:,} non-zeros; MLX indexes them with int32, at most 2**31 - 1")
         rows = np.repeat(np.arange(x.shape[0], dtype=np.int64), np.diff(x.indptr))
@@ -281,10 +281,10 @@ class MLXBackend(Backend):
         return mx.array(a, dtype=self._dtype)  # the host's float64 would come in as float32
 
     # The sparse log term goes to the host as well: its pattern is the host's (see sparse).
-    def sparse_log_term(self, pattern, x, a, w, second):
+    def sparse_log_term(self, pattern, x, a, w, second, loadings=True):
         if self._host is not None:
-            return self.on_host("sparse_log_term", pattern, x, a, w, second)
-        return super().sparse_log_term(pattern, x, a, w, second)
+            return self.on_host("sparse_log_term", pattern, x, a, w, second, loadings)
+        return super().sparse_log_term(pattern, x, a, w, second, loadings)
 
     def sparse_log_value(self, pattern, x, a, w):
         if self._host is not None:

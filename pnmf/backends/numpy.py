@@ -128,7 +128,7 @@ class NumpyBackend(Backend):
         np.add(rate, TINY_RATE, out=rate)  # as a floor: np.maximum is 6x slower here
         return rate
 
-    def dense_log_term(self, x, a, w, second):
+    def dense_log_term(self, x, a, w, second, loadings=True):
         # The interface's version, in place in two scratch (c, N, D) arrays and with the
         # sample axis folded into single matrix products.
         c, n, n_comp = a.shape
@@ -139,7 +139,7 @@ class NumpyBackend(Backend):
         value = _sum_x_log(x, rate, work)
         np.divide(x, rate, out=work)  # X / rate
         g_f = a * (flat_work @ w).reshape(a.shape)
-        g_w = flat_work.T @ flat_a
+        g_w = flat_work.T @ flat_a if loadings else None
         h_f = None
         if second:
             np.divide(work, rate, out=rate)  # X / rate^2
@@ -191,7 +191,7 @@ class NumpyBackend(Backend):
         np.multiply(radius, np.sin(angle), out=out[1])
         return out.reshape(-1)[:size].reshape(shape), key
 
-    def sparse(self, x):
+    def sparse(self, x, transpose=True):
         # Chunks of whole rows with about CHUNK non-zeros each: a row's factors are then
         # repeated (np.repeat) rather than gathered, 3x faster than np.take here.
         indptr = x.indptr
@@ -214,7 +214,7 @@ class NumpyBackend(Backend):
             np.matmul(block, ones, out=out[start:stop])  # row sums: faster than an einsum
         return out
 
-    def sparse_log_term(self, pattern, x, a, w, second):
+    def sparse_log_term(self, pattern, x, a, w, second, loadings=True):
         # The interface's version in two nnz-sized buffers kept with the pattern, each
         # intermediate written over one no longer needed: it made five fresh ones a step,
         # four of them alive at once.
@@ -225,7 +225,7 @@ class NumpyBackend(Backend):
         else:
             ratio = np.divide(x, rate, out=rate)
         g_f = a * self.sparse_matmul(pattern, ratio, w)[None]
-        g_w = self.sparse_matmul_t(pattern, ratio, a[0])
+        g_w = self.sparse_matmul_t(pattern, ratio, a[0]) if loadings else None
         h_f = g_f - a * (a * self.sparse_matmul(pattern, squared, w * w)[None]) if second else None
         return value, g_f, g_w, h_f
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from .base import TINY_RATE, Backend, csr_transpose_order, index_dtype
@@ -93,12 +95,19 @@ class _Pattern:
     crow: torch.Tensor
     col: torch.Tensor
     rows: torch.Tensor | None  # each non-zero's row, where there is no sampled_addmm
-    crow_t: torch.Tensor
-    col_t: torch.Tensor
-    order_t: torch.Tensor
     shape: tuple[int, int]
     ones: torch.Tensor  # the pattern as a CSR tensor, for sampled_addmm
+    # X.T's (crow, col) and the order taking X's values to it, or, for counts whose steps
+    # keep the loadings fixed (transform, the rows' q(F) of a mini-batch fit), what makes
+    # them at the first product over X.T: 12 bytes a non-zero and a sort those are spared.
+    _transpose: Callable[[], tuple[torch.Tensor, ...]] | tuple[torch.Tensor, ...]
     _scratch: list = field(default_factory=list)
+
+    def transposed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """X.T's CSR structure (crow, col) and the permutation of X's values into it."""
+        if callable(self._transpose):
+            self._transpose = self._transpose()  # and lets go of X's host arrays
+        return self._transpose
 
     def scratch(self, like: torch.Tensor) -> list[torch.Tensor]:
         """Two buffers shaped like the values ``like`` (nnz,), made at the first call and kept."""
@@ -253,9 +262,9 @@ class TorchBackend(Backend):
 
     # On the CPU the dense hot loop is NumPy's: at the seed size MKL's small products took
     # 40-58 us against OpenBLAS's 20, and torch's log 115 us against NumPy's 76 (2e5 values).
-    def dense_log_term(self, x, a, w, second):
+    def dense_log_term(self, x, a, w, second, loadings=True):
         if self._host is not None:
-            return super().dense_log_term(x, a, w, second)  # handed to the host
+            return super().dense_log_term(x, a, w, second, loadings)  # handed to the host
         # In place in two scratch (c * N, D) tensors, with the sample axis folded into single
         # matrix products whose outputs have L rows: MKL computes those 3x faster than the
         # (c * N, L) layout.
@@ -270,7 +279,7 @@ class TorchBackend(Backend):
         value = torch.sum(work.view(c, n, -1).mul_(x))
         torch.div(x, rate.view(c, n, -1), out=work.view(c, n, -1))  # X / rate
         g_f = a * torch.mm(w.T, work.T).T.reshape(a.shape)
-        g_w = torch.mm(flat_a.T, work).T
+        g_w = torch.mm(flat_a.T, work).T if loadings else None
         h_f = None
         if second:
             work.div_(rate)  # X / rate^2
@@ -301,14 +310,19 @@ class TorchBackend(Backend):
     def normal(self, key, shape):
         return torch.randn(shape, generator=key, device=self._device, dtype=self._dtype), key
 
-    def sparse(self, x):
+    def sparse(self, x, transpose=True):
         # Sparse products take 32-bit indices where they reach: 12 bytes a non-zero less, and
         # on the CPU CSR @ dense 2.5x faster (16-21 against 42-49 ms at 2e7 non-zeros, torch
         # 2.2 and 2.13). On an H100, with the kept buffers, an iteration at 1e8 non-zeros took
         # 20.1 against 24.1 ms and 4.0 against 5.4 GB (GPU suite, --more).
         index = index_dtype(x) if self._device.type in SHORT_INDEX else np.int64
-        indptr_t, indices_t, order = csr_transpose_order(x)
         crow, col = self.asindex(x.indptr, index), self.asindex(x.indices, index)
+        indptr, indices, shape = x.indptr, x.indices, x.shape  # held until then; X's values are not
+
+        def transpose_structure() -> tuple[torch.Tensor, ...]:
+            structure = sp.csr_matrix((np.broadcast_to(np.int8(1), indices.shape), indices, indptr), shape=shape)
+            return tuple(self.asindex(a, index) for a in csr_transpose_order(structure))
+
         rows = None
         if self._device.type not in SAMPLED_ADDMM:  # each non-zero's row, for the gathers there (8 bytes)
             rows = self.asindex(np.repeat(np.arange(x.shape[0], dtype=np.int64), np.diff(x.indptr)))
@@ -316,11 +330,9 @@ class TorchBackend(Backend):
             crow=crow,
             col=col,
             rows=rows,
-            crow_t=self.asindex(indptr_t, index),
-            col_t=self.asindex(indices_t, index),
-            order_t=self.asindex(order, index),
             shape=x.shape,
             ones=self._csr(crow, col, torch.ones(len(x.indices), dtype=self._dtype, device=self._device), x.shape),
+            _transpose=transpose_structure() if transpose else transpose_structure,
         )
 
     @staticmethod
@@ -345,9 +357,9 @@ class TorchBackend(Backend):
         )
         return out
 
-    def sparse_log_term(self, pattern, x, a, w, second):
+    def sparse_log_term(self, pattern, x, a, w, second, loadings=True):
         if self._device.type not in KEPT_BUFFERS:
-            return super().sparse_log_term(pattern, x, a, w, second)
+            return super().sparse_log_term(pattern, x, a, w, second, loadings)
         # The interface's version with its nnz-sized intermediates written into two buffers
         # kept with the pattern, each over one no longer needed: on the CPU each fresh one
         # costs a page fault per 4 kB (see docs/performance.md, huge pages).
@@ -358,7 +370,7 @@ class TorchBackend(Backend):
         if second:
             squared = torch.div(ratio, rate, out=rate)
             h_f = g_f - a * (a * self.sparse_matmul(pattern, squared, w * w)[None])
-        g_w = self.sparse_matmul_t(pattern, ratio, a[0], out=rate if second else spare)
+        g_w = self.sparse_matmul_t(pattern, ratio, a[0], out=rate if second else spare) if loadings else None
         return value, g_f, g_w, h_f
 
     def sparse_log_value(self, pattern, x, a, w):
@@ -380,5 +392,6 @@ class TorchBackend(Backend):
         """The interface's, the gathered values written into ``out`` (nnz,) when given."""
         shape_t = (pattern.shape[1], pattern.shape[0])
         # index_select gathers 2x faster than values[order] on the CPU (1.3 against 2.5 ms at 1.1e6).
-        values_t = torch.index_select(values, 0, pattern.order_t, out=out)
-        return self._csr(pattern.crow_t, pattern.col_t, values_t, shape_t) @ a
+        crow_t, col_t, order_t = pattern.transposed()
+        values_t = torch.index_select(values, 0, order_t, out=out)
+        return self._csr(crow_t, col_t, values_t, shape_t) @ a
