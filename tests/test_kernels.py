@@ -43,6 +43,20 @@ def test_fused_dense_log_term_equals_the_interface_version(backend_name, second)
                 np.testing.assert_allclose(b.to_numpy(got), b.to_numpy(want), rtol=rtol, atol=rtol)
 
 
+def test_column_major_counts_are_held_by_rows(backend_name):
+    """A DataFrame's values and a transpose are column-major; the steps read X by rows (flat),
+    which of a column-major X would be a copy at every step."""
+    b = cpu_backend(backend_name)
+    x = np.asfortranarray(_point(0, 1)[0])
+    held = as_counts(b, x).x
+    if backend_name == "numpy":
+        assert held.flags.c_contiguous
+    elif backend_name == "torch":
+        assert held.is_contiguous()
+    np.testing.assert_array_equal(b.to_numpy(held), x)
+    assert x.flags.f_contiguous  # the caller's array as it was
+
+
 @pytest.mark.parametrize("scale, zero_loadings", [(1e20, False), (1.0, True), (1e20, True)])
 def test_fused_value_in_float32_at_extreme_rates(scale, zero_loadings):
     """The NumPy loop takes logs of products of two samples' rates: products beyond float32's

@@ -198,7 +198,8 @@ class TorchBackend(Backend):
             torch.set_num_threads(before)
 
     def asarray(self, x):
-        return torch.tensor(np.asarray(x), dtype=self._dtype, device=self._device)
+        # torch.tensor keeps a column-major array's strides; the steps want rows (see NumPy's).
+        return torch.tensor(np.ascontiguousarray(x, dtype=self.dtype), dtype=self._dtype, device=self._device)
 
     def scalar(self, value):
         # A fill, not a copy from the host: a step with constants in it can be captured.
