@@ -17,7 +17,7 @@ import scipy.io
 import scipy.sparse as sp
 
 from pnmf import PNMF, consensus, select_n_components
-from pnmf.data import make_batched_counts
+from pnmf.data import make_batched_counts, make_counts
 
 from .conftest import free_port
 
@@ -195,6 +195,9 @@ def test_batches_layers_transform_info_and_python_m(files, tmp_path):
     )
     info = pnmf_command("info", tmp_path / "fit" / "model.npz", cwd=tmp_path)
     assert info.returncode == 0 and "batches: batch0, batch1, batch2" in info.stdout
+    s = model.size_factors_
+    line = f"size factors: row totals over {model.reference_total_:.6g}, {s.min():.3g} to {s.max():.3g}"
+    assert line in info.stdout and "prior scale" not in info.stdout
     unlabelled = pnmf_command(
         "transform", tmp_path / "fit" / "model.npz", folder / "cells.h5ad", "-o", tmp_path / "x", cwd=tmp_path
     )
@@ -207,6 +210,34 @@ def test_batches_layers_transform_info_and_python_m(files, tmp_path):
     assert counts.returncode == 2 and "holds counts, not a model" in counts.stderr
     assert not (tmp_path / "x").exists()
     assert "most specific features" in info.stdout and "component 0: gene" in info.stdout
+
+
+def test_a_matrix_is_fitted_in_the_layout_that_its_share_of_non_zeros_makes_faster(tmp_path):
+    x, _, _ = make_counts(600, 500, 4, random_state=0)  # 300,000 entries: large enough to move
+    thinned = np.random.default_rng(0).binomial(x.astype(np.int64), 0.02).astype(np.float64)
+    dense_share, thin_share = np.mean(x > 0), np.mean(thinned > 0)
+    assert dense_share >= 0.5 and 0 < thin_share <= 0.2
+    pd.DataFrame(thinned).to_csv(tmp_path / "thin.csv")  # a table: read dense
+    scipy.io.mmwrite(tmp_path / "full.mtx", sp.coo_matrix(x))  # Matrix Market: read sparse
+    common = ("-k", 4, "--max-iter", 20, "--tol", 0, "--backend", "numpy", "--seed", 0)
+    for name, counts, share, layout in (
+        ("thin.csv", sp.csr_matrix(thinned), thin_share, "sparse"),
+        ("full.mtx", x, dense_share, "dense"),
+    ):
+        done = pnmf_command("fit", name, *common, "-o", tmp_path / layout, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        assert f"{name} is {share:.1%} non-zero: held as a {layout} matrix" in done.stdout
+        fitted = PNMF.load(tmp_path / layout / "model.npz").loadings_
+        params = dict(n_components=4, max_iter=20, tol=0, backend="numpy", random_state=0)
+        np.testing.assert_array_equal(fitted, PNMF(**params).fit(counts).loadings_)
+        # The layouts round differently, so the equality above tells which one was fitted.
+        other = counts.toarray() if sp.issparse(counts) else sp.csr_matrix(counts)
+        assert not np.array_equal(fitted, PNMF(**params).fit(other).loadings_)
+    mapped = pnmf_command("transform", tmp_path / "dense" / "model.npz", "thin.csv", "-o", "m", cwd=tmp_path)
+    assert mapped.returncode == 0 and "thin.csv is" in mapped.stdout and "held as a sparse matrix" in mapped.stdout
+    (tmp_path / "few.txt").write_text("\n".join(map(str, range(50))))
+    small = pnmf_command("fit", "thin.csv", *common, "--features", "few.txt", "-o", "s", cwd=tmp_path)
+    assert small.returncode == 0 and "held as" not in small.stdout  # 600 x 50 entries: too few to move
 
 
 def test_a_10x_matrix_with_antibodies_keeps_its_genes(files, tmp_path):
@@ -782,7 +813,11 @@ def test_the_prior_scale_is_fixed_at_1_unless_asked_as_help_says(files, tmp_path
     for option, expected in (((), 1.0), (("--prior-scale", "auto"), "auto"), (("--prior-scale", "0.5"), 0.5)):
         done = pnmf_command("fit", folder / "counts.npz", *common, *option, "-o", tmp_path / "f", cwd=tmp_path)
         assert done.returncode == 0, done.stderr
-        assert PNMF.load(tmp_path / "f" / "model.npz").prior_scale == expected
+        model = PNMF.load(tmp_path / "f" / "model.npz")
+        assert model.prior_scale == expected
+        info = pnmf_command("info", tmp_path / "f" / "model.npz", cwd=tmp_path).stdout
+        fitted = f"prior scale (fitted): {', '.join(f'{v:.3g}' for v in model.prior_scale_)}"
+        assert (fitted in info) == (expected == "auto") and "size factors" not in info
 
 
 def test_a_folder_of_several_10x_samples_names_them_and_each_mtx_is_read_with_its_names(files, tmp_path):
