@@ -55,6 +55,7 @@ def test_column_major_counts_are_held_by_rows(backend_name):
         assert held.is_contiguous()
     np.testing.assert_array_equal(b.to_numpy(held), x)
     assert x.flags.f_contiguous  # the caller's array as it was
+    assert b.to_numpy(b.asarray(np.float64(2.5))).shape == ()  # a scalar stays one
 
 
 @pytest.mark.parametrize("scale, zero_loadings", [(1e20, False), (1.0, True), (1e20, True)])

@@ -199,7 +199,7 @@ class TorchBackend(Backend):
 
     def asarray(self, x):
         # torch.tensor keeps a column-major array's strides; the steps want rows (see NumPy's).
-        return torch.tensor(np.ascontiguousarray(x, dtype=self.dtype), dtype=self._dtype, device=self._device)
+        return torch.tensor(np.asarray(x, dtype=self.dtype, order="C"), dtype=self._dtype, device=self._device)
 
     def scalar(self, value):
         # A fill, not a copy from the host: a step with constants in it can be captured.
