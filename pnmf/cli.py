@@ -664,7 +664,7 @@ def cmd_fit(args) -> list[Path]:
     counts = _keep_features(read_counts(args.counts, args.layer, backed=True, transpose=args.transpose), args)
     n_rows = counts.x.shape[0]
     counts, suffix = _rows(counts, model)
-    if not suffix and model.batch_size is None:  # a whole fit in one process
+    if not suffix:  # one process (counts left on disk for a mini-batch fit keep their layout)
         counts = _layout(counts, args.counts, args.backend, args.device, args.dtype)
     batch = _batch(counts, args.batch_key)
     start = time.perf_counter()

@@ -235,6 +235,8 @@ def test_a_matrix_is_fitted_in_the_layout_that_its_share_of_non_zeros_makes_fast
         assert not np.array_equal(fitted, PNMF(**params).fit(other).loadings_)
     mapped = pnmf_command("transform", tmp_path / "dense" / "model.npz", "thin.csv", "-o", "m", cwd=tmp_path)
     assert mapped.returncode == 0 and "thin.csv is" in mapped.stdout and "held as a sparse matrix" in mapped.stdout
+    batched = pnmf_command("fit", "thin.csv", *common, "--batch-size", 200, "-o", "b", cwd=tmp_path)
+    assert batched.returncode == 0 and "held as a sparse matrix" in batched.stdout  # read whole: a table
     (tmp_path / "few.txt").write_text("\n".join(map(str, range(50))))
     small = pnmf_command("fit", "thin.csv", *common, "--features", "few.txt", "-o", "s", cwd=tmp_path)
     assert small.returncode == 0 and "held as" not in small.stdout  # 600 x 50 entries: too few to move
