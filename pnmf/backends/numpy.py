@@ -69,7 +69,8 @@ class NumpyBackend(Backend):
 
     def asarray(self, x):
         # Row-major whatever x's layout (a DataFrame's values, a transpose): the steps read
-        # X flat, which for a column-major X is a copy each time (14x the time per step).
+        # X flat, which for a column-major X was a copy each time (a transposed 5,000 x 2,000
+        # X: 236.9 against 63.5 ms an iteration).
         return np.array(x, dtype=self._dtype, copy=True, order="C")
 
     def asindex(self, x):
