@@ -29,7 +29,7 @@ import numpy as np
 
 from .backends.base import Array, Backend
 from .elbo import MEAN_BOUND, VAR_BOUNDS, Noise, evaluate, prior_update
-from .optim import EXTRA, Trainer, loadings_state, update_loadings
+from .optim import EXTRA, Trainer, floor_loadings, loadings_state, update_loadings
 
 # Largest change of one mean per step: at most a factor e on the scale of exp(F).
 MAX_MEAN_STEP = 1.0
@@ -242,5 +242,5 @@ class NaturalTrainer(Trainer):
             # minimises the KL term along that line.
             shift = terms.mu_sum / terms.rows
             new["mu"] = b.clip(new["mu"] - shift, -MEAN_BOUND, MEAN_BOUND)
-            new["w"] = new["w"] * b.exp(shift)
+            new["w"] = floor_loadings(b, new["w"] * b.exp(shift))
         return new, noise.key, reported

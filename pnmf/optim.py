@@ -19,6 +19,13 @@ LOG_SD_BOUNDS = tuple(0.5 * math.log(v) for v in VAR_BOUNDS)
 # a per-component prior scale (L,) (prior_scale='auto'). Trainers carry them in their state.
 EXTRA = ("g", "prior")
 TINY_DENOMINATOR = 1e-30  # the loadings' update where a feature has no expected rate at all
+# The least a positive loading can be. The multiplicative update shrinks the loadings of a
+# feature that a component does not use by a factor at every step, down into float32's
+# subnormal range, whose arithmetic x86 CPUs do tens of times slower: a float32 fit of
+# 5,000 x 2,000 counts (3% non-zero) went from 7 ms an iteration at 300 iterations to 30 ms
+# at 700, with 4,055 loadings under 1.2e-38. Held at the floor, such a loading adds nothing
+# that a float sum of rates can show, and can still grow back.
+LOADING_FLOOR = 1e-30
 MONITOR_SEED = 7919  # the fixed noise of Trainer.monitor
 AVERAGE = "average_"  # the prefix of the averaged parameters in an Averaged trainer's state
 
@@ -54,8 +61,16 @@ def multiplicative_loadings(b: Backend, w: Array, terms: Terms, g: Array | None 
     With size factors and batch effects g (B, D) the denominator is g.T @ S (D, L),
     S[b, l] = sum_{n in b} s[n] exp(mu + var/2)[n, l]. A feature whose every batch effect
     is 0 (no counts in any batch) has a denominator of 0, and its loadings go to 0.
+    The result is held at LOADING_FLOOR or above where positive (:func:`floor_loadings`).
     """
-    return w * terms.w_numerator / b.clip(rate_denominator(b, g, terms.expected_sum), TINY_DENOMINATOR, None)
+    new = w * terms.w_numerator / b.clip(rate_denominator(b, g, terms.expected_sum), TINY_DENOMINATOR, None)
+    return floor_loadings(b, new)
+
+
+def floor_loadings(b: Backend, w: Array) -> Array:
+    """W with every positive entry at LOADING_FLOOR or above; a zero (a feature without
+    counts) stays zero."""
+    return b.where(w > 0, b.clip(w, LOADING_FLOOR, None), w)
 
 
 def loadings_state(b: Backend, w: Array, rule: str) -> dict:
@@ -69,7 +84,7 @@ def update_loadings(b: Backend, state: dict, terms: Terms, t: Array, rule: str, 
     if rule == "multiplicative":
         return multiplicative_loadings(b, w, terms, state.get("g")), {}
     log_w, m, v = adam(b, b.log(w), terms.g_w * w, state["m_w"], state["v_w"], adam_scales(t, lr))
-    return b.exp(log_w), {"m_w": m, "v_w": v}
+    return floor_loadings(b, b.exp(log_w)), {"m_w": m, "v_w": v}
 
 
 class Trainer:
@@ -200,11 +215,12 @@ class StandardTrainer(Trainer):
         self.shapes = (tuple(mu.shape), tuple(w.shape))
         parts = [mu, 0.5 * b.log(var)] + ([b.log(w)] if self.adam_w else [])
         theta = b.concat([p.reshape(-1) for p in parts])
-        # The bounds of theta, entry by entry: mu's, log sd's, and none on log W.
+        # The bounds of theta, entry by entry: mu's, log sd's, and log W's floor (LOADING_FLOOR).
         size = mu.shape[0] * mu.shape[1]
         low, high = np.full(theta.shape[0], -np.inf), np.full(theta.shape[0], np.inf)
         low[:size], high[:size] = -MEAN_BOUND, MEAN_BOUND
         low[size : 2 * size], high[size : 2 * size] = LOG_SD_BOUNDS
+        low[2 * size :] = math.log(LOADING_FLOOR)
         self.bounds = b.asarray(low), b.asarray(high)
         state = {"theta": theta, "m": b.zeros_like(theta), "v": b.zeros_like(theta), "w": w, "t": b.scalar(0.0)}
         return dict(state, **(extra or {}))

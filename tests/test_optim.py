@@ -56,3 +56,23 @@ def test_standard_trainer_keeps_its_parameters_in_one_array(rule):
     assert np.all((new_var >= VAR_BOUNDS[0] * (1 - 1e-9)) & (new_var <= VAR_BOUNDS[1] * (1 + 1e-9)))
     assert np.isclose(np.abs(new_mu), MEAN_BOUND).any() or np.isclose(new_var, VAR_BOUNDS).any()
     assert np.all(new_w > 0)
+
+
+@pytest.mark.parametrize("mode", ["lower-bound", "expanded"])
+def test_unused_loadings_stop_at_the_floor_not_in_the_subnormals(backend_name, mode):
+    """The multiplicative update shrinks a loading that a component does not use at every
+    step; in float32 it reached the subnormal range (slow arithmetic on x86) and then 0, where
+    it could never grow back. Held at LOADING_FLOOR, it stays a normal positive number,
+    while the loadings of features without any counts stay exactly 0."""
+    from pnmf import PNMF
+    from pnmf.data import make_counts
+    from pnmf.optim import LOADING_FLOOR
+
+    x, _, _ = make_counts(300, 100, 4, loading_shape=0.05, random_state=0)
+    counted = x.sum(axis=0) > 0
+    assert not counted.all()
+    model = PNMF(4, mode=mode, backend=backend_name, dtype="float32", max_iter=300, tol=0, random_state=0).fit(x)
+    w = model.loadings_
+    assert np.all(w[~counted] == 0)
+    assert np.all(w[counted] >= np.float32(LOADING_FLOOR) * (1 - 1e-6))
+    assert np.any(w[counted] < 1e-20)  # some loadings did shrink to the floor
