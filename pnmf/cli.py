@@ -811,7 +811,7 @@ def cmd_info(args) -> list[Path]:
         _say(f"  prior scale (fitted): {', '.join(f'{v:.3g}' for v in model.prior_scale_)}")
     empty = model.empty_components_
     if empty.size:
-        _say(f"  empty (zero loadings, no features): {empty_note(empty, shown=None)}")
+        _say(f"  empty (loadings near zero, no features): {empty_note(empty, shown=None)}")
     if hasattr(model, "stability_"):
         _say(
             f"  consensus of {len(model.restart_elbos_)} restarts: stability {model.stability_:.3f}, "

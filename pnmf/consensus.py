@@ -65,7 +65,7 @@ def consensus(
     (:mod:`pnmf.restarts`), each still the fit its seed gives alone; otherwise one after
     another.
 
-    Components a restart left empty (``PNMF.empty_components_``: zero loadings, where the
+    Components a restart left empty (``PNMF.empty_components_``: loadings near zero, where the
     data hold fewer programs than ``n_components``) are no program and take no part: the
     consensus clusters the others into ``n_components`` less the median restart's number
     of empty components, and has that many empty components too, last (with a
@@ -139,7 +139,7 @@ def _consensus(
         )
     if n_empty:
         warnings.warn(
-            f"the restarts left a median of {n_empty} of {n_components} components empty (zero loadings): the "
+            f"the restarts left a median of {n_empty} of {n_components} components empty (loadings near zero): the "
             f"consensus has {n_programs} programs and {n_empty} empty component{'s' if n_empty > 1 else ''} "
             "(empty_components_); fit fewer components",
             EmptyComponentsWarning,
