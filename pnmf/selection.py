@@ -39,7 +39,10 @@ def select_n_components(
     (1 - fraction) * rate. A model with each candidate number of components is fitted on
     X_train, and its posterior-mean rate, scaled by (1 - fraction) / fraction, scores
     X_test. Too few components underfit and too many overfit X_train; both raise the
-    held-out deviance. ``params`` go to ``PNMF``.
+    held-out deviance. Counts more variable than Poisson ones split into halves that share
+    the extra noise, and there the deviance can keep falling a little past the data's
+    number of programs: look for where it flattens (``pnmf.plot.n_components``), not only
+    for ``best``. ``params`` go to ``PNMF``.
 
     With ``n_restarts`` > 1 each candidate is the consensus of that many restarts
     (:func:`pnmf.consensus`), and the table adds ``stability``, the silhouette of its
