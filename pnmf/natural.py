@@ -29,14 +29,13 @@ import numpy as np
 
 from .backends.base import Array, Backend
 from .elbo import MEAN_BOUND, VAR_BOUNDS, Noise, evaluate, prior_update
-from .optim import EXTRA, Trainer, floor_loadings, loadings_state, update_loadings
+from .optim import EXTRA, LOADING_FLOOR, Trainer, floor_loadings, loadings_state, update_loadings
 
 # Largest change of one mean per step: at most a factor e on the scale of exp(F).
 MAX_MEAN_STEP = 1.0
 # Heavy-ball momentum of the Monte Carlo steps' multiplicative loadings update (see step), and
 # the largest change of log W per step: at most a factor e^0.3.
 LOADINGS_MOMENTUM, MAX_LOG_STEP = 0.9, 0.3
-TINY_LOADING = 1e-30  # guards W_mu / W where a loading is zero
 # Robbins-Monro schedule of the Monte Carlo modes: rho_t = rho0 (1 + t / TAU) ** -KAPPA.
 SCHEDULE_TAU, SCHEDULE_KAPPA = 50.0, 0.7
 # A checked step may lower the ELBO by at most this many float epsilons (relative),
@@ -229,7 +228,7 @@ class NaturalTrainer(Trainer):
                 # (the slow mode of alternating updates); momentum along it halved the Monte Carlo
                 # phase on the sparse benchmark set. A zero loading (a feature never seen) stays zero.
                 bound = math.exp(MAX_LOG_STEP)
-                ratio = b.where(w > 0, b.clip(new["w"] / b.clip(w, TINY_LOADING, None), 1.0 / bound, bound), 1.0)
+                ratio = b.where(w > 0, b.clip(new["w"] / b.clip(w, LOADING_FLOOR, None), 1.0 / bound, bound), 1.0)
                 new["velocity"] = b.clip(self.momentum * state["velocity"] + b.log(ratio), -MAX_LOG_STEP, MAX_LOG_STEP)
                 new["w"] = w * b.exp(new["velocity"])
         if self.fit_batches:
