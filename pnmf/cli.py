@@ -719,9 +719,15 @@ def _figure(draw, path: Path) -> list[Path]:
     except ImportError:
         return []
     matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     from . import plot
 
-    draw(plot).savefig(path, dpi=120, bbox_inches="tight")
+    figure = draw(plot)
+    try:
+        figure.savefig(path, dpi=120, bbox_inches="tight")
+    finally:
+        plt.close(figure)  # main may run many times in one process
     return [path]
 
 
@@ -941,12 +947,16 @@ def _one_line(message: str):
 
 
 def _log_to_stderr() -> None:
-    """pnmf's progress messages (logger 'pnmf', INFO and up) as lines on stderr."""
+    """pnmf's progress messages (logger 'pnmf', INFO and up) as lines on the stderr of this call."""
     logger = logging.getLogger("pnmf")
     if not logger.handlers:  # once, however often main runs in one process
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("pnmf: %(message)s"))
+        handler.pnmf_command = True
         logger.addHandler(handler)
+    for handler in logger.handlers:
+        if getattr(handler, "pnmf_command", False):
+            handler.stream = sys.stderr  # the caller may have redirected stderr since the last call
     logger.setLevel(logging.INFO)
 
 

@@ -1,9 +1,17 @@
-"""The ``pnmf`` command, driven as a user drives it: a subprocess."""
+"""The ``pnmf`` command, driven as a user drives it: its arguments, exit code, stdout and stderr.
+
+Most runs call ``pnmf.cli.main`` in this process, as a fresh one would run it (its own
+stdout, stderr, working directory, environment and warning filters); a new Python process
+for each would spend most of its time importing. Those that test the process itself (the
+console script, ``python -m``, torchrun, pipes, huge pages) start one.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import importlib.util
+import io
 import os
 import shutil
 import subprocess
@@ -25,11 +33,32 @@ anndata = pytest.importorskip("anndata")
 pd = pytest.importorskip("pandas")
 
 
-def pnmf_command(*args, cwd: Path, module: bool = False) -> subprocess.CompletedProcess:
-    """``pnmf ARGS`` (the console script installed beside this Python), or ``python -m pnmf ARGS``."""
-    script = Path(sys.executable).with_name("pnmf")
-    prefix = [str(script)] if script.exists() and not module else [sys.executable, "-m", "pnmf"]
-    return subprocess.run([*prefix, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=600)
+def pnmf_command(*args, cwd: Path, module: bool = False, process: bool = False) -> subprocess.CompletedProcess:
+    """``pnmf ARGS`` run in ``cwd``: in this process, or in a process of its own with ``process``
+    (the console script installed beside this Python) or ``module`` (``python -m pnmf``)."""
+    args = [str(a) for a in args]
+    if process or module:
+        script = Path(sys.executable).with_name("pnmf")
+        prefix = [str(script)] if script.exists() and not module else [sys.executable, "-m", "pnmf"]
+        return subprocess.run([*prefix, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    from pnmf import cli
+
+    stdout, stderr, environ, here = io.StringIO(), io.StringIO(), dict(os.environ), os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), warnings.catch_warnings():
+            warnings.resetwarnings()  # a fresh process's filters, not this test run's
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", category)
+            try:
+                code = cli.main(args)
+            except SystemExit as done:  # --help, --version
+                code = done.code if isinstance(done.code, int) else int(done.code is not None)
+    finally:
+        os.chdir(here)
+        os.environ.clear()
+        os.environ.update(environ)
+    return subprocess.CompletedProcess(args, code, stdout.getvalue(), stderr.getvalue())
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +181,7 @@ def test_fit_reads_every_format_and_writes_what_the_api_computes(files, name, tm
         "-o",
         out,
         cwd=tmp_path,
+        process=name == "cells.h5ad",  # the console script, once
     )
     assert done.returncode == 0, done.stderr
     model = PNMF(3, random_state=0, backend="numpy", dtype="float64")
@@ -312,6 +342,8 @@ def test_cells_without_a_batch_are_named_not_made_a_batch(files, tmp_path):
 
 def test_select_k_and_consensus(files, tmp_path):
     folder, _ = files
+    plt = pytest.importorskip("matplotlib.pyplot")
+    open_figures = plt.get_fignums()
     select = pnmf_command(
         "select-k", folder / "counts.npz", "--candidates", 2, 3, 4, "--restarts", 2, "-o", tmp_path / "k", cwd=tmp_path
     )
@@ -332,6 +364,7 @@ def test_select_k_and_consensus(files, tmp_path):
     assert "stability (silhouette)" in cons.stdout and (tmp_path / "c" / "programs.csv").exists()
     assert (tmp_path / "c" / "programs.png").stat().st_size > 1000 and "programs.png" in cons.stdout
     assert (tmp_path / "c" / "consensus.png").stat().st_size > 1000 and "consensus.png" in cons.stdout
+    assert plt.get_fignums() == open_figures  # each figure closed once written: main may run again here
     stability = cons.stdout.split("stability (silhouette): ")[1][:5]
     info = pnmf_command("info", tmp_path / "c" / "model.npz", cwd=tmp_path).stdout
     assert f"consensus of 3 restarts: stability {stability}, outlier components dropped" in info
