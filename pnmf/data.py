@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import platform
+
 import numpy as np
 import scipy.sparse as sp
 from sklearn.utils import check_array, check_random_state
@@ -319,3 +323,28 @@ def on_disk(x) -> bool:
     if type(x).__name__ == "AnnData":  # the container, not its counts (PNMF names the mistake)
         return False
     return isinstance(x, DiskRows) or type(x).__module__.split(".")[0] in ("anndata", "h5py", "zarr")
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None where the C library is another (macOS, musl, Windows)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_memory() -> bool | None:
+    """Hand the memory that arrays have freed, but that C's allocator still keeps, back to
+    the system; whether any went back (None where that cannot be done: not glibc).
+
+    Called between the passes of a fit of counts on disk, so that the next pass's arrays
+    (the per-row results, every row's factors) do not come on top of the last batch's
+    buffers. glibc keeps freed blocks below its (adaptive) mmap threshold for reuse, and
+    torch's CPU tensors were kept so: a 1,000,000 x 5,000 fit at 1% (batches of 20,000
+    rows, ~1e6 non-zeros each) peaked 0.038 GB higher without it, the factors' size.
+    """
+    trim = _malloc_trim()
+    return None if trim is None else bool(trim(0))

@@ -22,7 +22,7 @@ from sklearn.utils.validation import check_is_fitted, check_non_negative, valida
 
 from . import distributed, io, loop, programs
 from .backends import BACKENDS, get_backend
-from .data import DiskRows, canonical_csr, non_integers, on_disk, refuse_containers
+from .data import DiskRows, canonical_csr, non_integers, on_disk, refuse_containers, release_freed_memory
 from .elbo import MEAN_BOUND, MODES, Noise, as_counts, evaluate
 from .init import INITS, initialize
 from .laplace import laplace_variance
@@ -716,6 +716,8 @@ class PNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             self._set_prior(result.extra.get("prior"))
             if self.batches_ is not None:
                 g, self.loadings_ = normalise(g, self.loadings_, xb)
+            del trainer  # and its monitor batch of counts, before the pass over every row
+            release_freed_memory()
             self.mean_, self.var_, self.elbo_ = self._infer_rows(
                 X, b, None if effects is None else RowEffects(effects.s, effects.codes, g), group
             )
@@ -868,6 +870,7 @@ class PNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             elbo += self._infer_block(X, rows, b, effects, seed, mean, var)
             progress.update(len(mean[rows]), elbo)
         progress.close()
+        release_freed_memory()  # the last batch's buffers, before the caller's factors of every row
         return mean, var, elbo if group is None else float(group.all_sum_host(np.array([elbo]))[0])
 
     def _infer_block(self, X, rows: slice, b, effects: RowEffects | None, seed: int, mean, var) -> float:
@@ -991,6 +994,7 @@ class PNMF(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
             batches = block_batches if batches is None else batches
             progress.update(len(mean[rows]), elbo)
         progress.close()
+        release_freed_memory()
         return mean, var, elbo, batches
 
     def _unseen_batches(self, batch) -> np.ndarray:

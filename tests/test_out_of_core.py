@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import platform
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
 
 import pnmf
-from pnmf import PNMF, make_counts
-from pnmf.data import DiskRows
+from pnmf import PNMF, data, make_counts
+from pnmf.data import DiskRows, release_freed_memory
 
 ad = pytest.importorskip("anndata")
 h5py = pytest.importorskip("h5py")
@@ -250,3 +254,55 @@ def test_per_row_results_are_in_the_fits_dtype_on_every_path(tmp_path, counts, d
     restored = PNMF.load(batched.save(tmp_path / "model.npz"))
     assert restored.mean_.dtype == np.dtype(dtype) and restored.loadings_.dtype == np.float64
     np.testing.assert_array_equal(restored.mean_, batched.mean_)
+
+
+# In a process of its own: glibc keeps every freed block (no trimming of its heap's top, blocks
+# of 100 kB below the mmap threshold), as it keeps torch's freed buffers in a long fit.
+KEEPS_FREED_BLOCKS = """
+import ctypes, os
+libc = ctypes.CDLL(None)
+libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+libc.mallopt(-3, 1 << 25)  # M_MMAP_THRESHOLD
+from pnmf.data import release_freed_memory
+
+def resident_mb():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+blocks = [b"x" * 100_000 for _ in range(1000)]
+del blocks
+kept = resident_mb()
+released = release_freed_memory()
+print(released, kept - resident_mb())
+"""
+
+
+@pytest.mark.skipif(
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's (Linux)"
+)
+def test_release_freed_memory_hands_blocks_the_allocator_kept_back_to_the_system():
+    out = subprocess.run([sys.executable, "-c", KEEPS_FREED_BLOCKS], capture_output=True, text=True, check=True)
+    released, dropped_mb = out.stdout.split()
+    assert released == "True"
+    assert float(dropped_mb) > 90  # of the 100 MB freed
+
+
+def test_release_freed_memory_does_nothing_without_glibc(monkeypatch):
+    monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))
+    data._malloc_trim.cache_clear()
+    try:
+        assert release_freed_memory() is None
+    finally:
+        monkeypatch.undo()
+        data._malloc_trim.cache_clear()
+
+
+def test_a_fit_on_disk_releases_freed_memory_around_its_pass_over_every_row(tmp_path, counts, monkeypatch):
+    calls = []
+    monkeypatch.setattr("pnmf.estimator.release_freed_memory", lambda: calls.append("fit"))
+    path = tmp_path / "counts.h5ad"
+    ad.AnnData(counts).write_h5ad(path)
+    model = PNMF(4, **PARAMS).fit(ad.read_h5ad(path, backed="r").X)
+    assert calls == ["fit", "fit"]  # before the pass (the steps' buffers) and after it (the last batch's)
+    model.transform(ad.read_h5ad(path, backed="r").X)
+    assert len(calls) == 3
