@@ -259,21 +259,18 @@ def test_per_row_results_are_in_the_fits_dtype_on_every_path(tmp_path, counts, d
 # In a process of its own: glibc keeps every freed block (no trimming of its heap's top, blocks
 # of 100 kB below the mmap threshold), as it keeps torch's freed buffers in a long fit.
 KEEPS_FREED_BLOCKS = """
-import ctypes, os
+import ctypes
 libc = ctypes.CDLL(None)
 libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
 libc.mallopt(-3, 1 << 25)  # M_MMAP_THRESHOLD
+from pnmf.benchmarks.speed import rss_gb
 from pnmf.data import release_freed_memory
-
-def resident_mb():
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 blocks = [b"x" * 100_000 for _ in range(1000)]
 del blocks
-kept = resident_mb()
+kept = rss_gb()
 released = release_freed_memory()
-print(released, kept - resident_mb())
+print(released, (kept - rss_gb()) * 1024)
 """
 
 

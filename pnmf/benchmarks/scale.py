@@ -9,11 +9,12 @@ SciPy sparse products (``X @ M``, ``X.T @ M2``), the share of the distributed it
 spent in the all-reduce, and the per-step payload; then an out-of-core mini-batch fit of
 a 1,000,000 x 5,000 .h5ad at 1% (5e7 non-zeros) opened with ``backed="r"``: its time and
 peak RSS against the size X takes in memory; and the same fit at 5% (2.5e8 non-zeros),
-to tell what grows with X from what does not. The fit's own peak is the process's peak less its RSS when the fit
-starts (Python, the libraries and the opened AnnData: the resident memory then, not the
-peak so far, which opening the file raises for a moment). The all-reduce's time is measured around the call, so it
-includes waiting for the slower rank. Each iteration time is (T(31) - T(11)) / 20 from fits of 11
-and 31 iterations, so set-up and the final pass cancel; every fit runs in a fresh process.
+to tell what grows with X from what does not. The fit's own peak is the process's peak
+less its RSS when the fit starts (Python, the libraries and the opened AnnData: the
+resident memory then, not the peak so far, which opening the file raises for a moment).
+The all-reduce's time is measured around the call, so it includes waiting for the slower
+rank. Each iteration time is (T(31) - T(11)) / 20 from fits of 11 and 31 iterations, so
+set-up and the final pass cancel; every fit runs in a fresh process.
 """
 
 from __future__ import annotations
